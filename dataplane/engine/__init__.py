@@ -1,0 +1,1 @@
+"""The engine: scheduler (torch-free), model runner, sampler; step = schedule -> run -> postprocess."""

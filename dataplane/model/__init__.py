@@ -1,0 +1,1 @@
+"""Llama-family model, HF-format loader, tokenizer, GGUF import, tiny test models."""

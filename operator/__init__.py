@@ -1,0 +1,1 @@
+"""kvfleet.operator: the kopf operator. Never imports torch."""
