@@ -1,0 +1,199 @@
+"""Engine configuration: frozen dataclasses, torch-free.
+
+The operator renders an `EngineConfig` into a ConfigMap (`to_json()`), and
+every dataplane role reads it back (`from_json()`). Both directions validate,
+so a bad value fails in the operator's reconcile with a message naming the
+field, not later inside a pod.
+
+    cfg = EngineConfig(model_dir="/models/smollm2", slo_classes=(SLOClassConfig("chat", 500, 50),))
+    EngineConfig.from_json(cfg.to_json()) == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATION_MODES = ("none",)  # the KV-policy owner extends these (fp8, int8, int4, ...)
+EVICTION_MODES = ("none",)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class SLOClassConfig:
+    """One SLO class as the engine sees it.
+
+    priority: larger = more important (a tie-break after slack, and the first
+    key when choosing a preemption victim). sheddable: the class may be
+    rejected under overload.
+    """
+
+    name: str
+    ttft_ms: float
+    tpot_ms: float
+    priority: int = 0
+    sheddable: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "slo_classes[].name must be non-empty")
+        _check(self.ttft_ms > 0, f"slo class {self.name!r}: ttft_ms must be > 0, got {self.ttft_ms}")
+        _check(self.tpot_ms > 0, f"slo class {self.name!r}: tpot_ms must be > 0, got {self.tpot_ms}")
+
+
+@dataclass(frozen=True)
+class CachePolicyConfig:
+    """KV-cache policy knobs. Placeholder: quantization/eviction default to none.
+
+    The KV-policy engineer extends this with codec and eviction parameters.
+    """
+
+    key_quantization: str = "none"
+    value_quantization: str = "none"
+    eviction: str = "none"
+    eviction_budget_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("key_quantization", "value_quantization"):
+            val = getattr(self, name)
+            _check(val in QUANTIZATION_MODES, f"cache_policy.{name}: {val!r} not in {QUANTIZATION_MODES}")
+        _check(self.eviction in EVICTION_MODES, f"cache_policy.eviction: {self.eviction!r} not in {EVICTION_MODES}")
+        _check(
+            self.eviction_budget_tokens is None or self.eviction_budget_tokens > 0,
+            "cache_policy.eviction_budget_tokens must be > 0",
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine process needs to serve one model variant.
+
+    KV memory is given either as `num_kv_blocks` or as `kv_cache_bytes` (not
+    both); with neither, the engine sizes the cache to hold `max_num_seqs`
+    sequences of `max_model_len` tokens.
+    """
+
+    model_dir: str
+    variant: str = ""
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    device: str = "auto"  # auto = cuda if available else cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunking)
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    slo_classes: tuple[SLOClassConfig, ...] = ()
+    default_slo_class: str | None = None
+    starvation_ms: float = 10_000.0  # waiting longer than this jumps the slack order
+    cache_policy: CachePolicyConfig = field(default_factory=CachePolicyConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_dir), "model_dir must be non-empty")
+        _check(self.dtype in DTYPES, f"dtype: {self.dtype!r} not in {DTYPES}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device: {self.device!r} must be auto, cpu or cuda[:N]",
+        )
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+               f"block_size must be a power of two, got {self.block_size}")
+        _check(not (self.num_kv_blocks is not None and self.kv_cache_bytes is not None),
+               "give num_kv_blocks or kv_cache_bytes, not both")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be > 0")
+        _check(self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes must be > 0")
+        _check(self.max_num_seqs > 0, "max_num_seqs must be > 0")
+        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be > 0")
+        _check(self.starvation_ms > 0, "starvation_ms must be > 0")
+        names = [c.name for c in self.slo_classes]
+        _check(len(names) == len(set(names)), f"slo_classes: duplicate names in {names}")
+        _check(self.default_slo_class is None or self.default_slo_class in names,
+               f"default_slo_class {self.default_slo_class!r} is not one of slo_classes {names}")
+
+    def slo_class(self, name: str | None) -> SLOClassConfig | None:
+        """The named class if known, else the default class, else None (best effort)."""
+        by_name = {c.name: c for c in self.slo_classes}
+        if name is not None and name in by_name:
+            return by_name[name]
+        return by_name.get(self.default_slo_class) if self.default_slo_class else None
+
+    # -- serialization ------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Stable JSON (sorted keys) for a ConfigMap."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        """Validating inverse of `to_dict`; unknown keys are an error."""
+        _check(isinstance(data, dict), f"engine config must be an object, got {type(data).__name__}")
+        data = dict(data)
+        _reject_unknown(cls, data, "engine config")
+        if "slo_classes" in data:
+            raw = data["slo_classes"]
+            _check(isinstance(raw, list | tuple), "slo_classes must be a list")
+            classes = []
+            for i, c in enumerate(raw):
+                _check(isinstance(c, dict), f"slo_classes[{i}] must be an object")
+                _reject_unknown(SLOClassConfig, c, f"slo_classes[{i}]")
+                classes.append(_build(SLOClassConfig, c, f"slo_classes[{i}]"))
+            data["slo_classes"] = tuple(classes)
+        if "cache_policy" in data:
+            cp = data["cache_policy"]
+            _check(isinstance(cp, dict), "cache_policy must be an object")
+            _reject_unknown(CachePolicyConfig, cp, "cache_policy")
+            data["cache_policy"] = _build(CachePolicyConfig, cp, "cache_policy")
+        return _build(cls, data, "engine config")
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineConfig:
+        """Parse and validate JSON produced by `to_json` (or written by hand)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"engine config is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Type-check scalar fields (JSON has no tuples/dataclasses) then construct."""
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        val = data[f.name]
+        ftype = str(f.type)
+        base = ftype.split(" | ")[0]
+        if val is None:
+            _check("None" in ftype, f"{where}.{f.name} must not be null")
+            continue
+        if base in _SCALARS:
+            ok = isinstance(val, _SCALARS[base]) and not (base != "bool" and isinstance(val, bool))
+            _check(ok, f"{where}.{f.name} must be {base}, got {type(val).__name__} {val!r}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
