@@ -12,9 +12,15 @@ import sys
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("kvfleet.operator.__main__", "run the kopf operator against the current kubeconfig"),
-    "serve": ("kvfleet.dataplane.server.serve", "serve a model with an OpenAI-compatible API (router + engine in one process)"),
+    "serve": (
+        "kvfleet.dataplane.server.serve",
+        "serve a model with an OpenAI-compatible API (router + engine in one process)",
+    ),
     "model": ("kvfleet.dataplane.model.cli", "model tools: import-gguf FILE OUT_DIR, make-tiny OUT_DIR"),
-    "eval-cache": ("kvfleet.dataplane.kvcache.evaluate", "measure KV cache policies: bytes/token, perplexity, passkey, tok/s"),
+    "eval-cache": (
+        "kvfleet.dataplane.kvcache.evaluate",
+        "measure KV cache policies: bytes/token, perplexity, passkey, tok/s",
+    ),
 }
 
 

@@ -1,0 +1,226 @@
+"""CachePolicy: how KV is stored, what is evicted, what is shared — composable by design."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .common import Condition, KubeModel, Resource, Rule
+
+KVDType = Literal["none", "fp8", "int8", "int4"]
+Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
+
+
+class Quantization(KubeModel):
+    """KV quantization: keys per-channel (KIVI/KVQuant), values per-token, recent and sink tokens kept exact."""
+
+    dtype: KVDType = Field(
+        default="none",
+        description="Stored KV element type: none (model dtype), fp8 (e4m3), int8, int4 (two per byte).",
+    )
+    key_granularity: Granularity | None = Field(
+        default=None,
+        description="Scale granularity for keys. fp8: per-tensor or per-head (default per-head); int8/int4: "
+        "per-channel (default; one scale per channel per group of groupSize tokens, KIVI) or per-token.",
+    )
+    value_granularity: Granularity | None = Field(
+        default=None,
+        description="Scale granularity for values. fp8: per-tensor or per-head (default per-head); int8/int4: "
+        "per-token (default; one scale per token per group of groupSize channels) or per-channel.",
+    )
+    group_size: int = Field(
+        default=32, ge=8, le=256, description="Elements sharing one scale for int8/int4 (tokens or channels)."
+    )
+    keys_pre_rope: bool = Field(
+        default=False,
+        description="Quantize keys before rotary embedding (KVQuant); RoPE is re-applied on read.",
+    )
+    residual_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Most recent tokens kept in full precision until their group fills.",
+    )
+    sink_tokens: int = Field(
+        default=0, ge=0, le=1024, description="First tokens (attention sinks) kept in full precision."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.dtype != 'fp8' || ((!has(self.keyGranularity) || self.keyGranularity in ['per-tensor', "
+            "'per-head']) && (!has(self.valueGranularity) || self.valueGranularity in ['per-tensor', 'per-head']))",
+            message="fp8 supports per-tensor or per-head granularity only",
+            check=lambda s: (
+                s.dtype != "fp8"
+                or all(
+                    g in (None, "per-tensor", "per-head") for g in (s.key_granularity, s.value_granularity)
+                )
+            ),
+        ),
+        Rule(
+            cel="!(self.dtype in ['int8', 'int4']) || ((!has(self.keyGranularity) || self.keyGranularity in "
+            "['per-channel', 'per-token']) && (!has(self.valueGranularity) || self.valueGranularity in "
+            "['per-channel', 'per-token']))",
+            message="int8/int4 support per-channel or per-token granularity only",
+            check=lambda s: (
+                s.dtype not in ("int8", "int4")
+                or all(
+                    g in (None, "per-channel", "per-token") for g in (s.key_granularity, s.value_granularity)
+                )
+            ),
+        ),
+        Rule(
+            cel="self.dtype != 'int4' || self.groupSize % 2 == 0",
+            message="int4 packs two values per byte: groupSize must be even",
+            check=lambda s: s.dtype != "int4" or s.group_size % 2 == 0,
+            field_path=".groupSize",
+        ),
+        Rule(
+            cel="self.dtype != 'none' || (self.residualTokens == 0 && self.sinkTokens == 0 && !self.keysPreRope "
+            "&& !has(self.keyGranularity) && !has(self.valueGranularity))",
+            message="granularities, residualTokens, sinkTokens and keysPreRope need a quantized dtype",
+            check=lambda s: (
+                s.dtype != "none"
+                or (
+                    s.residual_tokens == 0
+                    and s.sink_tokens == 0
+                    and not s.keys_pre_rope
+                    and s.key_granularity is None
+                    and s.value_granularity is None
+                )
+            ),
+        ),
+    )
+
+
+class Eviction(KubeModel):
+    """KV eviction under a per-sequence token budget."""
+
+    policy: Literal["none", "streaming-llm", "h2o", "snapkv", "keydiff"] = Field(
+        default="none",
+        description="none; streaming-llm (sinks + recent window); h2o (heavy hitters by accumulated attention "
+        "+ window); snapkv (prompt positions scored by the last observationWindow queries, after prefill); "
+        "keydiff (keys least similar to the mean key).",
+    )
+    budget_tokens: int | None = Field(default=None, ge=16, description="Tokens kept per sequence and layer.")
+    budget_ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of a sequence's tokens kept (instead of budgetTokens).",
+    )
+    window_tokens: int = Field(default=32, ge=0, le=65536, description="Most recent tokens always kept.")
+    sink_tokens: int = Field(
+        default=4, ge=0, le=1024, description="First tokens always kept (attention sinks)."
+    )
+    observation_window: int = Field(default=32, ge=1, le=1024, description="snapkv: queries that vote.")
+    pooling_kernel: int = Field(
+        default=7, ge=1, le=63, description="snapkv: 1-D max-pool width over scores (odd)."
+    )
+    pyramid: bool = Field(
+        default=False, description="PyramidKV shape: larger budgets in lower layers, smaller in upper ones."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.policy == 'none' ? (!has(self.budgetTokens) && !has(self.budgetRatio)) : "
+            "(has(self.budgetTokens) != has(self.budgetRatio))",
+            message="set exactly one of budgetTokens or budgetRatio for an eviction policy (neither for none)",
+            check=lambda s: (
+                (s.budget_tokens is None and s.budget_ratio is None)
+                if s.policy == "none"
+                else ((s.budget_tokens is None) != (s.budget_ratio is None))
+            ),
+        ),
+        Rule(
+            cel="!has(self.budgetTokens) || self.budgetTokens > self.sinkTokens + self.windowTokens",
+            message="budgetTokens must exceed sinkTokens + windowTokens",
+            check=lambda s: s.budget_tokens is None or s.budget_tokens > s.sink_tokens + s.window_tokens,
+            field_path=".budgetTokens",
+        ),
+        Rule(
+            cel="self.poolingKernel % 2 == 1",
+            message="poolingKernel must be odd",
+            check=lambda s: s.pooling_kernel % 2 == 1,
+            field_path=".poolingKernel",
+        ),
+    )
+
+
+class PrefixCache(KubeModel):
+    """Reuse of KV for shared prompt prefixes (hash chain over full blocks)."""
+
+    enabled: bool = Field(default=True, description="Cache full KV blocks by prefix hash and reuse them.")
+    scope: Literal["variant", "family"] = Field(
+        default="variant",
+        description="variant: hits only within one ModelVariant; family: across variants of one family, "
+        "recomputing the layers each variant's kvSharing names (DroidSpeak).",
+    )
+
+
+class MemoryPool(KubeModel):
+    """The fleet's shared KV memory pool (a separate role), keyed by prefix hash, family and codec."""
+
+    enabled: bool = Field(
+        default=False, description="Run the mempool role and offload/fetch KV blocks to it."
+    )
+    capacity_bytes: int = Field(default=0, ge=0, description="Total KV bytes the pool holds (all replicas).")
+    high_watermark: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Start LRU eviction when usage crosses this fraction."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!self.enabled || self.capacityBytes > 0",
+            message="capacityBytes must be > 0 when the pool is enabled",
+            check=lambda s: not s.enabled or s.capacity_bytes > 0,
+            field_path=".capacityBytes",
+        ),
+    )
+
+
+class CachePolicySpec(KubeModel):
+    """One KV cache policy; quantization, eviction, prefix caching and the pool compose."""
+
+    block_size_tokens: Literal[8, 16, 32, 64, 128] = Field(
+        default=16, description="Tokens per paged KV block."
+    )
+    quantization: Quantization = Field(default_factory=Quantization, description="How KV is stored.")
+    eviction: Eviction = Field(default_factory=Eviction, description="What KV is dropped under a budget.")
+    prefix_cache: PrefixCache = Field(default_factory=PrefixCache, description="Prefix reuse.")
+    pool: MemoryPool = Field(default_factory=MemoryPool, description="Shared KV memory pool offload.")
+    kv_cache_fraction: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=0.95,
+        description="Fraction of accelerator memory left after weights given to KV.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.eviction.policy == 'none' || !self.prefixCache.enabled || self.prefixCache.scope == 'variant'",
+            message="eviction cannot be combined with family-scope prefix sharing (evicted KV is not shareable)",
+            check=lambda s: (
+                s.eviction.policy == "none" or not s.prefix_cache.enabled or s.prefix_cache.scope == "variant"
+            ),
+        ),
+    )
+
+
+class CachePolicyStatus(KubeModel):
+    """What the operator observed about a CachePolicy."""
+
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Available / Degraded conditions.")
+    used_by_fleets: list[str] = Field(default_factory=list, description="InferenceFleets using this policy.")
+
+
+class CachePolicy(Resource):
+    """The whole CachePolicy object."""
+
+    kind: Literal["CachePolicy"] = "CachePolicy"
+    spec: CachePolicySpec = Field(default_factory=CachePolicySpec, description="Desired state.")
+    status: CachePolicyStatus | None = Field(
+        default=None, description="Observed state, written by the operator."
+    )

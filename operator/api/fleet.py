@@ -1,0 +1,298 @@
+"""InferenceFleet: variants + cache policy + SLO classes -> prefill, decode, pool and router pods."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .common import Condition, KubeModel, Name, Placement, Resource, Resources, Rule
+
+Role = Literal["prefill", "decode", "engine", "mempool", "router"]
+
+
+class RoleSpec(KubeModel):
+    """Replica bounds, resources and placement of one role's pods."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Lower bound the autoscaler keeps.")
+    max_replicas: int = Field(default=1, ge=0, le=1000, description="Upper bound the autoscaler keeps.")
+    replicas: int | None = Field(
+        default=None, ge=0, le=1000, description="Pin the replica count (disables autoscaling for this role)."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description='Per-pod resources, e.g. requests {"nvidia.com/gpu": 1}.'
+    )
+    placement: Placement = Field(default_factory=Placement, description="Node selection and tolerations.")
+    max_num_seqs: int = Field(
+        default=64, ge=1, le=4096, description="Sequences batched together per engine step."
+    )
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=16, le=1048576, description="Token budget of one engine step (prefill chunk size)."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="minReplicas must be <= maxReplicas",
+            check=lambda s: s.min_replicas <= s.max_replicas,
+            field_path=".minReplicas",
+        ),
+        Rule(
+            cel="!has(self.replicas) || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)",
+            message="replicas must lie within minReplicas..maxReplicas",
+            check=lambda s: s.replicas is None or s.min_replicas <= s.replicas <= s.max_replicas,
+            field_path=".replicas",
+        ),
+        Rule(
+            cel="!('nvidia.com/gpu' in self.resources.limits) || !('nvidia.com/gpu' in self.resources.requests) "
+            "|| string(self.resources.limits['nvidia.com/gpu']) == string(self.resources.requests['nvidia.com/gpu'])",
+            message="nvidia.com/gpu limits must equal requests",
+            check=lambda s: (
+                "nvidia.com/gpu" not in s.resources.limits
+                or "nvidia.com/gpu" not in s.resources.requests
+                or str(s.resources.limits["nvidia.com/gpu"]) == str(s.resources.requests["nvidia.com/gpu"])
+            ),
+            field_path=".resources",
+        ),
+    )
+
+
+class Topology(KubeModel):
+    """Disaggregated (separate prefill and decode pods) or colocated (one engine does both)."""
+
+    mode: Literal["disaggregated", "colocated"] = Field(
+        default="disaggregated",
+        description="disaggregated: prefill + decode roles; colocated: one engine role.",
+    )
+    prefill: RoleSpec | None = Field(default=None, description="Prefill pods (disaggregated mode).")
+    decode: RoleSpec | None = Field(default=None, description="Decode pods (disaggregated mode).")
+    engine: RoleSpec | None = Field(
+        default=None, description="Engine pods doing both phases (colocated mode)."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.mode != 'disaggregated' || (has(self.prefill) && has(self.decode) && !has(self.engine))",
+            message="disaggregated mode needs prefill and decode and no engine",
+            check=lambda s: (
+                s.mode != "disaggregated"
+                or (s.prefill is not None and s.decode is not None and s.engine is None)
+            ),
+        ),
+        Rule(
+            cel="self.mode != 'colocated' || (has(self.engine) && !has(self.prefill) && !has(self.decode))",
+            message="colocated mode needs engine and no prefill or decode",
+            check=lambda s: (
+                s.mode != "colocated" or (s.engine is not None and s.prefill is None and s.decode is None)
+            ),
+        ),
+    )
+
+
+class MempoolSpec(KubeModel):
+    """The KV memory pool role (runs when the cache policy enables the pool)."""
+
+    replicas: int = Field(default=1, ge=1, le=64, description="Pool shards (a StatefulSet).")
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources (mostly memory).")
+    placement: Placement = Field(default_factory=Placement, description="Node selection and tolerations.")
+
+
+class RouterSpec(KubeModel):
+    """The fleet's OpenAI-compatible entry point."""
+
+    replicas: int = Field(default=1, ge=1, le=100, description="Router pods.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the router Service.")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="Type of the router Service."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+    placement: Placement = Field(default_factory=Placement, description="Node selection and tolerations.")
+    max_queued_requests: int = Field(
+        default=256, ge=1, description="Above this many queued requests, sheddable classes get HTTP 429."
+    )
+
+
+class RatioBand(KubeModel):
+    """Bounds on prefill replicas per decode replica."""
+
+    min_prefill_per_decode: float = Field(
+        default=0.25, gt=0, le=16, description="Lower bound of prefill/decode."
+    )
+    max_prefill_per_decode: float = Field(
+        default=4.0, gt=0, le=16, description="Upper bound of prefill/decode."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.minPrefillPerDecode <= self.maxPrefillPerDecode",
+            message="minPrefillPerDecode must be <= maxPrefillPerDecode",
+            check=lambda s: s.min_prefill_per_decode <= s.max_prefill_per_decode,
+        ),
+    )
+
+
+class Autoscaling(KubeModel):
+    """Trace-driven scaling: prefill on TTFT attainment, decode on TPOT attainment and KV pressure."""
+
+    enabled: bool = Field(default=True, description="Let the operator set replicas within min..max.")
+    interval_seconds: int = Field(default=15, ge=1, le=3600, description="How often the planner runs.")
+    window_seconds: int = Field(
+        default=60, ge=5, le=3600, description="Sliding window of traces the planner reads."
+    )
+    kv_pressure_high: float = Field(
+        default=0.85, gt=0, le=1, description="Scale decode up above this KV usage."
+    )
+    kv_pressure_low: float = Field(
+        default=0.4, ge=0, lt=1, description="Decode may scale down below this KV usage."
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300, ge=0, le=86400, description="A scale-down waits until the signal held this long."
+    )
+    drain_seconds: int = Field(
+        default=30, ge=0, le=3600, description="Grace period for a pod to finish its in-flight requests."
+    )
+    ratio: RatioBand = Field(default_factory=RatioBand, description="Prefill:decode ratio band.")
+
+    __rules__ = (
+        Rule(
+            cel="self.kvPressureLow < self.kvPressureHigh",
+            message="kvPressureLow must be < kvPressureHigh",
+            check=lambda s: s.kv_pressure_low < s.kv_pressure_high,
+            field_path=".kvPressureLow",
+        ),
+    )
+
+
+class Telemetry(KubeModel):
+    """Where the fleet's OpenTelemetry traces go."""
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="The user's OTLP collector (http(s)://host:port).",
+    )
+    sampling_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="Fraction of requests traced for export."
+    )
+
+
+class VariantRef(KubeModel):
+    """A ModelVariant served by the fleet."""
+
+    name: Name = Field(description="ModelVariant name in the fleet's namespace.")
+
+
+class InferenceFleetSpec(KubeModel):
+    """Which variants to serve, how to cache, which SLO classes, and the shape of the fleet."""
+
+    variants: list[VariantRef] = Field(
+        min_length=1, max_length=16, description="ModelVariants served by this fleet."
+    )
+    cache_policy: Name | None = Field(default=None, description="CachePolicy name (default policy if unset).")
+    slo_classes: list[Name] = Field(
+        default_factory=list, max_length=16, description="SLOClass names this fleet serves."
+    )
+    default_slo_class: Name | None = Field(
+        default=None, description="Class for requests that name none; must be one of sloClasses."
+    )
+    topology: Topology = Field(description="Disaggregated or colocated, with per-role settings.")
+    mempool: MempoolSpec = Field(default_factory=MempoolSpec, description="The KV memory pool role.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="The OpenAI-compatible router.")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Trace-driven autoscaling.")
+    telemetry: Telemetry = Field(default_factory=Telemetry, description="Trace export.")
+    gpu_hour_cost_usd: float = Field(
+        default=0.0, ge=0, description="Cost of one GPU-hour, for cost per Mtok."
+    )
+    image: str | None = Field(
+        default=None, max_length=512, description="Override the kvfleet image for all roles."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.defaultSloClass) || self.defaultSloClass in self.sloClasses",
+            message="defaultSloClass must be one of sloClasses",
+            check=lambda s: s.default_slo_class is None or s.default_slo_class in s.slo_classes,
+            field_path=".defaultSloClass",
+        ),
+        Rule(
+            cel="self.variants.all(v, self.variants.exists_one(w, w.name == v.name))",
+            message="variants must be unique",
+            check=lambda s: len({v.name for v in s.variants}) == len(s.variants),
+            field_path=".variants",
+        ),
+        Rule(
+            cel="self.sloClasses.all(c, self.sloClasses.exists_one(d, d == c))",
+            message="sloClasses must be unique",
+            check=lambda s: len(set(s.slo_classes)) == len(s.slo_classes),
+            field_path=".sloClasses",
+        ),
+    )
+
+
+class RoleStatus(KubeModel):
+    """Replicas of one role."""
+
+    desired: int = Field(default=0, ge=0, description="Replicas the operator wants.")
+    ready: int = Field(default=0, ge=0, description="Replicas ready to serve.")
+
+
+class RolesStatus(KubeModel):
+    """Replicas per role (roles absent from the topology are unset)."""
+
+    prefill: RoleStatus | None = Field(default=None, description="Prefill role.")
+    decode: RoleStatus | None = Field(default=None, description="Decode role.")
+    engine: RoleStatus | None = Field(default=None, description="Colocated engine role.")
+    mempool: RoleStatus | None = Field(default=None, description="Memory pool role.")
+    router: RoleStatus | None = Field(default=None, description="Router role.")
+
+
+class ClassStatus(KubeModel):
+    """Measured service of one SLO class over the planner's window."""
+
+    name: str = Field(description="SLOClass name.")
+    requests: int = Field(default=0, ge=0, description="Requests finished in the window.")
+    attainment: float = Field(
+        default=0.0, ge=0, le=1, description="Fraction meeting both TTFT and TPOT targets."
+    )
+    ttft_ms: float = Field(default=0.0, ge=0, description="TTFT at the class's percentile (ms).")
+    tpot_ms: float = Field(default=0.0, ge=0, description="TPOT at the class's percentile (ms).")
+    goodput_rps: float = Field(default=0.0, ge=0, description="Requests per second meeting both targets.")
+    cost_per_million_tokens_usd: float = Field(
+        default=0.0, ge=0, description="GPU cost per 1e6 output tokens."
+    )
+
+
+class InferenceFleetStatus(KubeModel):
+    """What the operator observed about the fleet."""
+
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Available, Progressing and Degraded, with observedGeneration."
+    )
+    roles: RolesStatus = Field(
+        default_factory=RolesStatus, description="Desired and ready replicas per role."
+    )
+    router_endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
+    kv_pressure: float | None = Field(
+        default=None, ge=0, le=1, description="Mean KV cache usage of decode pods."
+    )
+    attainment: float | None = Field(
+        default=None, ge=0, le=1, description="Lowest attainment over the classes."
+    )
+    slo_classes: list[ClassStatus] = Field(
+        default_factory=list, description="Per-class service and tokenomics."
+    )
+    tokens_per_second_per_gpu: float | None = Field(
+        default=None, ge=0, description="Output tokens/s per GPU."
+    )
+
+
+class InferenceFleet(Resource):
+    """The whole InferenceFleet object."""
+
+    kind: Literal["InferenceFleet"] = "InferenceFleet"
+    spec: InferenceFleetSpec = Field(description="Desired state.")
+    status: InferenceFleetStatus | None = Field(
+        default=None, description="Observed state, written by the operator."
+    )
