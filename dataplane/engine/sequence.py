@@ -1,0 +1,80 @@
+"""Per-request state the scheduler and engine share. Torch-free.
+
+One `Sequence` per request. Prefill and decode are the same thing here (as in
+vLLM v1): a sequence has `token_ids` (prompt + generated) of which the first
+`num_computed_tokens` have KV in the cache; each step computes some of the rest.
+When everything is computed the step samples one more token. A decode step is
+simply "1 token left to compute"; a preempted sequence recomputes all of its
+tokens (prompt and generated), usually mostly from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from kvfleet.dataplane.engine.api import FinishReason, GenerationRequest, TokenLogprob
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's tokens, KV blocks and SLO bookkeeping."""
+
+    request: GenerationRequest
+    priority: int = 0
+    ttft_s: float = math.inf  # target time to first token (inf = best effort)
+    tpot_s: float = math.inf  # target time per output token
+    extra_key: str = ""  # prefix-cache isolation key (variant name)
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks (content only)
+    num_cached_blocks: int = 0  # blocks already registered in the prefix cache
+    status: SeqStatus = SeqStatus.WAITING
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit at first admission
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+    num_emitted: int = 0  # output tokens already handed to the caller
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def seq_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens whose KV is not computed yet (1 while decoding)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def deadline(self) -> float:
+        """When the next token is due (monotonic seconds): TTFT before the first token, TPOT after."""
+        if self.last_token_time is None:
+            return self.request.arrival_time + self.ttft_s
+        return self.last_token_time + self.tpot_s
+
+    def slack(self, now: float) -> float:
+        """Seconds until the next token is late (negative = already late; inf = no target)."""
+        return self.deadline() - now
