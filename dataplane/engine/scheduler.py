@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvfleet.dataplane.engine.sequence import Sequence, SeqStatus
+from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager, extend_block_hashes
 
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from kvfleet.dataplane.config import CachePolicyConfig, ConfigError, EngineConfig, SLOClassConfig
 
 

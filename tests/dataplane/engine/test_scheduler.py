@@ -5,7 +5,7 @@ import sys
 
 from kvfleet.dataplane.engine.api import GenerationRequest
 from kvfleet.dataplane.engine.scheduler import Scheduler
-from kvfleet.dataplane.engine.sequence import Sequence, SeqStatus
+from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 
 BS = 4

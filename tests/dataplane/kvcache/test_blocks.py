@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from kvfleet.dataplane.kvcache.blocks import BlockManager, extend_block_hashes, hash_block
 
 BS = 4

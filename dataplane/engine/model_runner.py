@@ -1,0 +1,132 @@
+"""Model runner: SchedulerOutput -> flat batch + paged metadata -> forward -> sampled tokens.
+
+Per step the runner
+1. orders the scheduled sequences as [one-token sequences (decodes) | prefill chunks];
+2. builds every int64 index (input ids, positions, slots, decode block tables,
+   context lengths, logits rows) with numpy, packs them into ONE buffer and
+   moves it to the device in one copy;
+3. runs the model under `torch.inference_mode()` and computes logits only at
+   the last token of each sequence that is due a token (`ScheduledSeq.sample`);
+4. samples (`sampler.sample`) with per-request generators for seeded requests.
+
+The model contract (`model/llama.py`): `forward(input_ids[T], positions[T], attn)
+-> hidden[T, H]` and `compute_logits(hidden[N, H]) -> [N, V]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from kvfleet.dataplane.engine.api import TokenLogprob
+from kvfleet.dataplane.engine.sampler import sample
+from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
+from kvfleet.dataplane.kvcache.paged import PagedAttention, PagedKVCache, PagedMetadata, PrefillChunk
+
+
+class ModelRunner:
+    """Owns the model, the KV tensors and the per-request RNGs."""
+
+    def __init__(self, model: Any, kv_cache: PagedKVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv_cache
+        self.attn = PagedAttention(kv_cache)
+        self.device = device
+        self.block_size = kv_cache.block_size
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (its RNG) once the request is finished."""
+        self._generators.pop(request_id, None)
+
+    def _generator(self, item: ScheduledSeq) -> torch.Generator | None:
+        sp = item.seq.request.sampling
+        if sp.seed is None or sp.temperature == 0:
+            return None
+        rid = item.seq.seq_id
+        g = self._generators.get(rid)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(sp.seed)
+            self._generators[rid] = g
+        return g
+
+    def run(self, out: SchedulerOutput) -> list[tuple[int, TokenLogprob | None] | None]:
+        """Compute one step. Returns, aligned with `out.scheduled`, (token, logprob) or None."""
+        if out.is_empty:
+            return []
+        items = out.scheduled
+        # decodes (1 new token) first: the paged backend batches them together
+        order = sorted(range(len(items)), key=lambda i: items[i].num_new_tokens != 1)
+        ordered = [items[i] for i in order]
+        input_ids, positions, meta, sample_rows = self._prepare(ordered)
+        with torch.inference_mode():
+            self.attn.set_metadata(meta)
+            hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
+            self.attn.meta = None
+            result: list[tuple[int, TokenLogprob | None] | None] = [None] * len(items)
+            if not sample_rows:
+                return result
+            rows, which = zip(*sample_rows, strict=True)
+            idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, idx))  # [N, V]
+            picked = [ordered[j] for j in which]
+            res = sample(logits, [p.seq.request.sampling for p in picked], [self._generator(p) for p in picked])
+        for k, j in enumerate(which):
+            result[order[j]] = (res.token_ids[k], res.logprobs[k])
+        return result
+
+    def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
+                                                            list[tuple[int, int]]]:
+        bs = self.block_size
+        n_new = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=len(items))
+        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
+        ends = np.cumsum(n_new)  # exclusive end of each sequence in the flat batch
+        total = int(ends[-1])
+        nd = int(np.count_nonzero(n_new == 1))  # decodes lead the batch (sorted by caller)
+
+        # input ids: a slice of each sequence's tokens (one list op per sequence, not per token)
+        ids: list[int] = []
+        for it in items:
+            ids += it.seq.token_ids[it.start:it.start + it.num_new_tokens]
+        seq_of_tok = np.repeat(np.arange(len(items)), n_new)  # [T]
+        pos = np.arange(total, dtype=np.int64) - np.repeat(ends - n_new, n_new) + starts[seq_of_tok]
+
+        # block tables padded to the longest context; one row per sequence
+        ctx = starts + n_new
+        max_blocks = int(-(-ctx.max() // bs))
+        tables = np.zeros((len(items), max_blocks), dtype=np.int64)
+        for r, it in enumerate(items):
+            bt = it.seq.block_table
+            m = min(len(bt), max_blocks)
+            tables[r, :m] = bt[:m]
+        slots = tables[seq_of_tok, pos // bs] * bs + pos % bs  # [T]
+
+        # one host buffer -> one device copy, then views
+        dec_tables = tables[:nd].reshape(-1)
+        packed = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, ctx[:nd], dec_tables])
+        dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
+        input_ids, positions, slot_t = dev[:total], dev[total:2 * total], dev[2 * total:3 * total]
+        off = 3 * total
+        dec_ctx = dev[off:off + nd]
+        dec_bt = dev[off + nd:off + nd + dec_tables.size].view(nd, max_blocks) if nd else None
+        mask = None
+        if nd:
+            dec_blocks = int(-(-ctx[:nd].max() // bs))
+            dec_bt = dec_bt[:, :dec_blocks]  # type: ignore[index]
+            span = torch.arange(dec_blocks * bs, device=self.device)
+            mask = (span[None, :] < dec_ctx[:, None])[:, None, None, :]  # [Bd, 1, 1, L]
+
+        prefills = []
+        for r in range(nd, len(items)):
+            it = items[r]
+            s, n = int(ends[r] - n_new[r]), int(n_new[r])
+            block_ids = None
+            if it.start > 0:  # cached context before this chunk: attend over its blocks
+                nb = int(-(-ctx[r] // bs))
+                block_ids = torch.as_tensor(it.seq.block_table[:nb], dtype=torch.int64, device=self.device)
+            prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
+        meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills)
+        sample_rows = [(int(ends[r]) - 1, r) for r, it in enumerate(items) if it.sample]
+        return input_ids, positions, meta, sample_rows

@@ -1,0 +1,119 @@
+"""Paged KV storage and the paged attention backend.
+
+Storage: per layer one tensor for keys and one for values,
+`[num_blocks, block_size, n_kv_heads, head_dim]`; slot `s` is
+`(s // block_size, s % block_size)`. Block ids come from `blocks.BlockManager`.
+
+Attention: the model hands each layer a flat batch of T tokens from many
+sequences (see `model/attention.py`). The runner lays the batch out as
+
+    [ decode group: Bd sequences with exactly 1 new token | prefill chunks, one after another ]
+
+and sets a `PagedMetadata` once per step. For every layer the backend
+
+1. writes the T new k/v rows into their slots (one `index_copy_` each);
+2. decode group: ONE padded gather of all Bd block tables and ONE masked SDPA,
+   with GQA done by folding the query group into the query-length axis
+   (q `[Bd, Hkv, G, D]` against k `[Bd, Hkv, L, D]`; no K/V repeat);
+3. prefill chunks: per sequence, causal attention over its context — the
+   chunk's own k/v when nothing is cached before it, else the gathered blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
+
+
+class PagedKVCache:
+    """The KV tensors of all layers, indexed by block id."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots [T] int64, k/v [T, Hkv, D] -> written into the layer's cache."""
+        hkv, d = k.shape[1], k.shape[2]
+        self.k[layer].view(-1, hkv, d).index_copy_(0, slots, k)
+        self.v[layer].view(-1, hkv, d).index_copy_(0, slots, v)
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_ids [..., M] int64 -> k, v [..., M * block_size, Hkv, D] (a copy)."""
+        k = self.k[layer][block_ids]  # [..., M, bs, Hkv, D]
+        v = self.v[layer][block_ids]
+        return k.flatten(-4, -3), v.flatten(-4, -3)
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens in the flat batch (not a decode)."""
+
+    q_start: int  # offset in the flat batch
+    q_len: int
+    context_len: int  # tokens with KV after this step (= cached + q_len)
+    block_ids: torch.Tensor | None  # [ceil(context_len / bs)] int64; None = no cached context
+
+
+@dataclass
+class PagedMetadata:
+    """Per-step layout of the flat batch, built once by the runner, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    num_decodes: int  # the first num_decodes tokens are one-token sequences
+    decode_block_tables: torch.Tensor | None  # [Bd, M] int64, padded with block 0
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, M * bs] bool, True = visible
+    prefills: list[PrefillChunk]
+
+
+class PagedAttention(AttentionBackend):
+    """`AttentionBackend` over a `PagedKVCache`; call `set_metadata` before each forward."""
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.meta: PagedMetadata | None = None
+
+    def set_metadata(self, meta: PagedMetadata) -> None:
+        self.meta = meta
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        assert meta is not None, "PagedAttention.set_metadata() not called for this step"
+        self.cache.store(layer, meta.slot_mapping, k, v)
+        outs: list[torch.Tensor] = []
+        nd = meta.num_decodes
+        if nd:
+            outs.append(self._decode(layer, q[:nd], meta))
+        for p in meta.prefills:
+            qs = q[p.q_start:p.q_start + p.q_len]  # [Tq, Hq, D]
+            if p.block_ids is None:  # whole context is this chunk: no gather
+                kc, vc = k[p.q_start:p.q_start + p.q_len], v[p.q_start:p.q_start + p.q_len]
+            else:
+                kc, vc = self.cache.gather(layer, p.block_ids)
+                kc, vc = kc[:p.context_len], vc[:p.context_len]
+            outs.append(causal_attention(qs, kc, vc, q_offset=p.context_len - p.q_len))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _decode(self, layer: int, q: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        bd, hq, d = q.shape
+        kc, vc = self.cache.gather(layer, meta.decode_block_tables)  # [Bd, L, Hkv, D]
+        hkv = kc.shape[2]
+        qg = q.view(bd, hkv, hq // hkv, d)  # [Bd, Hkv, G, D]: head h -> kv head h // G
+        out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2),
+                                             attn_mask=meta.decode_mask)  # [Bd, Hkv, G, D]
+        return out.reshape(bd, hq, d)

@@ -1,0 +1,169 @@
+"""LLMEngine on a tiny model: paged greedy == dense greedy in every scheduling regime."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_testlib import dense_greedy
+from kvfleet.dataplane.config import EngineConfig
+from kvfleet.dataplane.engine.api import GenerationRequest, SamplingParams
+from kvfleet.dataplane.engine.llm_engine import LLMEngine
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _engine(tiny, **kw) -> LLMEngine:
+    model, mc, _ = tiny
+    cfg = EngineConfig(model_dir="unused", **{"block_size": 4, "num_kv_blocks": 256, **kw})
+    return LLMEngine(model, mc, cfg)
+
+
+def _prompts(vocab: int, lengths, seed=0, prefix=()):
+    rng = random.Random(seed)
+    return [list(prefix) + [rng.randrange(1, vocab) for _ in range(n)] for n in lengths]
+
+
+def _check_no_leaks(engine: LLMEngine):
+    bm = engine.scheduler.bm
+    bm.check_invariants()
+    assert not engine.has_unfinished()
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    model, mc, _ = tiny
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def ref(prompt):
+        key = tuple(prompt)
+        if key not in cache:
+            cache[key] = dense_greedy(model, prompt, GREEDY.max_tokens)
+        return cache[key]
+
+    return ref
+
+
+def test_one_batch_mixed_lengths_matches_dense(tiny, reference):
+    engine = _engine(tiny)
+    prompts = _prompts(tiny[1].vocab_size, [1, 3, 4, 5, 9, 17, 30])
+    outs = engine.generate(prompts, GREEDY)
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.new_token_ids == reference(p), f"prompt len {len(p)}"
+        assert o.finished and o.finish_reason == "length"
+    _check_no_leaks(engine)
+
+
+def test_prefix_cache_hits_match_dense(tiny, reference):
+    engine = _engine(tiny)
+    shared = _prompts(tiny[1].vocab_size, [13], seed=1)[0]
+    first = _prompts(tiny[1].vocab_size, [2, 5], seed=2, prefix=shared)
+    second = _prompts(tiny[1].vocab_size, [1, 7, 0], seed=3, prefix=shared)
+    engine.generate(first, GREEDY)
+    outs = engine.generate(second, GREEDY)
+    for p, o in zip(second, outs, strict=True):
+        assert o.new_token_ids == reference(p)
+        assert o.num_cached_prompt_tokens >= 12 - (4 if len(p) == 13 else 0)
+    assert engine.stats().prefix_cache_hit_tokens > 0
+    _check_no_leaks(engine)
+
+
+def test_preemption_matches_dense(tiny, reference):
+    # 12 blocks x 4 slots = 48 slots for 4 sequences needing up to 32 each: preemption is forced
+    engine = _engine(tiny, num_kv_blocks=12)
+    prompts = _prompts(tiny[1].vocab_size, [6, 11, 15, 20], seed=4)
+    outs = engine.generate(prompts, GREEDY)
+    assert engine.stats().num_preemptions > 0
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.new_token_ids == reference(p)
+    _check_no_leaks(engine)
+
+
+def test_preemption_without_prefix_cache(tiny, reference):
+    engine = _engine(tiny, num_kv_blocks=12, enable_prefix_caching=False)
+    prompts = _prompts(tiny[1].vocab_size, [6, 11, 15, 20], seed=4)
+    outs = engine.generate(prompts, GREEDY)
+    assert engine.stats().num_preemptions > 0 and engine.stats().prefix_cache_hit_tokens == 0
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.new_token_ids == reference(p)
+    _check_no_leaks(engine)
+
+
+def test_chunked_prefill_matches_dense(tiny, reference):
+    engine = _engine(tiny, max_num_batched_tokens=5)
+    prompts = _prompts(tiny[1].vocab_size, [3, 12, 23], seed=5)
+    outs = engine.generate(prompts, GREEDY)
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.new_token_ids == reference(p)
+    _check_no_leaks(engine)
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(tiny):
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=1234, ignore_eos=True)
+    prompt = _prompts(tiny[1].vocab_size, [7], seed=6)[0]
+    alone = _engine(tiny).generate([prompt], sp)[0].new_token_ids
+    others = _prompts(tiny[1].vocab_size, [3, 9, 14], seed=7)
+    mixed = _engine(tiny).generate([others[0], prompt, others[1], others[2]],
+                                   [SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True), sp,
+                                    GREEDY, SamplingParams(max_tokens=4, temperature=0.5, seed=9)])
+    assert mixed[1].new_token_ids == alone
+    other_seed = _engine(tiny).generate([prompt], SamplingParams(**{**sp.__dict__, "seed": 99}))[0]
+    assert other_seed.new_token_ids != alone
+
+
+def test_logprobs_and_stop_tokens(tiny, reference):
+    engine = _engine(tiny)
+    prompt = _prompts(tiny[1].vocab_size, [8], seed=8)[0]
+    ref = reference(prompt)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+    out = engine.generate([prompt], sp)[0]
+    assert out.new_token_ids == ref and len(out.logprobs) == 12
+    for tok, lp in zip(out.new_token_ids, out.logprobs, strict=True):
+        assert lp.token_id == tok and lp.logprob <= 0 and len(lp.top) == 3
+        assert lp.top[0][0] == tok and abs(lp.top[0][1] - lp.logprob) < 1e-5  # greedy = best
+    stop_at = ref[4]
+    first = ref.index(stop_at)
+    out = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_at,),
+                                                   ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.new_token_ids == ref[:first]
+    _check_no_leaks(engine)
+
+
+def test_abort_frees_blocks(tiny):
+    engine = _engine(tiny)
+    prompts = _prompts(tiny[1].vocab_size, [9, 14], seed=9)
+    for i, p in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=50, temperature=0.0)))
+    engine.step()
+    engine.step()
+    assert engine.scheduler.bm.num_used_blocks > 0
+    final = engine.abort("r0")
+    assert final.finished and final.finish_reason == "abort"
+    assert engine.abort("nope") is None
+    assert engine.abort("r1").finish_reason == "abort"
+    _check_no_leaks(engine)
+
+
+def test_rejects_impossible_requests(tiny):
+    engine = _engine(tiny, num_kv_blocks=4)  # 16 slots
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(GenerationRequest("big", list(range(1, 17))))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add_request(GenerationRequest("empty", []))
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.new_token_ids) == 16 - 3
+
+
+def test_runner_batches_decodes_with_one_forward(tiny, monkeypatch):
+    engine = _engine(tiny)
+    calls = []
+    real = engine.runner.model.forward
+
+    def spy(ids, pos, attn):
+        calls.append((ids.shape[0], attn.meta.num_decodes, len(attn.meta.prefills)))
+        return real(ids, pos, attn)
+
+    monkeypatch.setattr(engine.runner.model, "forward", spy)
+    engine.generate(_prompts(tiny[1].vocab_size, [5, 6, 7], seed=10), SamplingParams(max_tokens=3, temperature=0))
+    assert calls[0] == (18, 0, 3) and calls[1] == (3, 3, 0)
