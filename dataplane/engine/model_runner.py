@@ -60,17 +60,15 @@ class ModelRunner:
         # decodes (1 new token) first: the paged backend batches them together
         order = sorted(range(len(items)), key=lambda i: items[i].num_new_tokens != 1)
         ordered = [items[i] for i in order]
-        input_ids, positions, meta, sample_rows = self._prepare(ordered)
+        input_ids, positions, meta, sample_rows, which = self._prepare(ordered)
         with torch.inference_mode():
             self.attn.set_metadata(meta)
             hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
             self.attn.meta = None
             result: list[tuple[int, TokenLogprob | None] | None] = [None] * len(items)
-            if not sample_rows:
+            if not which:
                 return result
-            rows, which = zip(*sample_rows, strict=True)
-            idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, idx))  # [N, V]
+            logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [N, V]
             picked = [ordered[j] for j in which]
             res = sample(logits, [p.seq.request.sampling for p in picked], [self._generator(p) for p in picked])
         for k, j in enumerate(which):
@@ -78,7 +76,8 @@ class ModelRunner:
         return result
 
     def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
-                                                            list[tuple[int, int]]]:
+                                                            torch.Tensor, list[int]]:
+        """-> input_ids [T], positions [T], metadata, rows of hidden to sample at [N], their item indices."""
         bs = self.block_size
         n_new = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=len(items))
         starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
@@ -104,29 +103,28 @@ class ModelRunner:
         slots = tables[seq_of_tok, pos // bs] * bs + pos % bs  # [T]
 
         # one host buffer -> one device copy, then views
-        dec_tables = tables[:nd].reshape(-1)
-        packed = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, ctx[:nd], dec_tables])
+        sample_at = [(int(ends[r]) - 1, r) for r, it in enumerate(items) if it.sample]
+        rows = np.fromiter((row for row, _ in sample_at), dtype=np.int64, count=len(sample_at))
+        packed = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, ctx, rows, tables.reshape(-1)])
         dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
+        b = len(items)
         input_ids, positions, slot_t = dev[:total], dev[total:2 * total], dev[2 * total:3 * total]
         off = 3 * total
-        dec_ctx = dev[off:off + nd]
-        dec_bt = dev[off + nd:off + nd + dec_tables.size].view(nd, max_blocks) if nd else None
-        mask = None
+        dev_ctx = dev[off:off + b]
+        sample_rows = dev[off + b:off + b + len(rows)]  # [N] rows of hidden to compute logits at
+        dev_tables = dev[off + b + len(rows):].view(b, max_blocks)  # [B, M]
+        dec_bt = mask = None
         if nd:
             dec_blocks = int(-(-ctx[:nd].max() // bs))
-            dec_bt = dec_bt[:, :dec_blocks]  # type: ignore[index]
+            dec_bt = dev_tables[:nd, :dec_blocks]  # [Bd, Md]
             span = torch.arange(dec_blocks * bs, device=self.device)
-            mask = (span[None, :] < dec_ctx[:, None])[:, None, None, :]  # [Bd, 1, 1, L]
+            mask = (span[None, :] < dev_ctx[:nd, None])[:, None, None, :]  # [Bd, 1, 1, Md * bs]
 
         prefills = []
-        for r in range(nd, len(items)):
-            it = items[r]
+        for r in range(nd, b):
             s, n = int(ends[r] - n_new[r]), int(n_new[r])
-            block_ids = None
-            if it.start > 0:  # cached context before this chunk: attend over its blocks
-                nb = int(-(-ctx[r] // bs))
-                block_ids = torch.as_tensor(it.seq.block_table[:nb], dtype=torch.int64, device=self.device)
+            # cached context before this chunk: attend over its blocks; else over the chunk itself
+            block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if items[r].start > 0 else None
             prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
         meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills)
-        sample_rows = [(int(ends[r]) - 1, r) for r, it in enumerate(items) if it.sample]
-        return input_ids, positions, meta, sample_rows
+        return input_ids, positions, meta, sample_rows, [r for _, r in sample_at]

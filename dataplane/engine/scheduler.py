@@ -34,7 +34,7 @@ from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager, extend_block_hashes
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence in this step: compute `num_new_tokens` tokens starting at `start`."""
 

@@ -109,6 +109,8 @@ class BlockManager:
         `hits` (only for an empty table) are cached prefix blocks to share
         first. Returns False and changes nothing when blocks are short.
         """
+        if not hits and len(block_table) * self.block_size >= num_tokens:
+            return True  # fast path (most decode steps): the last block still has room
         assert not hits or not block_table, "prefix hits only for an empty block table"
         if not self.can_allocate(block_table, num_tokens, hits):
             return False
