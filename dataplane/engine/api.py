@@ -52,7 +52,11 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """An increment of one request's generation (streamed as it happens)."""
+    """An increment of one request's generation (streamed as it happens).
+
+    A stop token (the model's eos unless `ignore_eos`, or one of the request's
+    `stop_token_ids`) that ends the request is the last of `new_token_ids`.
+    """
 
     request_id: str
     new_token_ids: list[int]

@@ -162,12 +162,13 @@ class LLMEngine:
             self.prompt_tokens += seq.num_prompt_tokens
         seq.last_token_time = now
         self.generation_tokens += 1
-        if (token_id in sp.stop_token_ids) or (not sp.ignore_eos and token_id in self.eos_token_ids):
-            # NOTE: the stop token ends the request but is not emitted (nor kept in token_ids)
-            return "stop"
         seq.token_ids.append(token_id)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
+        # NOTE: the stop token is emitted as the last new token (as vLLM and FakeEngine do);
+        # ignore_eos only disables the model's eos ids, never the request's stop_token_ids.
+        if (token_id in sp.stop_token_ids) or (not sp.ignore_eos and token_id in self.eos_token_ids):
+            return "stop"
         if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

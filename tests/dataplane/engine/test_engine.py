@@ -126,7 +126,7 @@ def test_logprobs_and_stop_tokens(tiny, reference):
     first = ref.index(stop_at)
     out = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_at,),
                                                    ignore_eos=True))[0]
-    assert out.finish_reason == "stop" and out.new_token_ids == ref[:first]
+    assert out.finish_reason == "stop" and out.new_token_ids == ref[:first + 1]  # stop token included
     _check_no_leaks(engine)
 
 
