@@ -1,0 +1,279 @@
+"""POST /v1/completions and /v1/chat/completions: validate, tokenize, generate, respond.
+
+Both endpoints share one path: parse the body into a pydantic request, turn
+it into prompt token ids and `SamplingParams`, run a `Generation`, and either
+collect the pieces into one JSON response or stream them as server-sent
+events (`data: {...}` lines, then `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+from kvfleet.dataplane.engine.api import AsyncEngine, GenerationRequest, SamplingParams, TokenLogprob
+from kvfleet.dataplane.server.errors import APIError, from_validation_error, model_not_found
+from kvfleet.dataplane.server.generation import Detokenizer, Generation, Piece
+from kvfleet.dataplane.server.metrics import ServerMetrics
+from kvfleet.dataplane.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields, usage
+from pydantic import ValidationError
+
+SLO_CLASS_HEADER = "x-kvfleet-slo-class"
+log = logging.getLogger(__name__)
+
+
+class ServerTokenizer(Protocol):
+    """What the server needs from a tokenizer (`kvfleet.dataplane.model.tokenizer.Tokenizer` has it)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]: ...
+
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> Detokenizer: ...
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers share; built once by `build_app`."""
+
+    engine: AsyncEngine
+    tokenizer: ServerTokenizer
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    variant: str = ""
+    slo_classes: frozenset[str] | None = None  # None: any name is passed on to the engine
+    vocab_size: int | None = None
+
+
+async def read_json(request: web.Request, model: type[_SamplingFields]) -> Any:
+    """The body as a validated request model, or an APIError naming what is wrong."""
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(f"The request body is not valid UTF-8 (byte {e.start}).", code="invalid_encoding") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(f"We could not parse the JSON body of your request: {e.msg} at line {e.lineno} "
+                       f"column {e.colno}.", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from e
+
+
+class OpenAIHandlers:
+    """The two generation endpoints over one `ServerState`."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body: CompletionRequest = await read_json(request, CompletionRequest)
+        self._check_common(body)
+        try:
+            prompt = body.single_prompt()
+        except ValueError as e:
+            raise APIError(str(e), param="prompt") from e
+        prompt_ids = self._encode_text(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        max_tokens = self._check_length(len(prompt_ids), body.max_tokens)
+        gen = self._start(request, body, "cmpl", prompt_ids, max_tokens, body.logprobs)
+        if body.stream:
+            return await self._stream(request, gen, body, self._completion_chunk)
+        text, logprobs = await self._collect(gen)
+        choice = {"index": 0, "text": text, "logprobs": self._completion_logprobs(logprobs) if
+                  body.logprobs is not None else None, "finish_reason": gen.finish_reason}
+        return web.json_response(self._envelope(gen, body, "text_completion", choice, with_usage=True))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
+        self._check_common(body)
+        prompt_ids = self._encode_chat(body.chat_messages())
+        max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens())
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        gen = self._start(request, body, "chatcmpl", prompt_ids, max_tokens, top)
+        if body.stream:
+            return await self._stream(request, gen, body, self._chat_chunk)
+        text, logprobs = await self._collect(gen)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": {"content": self._chat_logprobs(logprobs)} if body.logprobs else None,
+                  "finish_reason": gen.finish_reason}
+        return web.json_response(self._envelope(gen, body, "chat.completion", choice, with_usage=True))
+
+    # -- request -> engine ------------------------------------------------------
+
+    def _check_common(self, body: _SamplingFields) -> None:
+        bad = body.unsupported()
+        if bad is not None:
+            raise APIError(f"Unsupported value for '{bad[0]}': {bad[1]}.", param=bad[0], code="unsupported_value")
+        if body.model not in self.state.served_model_names:
+            raise model_not_found(body.model, self.state.served_model_names)
+
+    def _encode_text(self, text: str) -> list[int]:
+        ids = list(self.state.tokenizer.encode(text))
+        if not ids:
+            raise APIError("The prompt is empty after tokenization.", param="prompt")
+        return ids
+
+    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            ids = list(self.state.tokenizer.encode_chat(messages, add_generation_prompt=True))
+        except Exception as e:  # noqa: BLE001 - a template may reject a message order; that is the client's
+            raise APIError(f"The chat template rejected these messages: {e}", param="messages") from e
+        if not ids:
+            raise APIError("The chat prompt is empty after tokenization.", param="messages")
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        limit = self.state.vocab_size
+        bad = [t for t in ids if t < 0 or (limit is not None and t >= limit)]
+        if bad:
+            raise APIError(f"Token id {bad[0]} is out of range [0, {limit}).", param="prompt", code="invalid_value")
+        return ids
+
+    def _check_length(self, num_prompt: int, max_tokens: int | None) -> int:
+        limit = self.state.engine.max_model_len
+        if max_tokens is None:
+            max_tokens = limit - num_prompt
+        if num_prompt + max_tokens > limit or max_tokens < 1:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the prompt or the completion length.",
+                param="max_tokens" if num_prompt < limit else "messages",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def _slo_class(self, request: web.Request, body: _SamplingFields) -> str | None:
+        name = request.headers.get(SLO_CLASS_HEADER) or body.kvfleet_slo_class
+        known = self.state.slo_classes
+        if name is not None and known is not None and name not in known:
+            raise APIError(f"Unknown SLO class '{name}'; known classes: {', '.join(sorted(known)) or 'none'}.",
+                           param="kvfleet_slo_class", code="invalid_value")
+        return name
+
+    def _start(self, request: web.Request, body: _SamplingFields, prefix: str, prompt_ids: list[int],
+               max_tokens: int, logprobs: int | None) -> Generation:
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+        greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, sampling,
+                                 variant=self.state.variant, slo_class=self._slo_class(request, body))
+        return Generation(self.state.engine, greq, self.state.tokenizer.detokenizer(prompt_ids), body.stop_list(),
+                          self.state.metrics, body.model)
+
+    # -- engine -> response -----------------------------------------------------
+
+    async def _collect(self, gen: Generation) -> tuple[str, list[TokenLogprob]]:
+        text: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        try:
+            async with aclosing(gen.pieces()) as pieces:
+                async for piece in pieces:
+                    text.append(piece.text)
+                    logprobs.extend(piece.logprobs)
+        except ValueError as e:  # the engine's way of refusing a request it cannot serve
+            raise APIError(str(e)) from e
+        return "".join(text), logprobs
+
+    async def _stream(self, request: web.Request, gen: Generation, body: _SamplingFields,
+                      chunk: Any) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Request-Id": gen.request.request_id})
+        await resp.prepare(request)
+        include_usage = body.include_usage()
+        first = True
+        try:
+            async with aclosing(gen.pieces()) as pieces:
+                async for piece in pieces:
+                    payload = chunk(gen, body, piece, first)
+                    first = False
+                    if include_usage:
+                        payload["usage"] = None
+                    await resp.write(_sse(payload))
+            if include_usage:
+                final = self._envelope(gen, body, _chunk_object(body), None, with_usage=True)
+                await resp.write(_sse(final))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client went away; leaving `pieces` has already freed the engine request
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+            err = APIError(str(e)) if isinstance(e, ValueError) else APIError(
+                "The server had an error while generating.", status=500, type="server_error")
+            if err.status >= 500:
+                log.exception("generation of %s failed", gen.request.request_id)
+            try:
+                await resp.write(_sse(err.body()) + b"data: [DONE]\n\n")
+                await resp.write_eof()
+            except ConnectionError:
+                pass
+        return resp
+
+    def _completion_chunk(self, gen: Generation, body: _SamplingFields, piece: Piece, first: bool) -> dict[str, Any]:
+        lp = self._completion_logprobs(piece.logprobs) if getattr(body, "logprobs", None) is not None else None
+        choice = {"index": 0, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
+        return self._envelope(gen, body, "text_completion", choice)
+
+    def _chat_chunk(self, gen: Generation, body: _SamplingFields, piece: Piece, first: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant", "content": piece.text} if first else {"content": piece.text}
+        lp = {"content": self._chat_logprobs(piece.logprobs)} if getattr(body, "logprobs", False) else None
+        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": piece.finish_reason}
+        return self._envelope(gen, body, "chat.completion.chunk", choice)
+
+    def _envelope(self, gen: Generation, body: _SamplingFields, obj: str, choice: dict[str, Any] | None,
+                  with_usage: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": gen.request.request_id, "object": obj, "created": int(time.time()),
+                               "model": body.model, "system_fingerprint": None,
+                               "choices": [choice] if choice is not None else []}
+        if with_usage:
+            out["usage"] = usage(gen.num_prompt_tokens, gen.num_output_tokens, gen.num_cached_tokens)
+        return out
+
+    def _token_text(self, token_id: int) -> str:
+        return self.state.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        tokens = [self._token_text(lp.token_id) for lp in logprobs]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{self._token_text(t): v for t, v in lp.top} for lp in logprobs],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                for lp in logprobs]
+
+
+def _chunk_object(body: _SamplingFields) -> str:
+    return "chat.completion.chunk" if isinstance(body, ChatCompletionRequest) else "text_completion"
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

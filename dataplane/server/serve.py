@@ -1,0 +1,131 @@
+"""`kvfleet serve`: one process, router + engine, an OpenAI-compatible API on a laptop.
+
+    kvfleet serve --model /models/my-llama --served-model-name llama --port 8000
+    kvfleet serve --model smollm2            # the bundled SmolLM2-135M-Instruct (converted once, cached)
+
+Loads the tokenizer and an `AsyncLLMEngine` from an HF-format directory, serves
+until SIGTERM or SIGINT, then stops accepting connections, ends in-flight
+requests (finish_reason "abort") and stops the engine thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("kvfleet.serve")
+
+SMOLLM2_ALIAS = "smollm2"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvfleet serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help=f"HF-format model directory, or '{SMOLLM2_ALIAS}' for the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in 'model' (default: 'smollm2' or the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is logged)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests batched together at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prefill chunk)")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit (default: the model's)")
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache memory in MiB (default: the engine's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--slo-class", action="append", default=[], metavar="NAME:TTFT_MS:TPOT_MS[:PRIORITY]",
+                   help="declare an SLO class (repeatable); the first is the default")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def resolve_model_dir(model: str) -> tuple[Path, str]:
+    """(model directory, default served name); `smollm2` converts the bundled GGUF on first use."""
+    if model == SMOLLM2_ALIAS and not Path(model).is_dir():
+        from kvfleet.dataplane.model.smollm2 import smollm2_dir
+
+        return Path(smollm2_dir()), SMOLLM2_ALIAS
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"kvfleet serve: {path} is not an HF-format model directory (no config.json)")
+    return path, path.resolve().name
+
+
+def parse_slo_class(spec: str) -> object:
+    """NAME:TTFT_MS:TPOT_MS[:PRIORITY] -> SLOClassConfig."""
+    from kvfleet.dataplane.config import SLOClassConfig
+
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"kvfleet serve: --slo-class {spec!r}: expected NAME:TTFT_MS:TPOT_MS[:PRIORITY]")
+    priority = int(parts[3]) if len(parts) == 4 else 0
+    return SLOClassConfig(parts[0], float(parts[1]), float(parts[2]), priority=priority)
+
+
+def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> object:
+    from kvfleet.dataplane.config import EngineConfig
+
+    classes = tuple(parse_slo_class(s) for s in args.slo_class)
+    return EngineConfig(
+        model_dir=str(model_dir),
+        variant=variant,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_bytes=int(args.kv_cache_mb * 2**20) if args.kv_cache_mb else None,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        slo_classes=classes,  # type: ignore[arg-type]
+        default_slo_class=classes[0].name if classes else None,  # type: ignore[attr-defined]
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Load, serve until a signal, shut down."""
+    import torch
+
+    from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
+    from kvfleet.dataplane.model.tokenizer import Tokenizer
+    from kvfleet.dataplane.server.app import build_app, start_server
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir, default_name = resolve_model_dir(args.model)
+    names = args.served_model_name or [default_name]
+    config = build_config(args, model_dir, names[0])
+    log.info("loading %s", model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    engine = AsyncLLMEngine.from_config(config)  # type: ignore[arg-type]
+    slo_names = [c.name for c in config.slo_classes] or None  # type: ignore[attr-defined]
+    app = build_app(engine, tokenizer, names, variant=names[0], slo_classes=slo_names)
+    runner, url = await start_server(app, args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving %s as %s at %s (max_model_len %d, device %s)", model_dir, ", ".join(names), url,
+             engine.max_model_len, engine.engine.device)
+    print(f"kvfleet serve: listening on {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()  # closes connections, then the app's cleanup stops the engine
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    asyncio.run(serve(args))
+    return 0
