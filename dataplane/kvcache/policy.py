@@ -1,0 +1,353 @@
+"""Cache policies that compose: any codec x any eviction policy, behind `AttentionBackend`.
+
+`PolicySpec` = `QuantSpec` (how KV is stored) + `EvictionSpec` (what is dropped),
+parsed from a CachePolicy spec (camelCase YAML/JSON) or the engine's
+`CachePolicyConfig`. `PolicyAttention` is a single-sequence backend that stores
+each layer's KV as
+
+    sinks (full precision) | body (codec, evictable) | tail (full precision residual)
+
+Keys/values enter the tail; once the tail exceeds `residual_tokens` by a whole
+token group, that group is encoded into the body (KIVI). Eviction drops body
+rows per kv head; sinks and tail are never evicted (they are protected along
+with the eviction policy's own sinks and window). Attention of the tokens of
+the current forward runs over [dequantized stored KV, their own fp K/V].
+
+Engine integration (the paged engine applies a policy per variant):
+  - `build_codecs(...)` -> key/value `Codec`; `Codec.encode(block [B, Hkv, D])` /
+    `Codec.decode(encoded)` quantize and dequantize one block (use group_size ==
+    block_size so a per-channel key group is exactly one block);
+  - `PolicySpec.kv_bytes_per_token(...)` sizes the cache (blocks per byte budget);
+  - `choose_slots(...)` picks the token slots a sequence keeps in one layer.
+    StreamingLLM keeps the same slots in every head (whole blocks can be freed);
+    H2O/SnapKV/KeyDiff choose per head, which needs per-head block tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..model.attention import AttentionBackend, causal_attention
+from .eviction import EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
+from .quant import KV_DTYPES, Codec, QuantBuffer, default_granularity
+
+# rope(positions [M]) -> (cos [M, D], sin [M, D]) in the rotate-half convention
+RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How KV is stored (the CachePolicy `quantization` block)."""
+
+    dtype: str = "none"
+    key_granularity: str | None = None
+    value_granularity: str | None = None
+    group_size: int = 32
+    residual_tokens: int = 0
+    sink_tokens: int = 0
+    keys_pre_rope: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"quantization.dtype {self.dtype!r} not in {KV_DTYPES}")
+        if self.residual_tokens < 0 or self.sink_tokens < 0 or self.group_size < 1:
+            raise ValueError("quantization: residualTokens/sinkTokens must be >= 0 and groupSize >= 1")
+        if self.keys_pre_rope and self.dtype in ("none", "fp16", "bf16"):
+            raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4)")
+
+    def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype) -> tuple[Codec, Codec]:
+        """(key codec, value codec); raises ValueError on a combination the shapes do not allow."""
+        kg = self.key_granularity or default_granularity(self.dtype, "key")
+        vg = self.value_granularity or default_granularity(self.dtype, "value")
+        return (Codec(self.dtype, kg, self.group_size, num_kv_heads, head_dim, fp_dtype),
+                Codec(self.dtype, vg, self.group_size, num_kv_heads, head_dim, fp_dtype))
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", r"_\1", name).lower()
+
+
+def _build(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
+    raw = {_snake(k): v for k, v in (raw or {}).items()}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}")
+    return cls(**raw)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A whole cache policy: quantization x eviction."""
+
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    eviction: EvictionSpec = field(default_factory=EvictionSpec)
+    name: str = "baseline"
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], name: str | None = None) -> PolicySpec:
+        """A CachePolicy resource, or its `spec`, with camelCase or snake_case keys."""
+        if "spec" in doc:
+            name = name or (doc.get("metadata") or {}).get("name")
+            doc = doc["spec"]
+        return cls(quant=_build(QuantSpec, doc.get("quantization"), "quantization"),
+                   eviction=_build(EvictionSpec, doc.get("eviction"), "eviction"),
+                   name=name or "policy")
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str = "engine") -> PolicySpec:
+        """From the engine's `CachePolicyConfig` (dataplane/config.py)."""
+        return cls(
+            quant=QuantSpec(cfg.kv_dtype, cfg.key_granularity, cfg.value_granularity, cfg.group_size,
+                            cfg.residual_tokens, cfg.quant_sink_tokens, cfg.keys_pre_rope),
+            eviction=EvictionSpec(cfg.eviction, cfg.eviction_budget_tokens, cfg.eviction_budget_ratio,
+                                  cfg.eviction_window_tokens, cfg.eviction_sink_tokens,
+                                  cfg.observation_window, cfg.pooling_kernel, cfg.pyramid),
+            name=name)
+
+    @property
+    def is_noop(self) -> bool:
+        return self.quant.dtype == "none" and not self.eviction.enabled
+
+    def validate_for(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype = torch.float32) -> None:
+        """Reject combinations that cannot work for this model, with a message naming the fields."""
+        kc, vc = self.quant.codecs(num_kv_heads, head_dim, fp_dtype)
+        ev, q = self.eviction, self.quant
+        if ev.enabled and ev.budget_tokens is not None:
+            chunk = max(kc.chunk_tokens, vc.chunk_tokens)
+            floor = max(ev.sink_tokens, q.sink_tokens) + max(ev.window_tokens, q.residual_tokens + chunk - 1)
+            if ev.budget_tokens <= floor:
+                raise ValueError(
+                    f"eviction.budgetTokens {ev.budget_tokens} must exceed the tokens that are never evicted: "
+                    f"max(eviction.sinkTokens, quantization.sinkTokens) + max(eviction.windowTokens, "
+                    f"quantization.residualTokens + groupSize - 1) = {floor}")
+
+    def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                           fp_dtype: torch.dtype = torch.float32) -> float:
+        """Steady-state codec bytes per token (K + V, all layers), before eviction."""
+        kc, vc = self.quant.codecs(num_kv_heads, head_dim, fp_dtype)
+        return num_layers * (kc.bytes_per_token() + vc.bytes_per_token())
+
+
+def build_codecs(spec: PolicySpec, num_kv_heads: int, head_dim: int,
+                 fp_dtype: torch.dtype) -> tuple[Codec, Codec]:
+    """Engine hook: the (key, value) codecs a block of this policy is stored with."""
+    spec.validate_for(num_kv_heads, head_dim, fp_dtype)
+    return spec.quant.codecs(num_kv_heads, head_dim, fp_dtype)
+
+
+def choose_slots(state: EvictionState, layer: int, keys: torch.Tensor, pos: torch.Tensor, seen: int,
+                 budget: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Engine hook: rows to keep in one layer of one sequence.
+
+    keys [N, Hkv, D] (post-RoPE, dequantized), pos [N, Hkv] positions, seen = tokens the sequence
+    has had; fixed [N, Hkv] bool = rows the caller cannot drop. -> keep [min(N, budget), Hkv].
+    """
+    ev = state.spec
+    prot = protected_mask(pos, seen, ev.sink_tokens, ev.window_tokens)
+    if fixed is not None:
+        prot = prot | fixed
+    return select_keep(state.scores(layer, keys, pos), prot, budget)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class LayerKV:
+    """One layer of one sequence: sinks | body (codec) | tail, with positions [N, Hkv]."""
+
+    def __init__(self, kc: Codec, vc: Codec, sink_tokens: int, residual_tokens: int) -> None:
+        self.kc, self.vc = kc, vc
+        self.sinks, self.residual = sink_tokens, residual_tokens
+        self.chunk = max(kc.chunk_tokens, vc.chunk_tokens)
+        h, d = kc.num_heads, kc.head_dim
+        empty = torch.empty(0, h, d, dtype=kc.fp_dtype)
+        self.sink_k, self.sink_v = empty, empty  # [S, H, D]
+        self.tail_k, self.tail_v = empty, empty  # [Nt, H, D]
+        self.body_k, self.body_v = QuantBuffer(kc), QuantBuffer(vc)
+        self.pos = torch.empty(0, h, dtype=torch.long)  # [N, H], order sinks | body | tail
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def n_sink(self) -> int:
+        return self.sink_k.shape[0]
+
+    @property
+    def n_tail(self) -> int:
+        return self.tail_k.shape[0]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v [n, H, D], pos [n]: sinks fill first, the rest goes to the tail, full groups get encoded."""
+        take = min(self.sinks - self.n_sink, k.shape[0])
+        if take > 0:
+            self.sink_k = torch.cat([self.sink_k, k[:take]])
+            self.sink_v = torch.cat([self.sink_v, v[:take]])
+        self.tail_k = torch.cat([self.tail_k, k[take:]])
+        self.tail_v = torch.cat([self.tail_v, v[take:]])
+        self.pos = torch.cat([self.pos, pos[:, None].expand(-1, self.pos.shape[1])])
+        over = self.n_tail - self.residual
+        if over >= self.chunk:
+            n = over - over % self.chunk
+            for s in range(0, n, self.chunk if self.chunk > 1 else n):
+                e = s + (self.chunk if self.chunk > 1 else n)
+                self.body_k.append(self.tail_k[s:e])
+                self.body_v.append(self.tail_v[s:e])
+            self.tail_k, self.tail_v = self.tail_k[n:], self.tail_v[n:]
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored K, V [N, H, D] in the fp dtype (body dequantized)."""
+        if len(self.body_k) == 0 and self.n_sink == 0:
+            return self.tail_k, self.tail_v
+        parts_k = [self.sink_k, self.body_k.decode(), self.tail_k]
+        parts_v = [self.sink_v, self.body_v.decode(), self.tail_v]
+        return torch.cat(parts_k), torch.cat(parts_v)
+
+    def fixed_rows(self) -> torch.Tensor:
+        """[N, H] bool: rows in the full-precision segments (never evicted)."""
+        n = len(self)
+        rows = torch.arange(n)[:, None].expand(n, self.pos.shape[1])
+        return (rows < self.n_sink) | (rows >= n - self.n_tail)
+
+    def evict(self, keep: torch.Tensor) -> None:
+        """keep [k, H] ascending rows, which include every sink and tail row."""
+        s, t, k = self.n_sink, self.n_tail, keep.shape[0]
+        body = keep[s:k - t] - s
+        self.body_k.select(body)
+        self.body_v.select(body)
+        self.pos = self.pos.gather(0, keep)
+
+    def nbytes(self) -> int:
+        """KV bytes really allocated (positions are bookkeeping, see aux_nbytes)."""
+        fp = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.tail_k, self.tail_v))
+        return fp + self.body_k.nbytes() + self.body_v.nbytes()
+
+
+class PolicyAttention(AttentionBackend):
+    """One sequence's KV under a cache policy. With the no-op policy it equals `DenseAttention` bit for bit.
+
+    rope: the model's rotary table, needed only for `keys_pre_rope` (KVQuant): keys are un-rotated
+    before encoding and re-rotated at their stored positions on read. Positions are counted here
+    (a single sequence starting at 0), which is all the seam needs.
+    """
+
+    def __init__(self, spec: PolicySpec, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, rope: RopeFn | None = None) -> None:
+        spec.validate_for(num_kv_heads, head_dim, dtype)
+        if spec.quant.keys_pre_rope and rope is None:
+            raise ValueError("quantization.keysPreRope needs the model's rope table (pass rope=...)")
+        self.spec, self.num_layers, self.rope = spec, num_layers, rope
+        self.kc, self.vc = spec.quant.codecs(num_kv_heads, head_dim, dtype)
+        self.layers: dict[int, LayerKV] = {}
+        self.seen: dict[int, int] = {}
+        self.evict_state = EvictionState(spec.eviction)
+
+    def _rotate(self, k: torch.Tensor, pos: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """k [N, H, D] at pos [N, H] (or [N]) -> (un)rotated keys."""
+        assert self.rope is not None
+        p = pos if pos.dim() == 2 else pos[:, None].expand(-1, k.shape[1])
+        cos, sin = self.rope(p.reshape(-1))
+        cos = cos.view(*p.shape, -1).to(k.dtype)
+        sin = sin.view(*p.shape, -1).to(k.dtype)
+        return k * cos + _rotate_half(k) * (-sin if inverse else sin)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer not in self.layers:
+            self.layers[layer] = LayerKV(self.kc, self.vc, self.spec.quant.sink_tokens,
+                                         self.spec.quant.residual_tokens)
+            self.seen[layer] = 0
+        st, start, t = self.layers[layer], self.seen[layer], q.shape[0]
+        q_pos = torch.arange(start, start + t)
+        n_past = len(st)
+        if n_past == 0:
+            k_all, v_all = k, v
+        else:
+            k_past, v_past = st.materialize()  # [Np, H, D]
+            if self.spec.quant.keys_pre_rope:
+                k_past = self._rotate(k_past, st.pos, inverse=False)
+            k_all, v_all = torch.cat([k_past, k]), torch.cat([v_past, v])
+        ev = self.evict_state
+        probs = None
+        if ev.needs_probs:
+            visible = torch.ones(1, t, n_past + t, dtype=torch.bool)
+            visible[0, :, n_past:] = torch.ones(t, t, dtype=torch.bool).tril()
+            probs = attention_probs(q, k_all, visible)  # [Hq, T, Np+T]
+            hq, hkv = q.shape[1], k.shape[1]
+            vh = v_all.float().permute(1, 0, 2).repeat_interleave(hq // hkv, dim=0)  # [Hq, Np+T, D]
+            out = (probs @ vh).transpose(0, 1).to(q.dtype)
+        else:
+            out = causal_attention(q, k_all, v_all, q_offset=n_past)
+        k_store = self._rotate(k, q_pos, inverse=True) if self.spec.quant.keys_pre_rope else k
+        st.append(k_store, v, q_pos)
+        self.seen[layer] = seen = start + t
+        if ev.spec.enabled:
+            ev.observe(layer, q, q_pos, probs, k.shape[1])
+            self._maybe_evict(layer, st, k_all, seen)
+        return out
+
+    def _maybe_evict(self, layer: int, st: LayerKV, keys: torch.Tensor, seen: int) -> None:
+        fixed = st.fixed_rows()
+        ev = self.spec.eviction
+        prot = protected_mask(st.pos, seen, ev.sink_tokens, ev.window_tokens) | fixed
+        budget = ev.layer_budget(layer, self.num_layers, seen, min_keep=int(prot.sum(0).max()))
+        if len(st) <= budget:
+            return
+        keep = choose_slots(self.evict_state, layer, keys, st.pos, seen, budget, fixed)
+        st.evict(keep)
+        self.evict_state.evicted(layer, keep)
+
+    # -- accounting ---------------------------------------------------------
+
+    def nbytes(self) -> int:
+        """KV bytes allocated now, all layers."""
+        return sum(st.nbytes() for st in self.layers.values())
+
+    def aux_nbytes(self) -> int:
+        """Bookkeeping that is not KV: positions and eviction state."""
+        pos = sum(st.pos.numel() * st.pos.element_size() for st in self.layers.values())
+        return pos + self.evict_state.nbytes()
+
+    def tokens_stored(self) -> int:
+        """Rows kept, summed over layers (per head rows are equal)."""
+        return sum(len(st) for st in self.layers.values())
+
+    def tokens_seen(self) -> int:
+        return max(self.seen.values(), default=0)
+
+
+class BatchedPolicyAttention(AttentionBackend):
+    """Several sequences in one flat batch, each with its own `PolicyAttention` (never shared).
+
+    Call `set_batch([(seq_id, n_tokens), ...])` in flat order before each forward.
+    """
+
+    def __init__(self, factory: Callable[[], PolicyAttention]) -> None:
+        self.factory = factory
+        self.seqs: dict[str, PolicyAttention] = {}
+        self.batch: list[tuple[str, int]] = []
+
+    def set_batch(self, batch: list[tuple[str, int]]) -> None:
+        self.batch = list(batch)
+        for sid, _ in batch:
+            if sid not in self.seqs:
+                self.seqs[sid] = self.factory()
+
+    def release(self, seq_id: str) -> None:
+        self.seqs.pop(seq_id, None)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs, s = [], 0
+        for sid, n in self.batch:
+            outs.append(self.seqs[sid].attend(layer, q[s:s + n], k[s:s + n], v[s:s + n]))
+            s += n
+        if s != q.shape[0]:
+            raise ValueError(f"set_batch covers {s} tokens, the forward has {q.shape[0]}")
+        return torch.cat(outs)
