@@ -1,0 +1,3 @@
+"""Repo-wide pytest setup: the real-control-plane fixtures live in e2e/pytest_plugin.py."""
+
+pytest_plugins = ["e2e.pytest_plugin"]

@@ -1,0 +1,89 @@
+"""The pod runner starts a real process on the pod's IP and stops it when the pod goes."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from e2e.nodes import GPU_TOLERATION
+
+pytestmark = pytest.mark.k8s
+
+
+def web_pod(name: str) -> dict:
+    return {
+        "metadata": {"name": name, "annotations": {"kvfleet.io/run-locally": "true"}},
+        "spec": {
+            "tolerations": [GPU_TOLERATION],
+            "terminationGracePeriodSeconds": 2,
+            "volumes": [{"name": "site", "configMap": {"name": "site"}}],
+            "containers": [{
+                "name": "web", "image": "python:3.11",
+                "command": ["python3", "-m", "http.server"],
+                "args": ["--bind", "$(POD_IP)", "--directory", "/srv/site", "8080"],
+                "env": [
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                ],
+                "volumeMounts": [{"name": "site", "mountPath": "/srv/site"}],
+            }],
+        },
+    }
+
+
+def http_get(url: str, timeout_s: float = 30) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def port_open(ip: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((ip, port)) == 0
+
+
+def test_pod_process_serves_on_its_pod_ip_and_stops_with_the_pod(cluster, podrunner, namespace):
+    cluster.core.create_namespaced_config_map(namespace, {"metadata": {"name": "site"},
+                                                          "data": {"hello.txt": "served from a ConfigMap\n"}})
+    cluster.core.create_namespaced_pod(namespace, web_pod("web"))
+    deadline = time.monotonic() + 30
+    while not (ip := cluster.core.read_namespaced_pod("web", namespace).status.pod_ip):
+        assert time.monotonic() < deadline, "pod got no IP"
+        time.sleep(0.2)
+    assert ip.startswith("127.") and ip != "127.0.0.1"
+
+    assert http_get(f"http://{ip}:8080/hello.txt") == b"served from a ConfigMap\n"
+    local = podrunner.find(namespace, "web")
+    assert local is not None and local.popen.poll() is None
+    assert "127." in local.log.read_text()
+
+    cluster.core.delete_namespaced_pod("web", namespace)
+    deadline = time.monotonic() + 20
+    while local.popen.poll() is None or port_open(ip, 8080):
+        assert time.monotonic() < deadline, "process still running after pod deletion"
+        time.sleep(0.2)
+    assert podrunner.find(namespace, "web") is None
+
+
+def test_pods_without_the_annotation_are_left_alone(cluster, podrunner, namespace):
+    pod = web_pod("plain")
+    del pod["metadata"]["annotations"]
+    pod["spec"]["volumes"] = []
+    pod["spec"]["containers"][0]["volumeMounts"] = []
+    cluster.core.create_namespaced_pod(namespace, pod)
+    deadline = time.monotonic() + 30
+    while cluster.core.read_namespaced_pod("plain", namespace).status.phase != "Running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1)
+    assert podrunner.find(namespace, "plain") is None
