@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZATION_MODES = ("none",)  # the KV-policy owner extends these (fp8, int8, int4, ...)
-EVICTION_MODES = ("none",)
+QUANTIZATION_MODES = ("none", "fp16", "bf16", "fp8", "int8", "int4")  # kvcache/quant.py KV_DTYPES
+EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")  # kvcache/eviction.py
+GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
 
 
 class ConfigError(ValueError):
@@ -53,24 +54,72 @@ class SLOClassConfig:
 
 @dataclass(frozen=True)
 class CachePolicyConfig:
-    """KV-cache policy knobs. Placeholder: quantization/eviction default to none.
+    """KV-cache policy knobs: how KV is stored (quantization) and what is dropped (eviction).
 
-    The KV-policy engineer extends this with codec and eviction parameters.
+    Mirrors the CachePolicy resource's `quantization` and `eviction` blocks
+    (`from_spec` converts one); `kvfleet.dataplane.kvcache.policy.PolicySpec.from_config`
+    turns it into codecs and an eviction policy. key/value_quantization are the
+    stored dtypes (the resource sets both from `quantization.dtype`).
     """
 
     key_quantization: str = "none"
     value_quantization: str = "none"
+    key_granularity: str | None = None  # None = per-channel (int) / per-head (fp8)
+    value_granularity: str | None = None  # None = per-token (int) / per-head (fp8)
+    group_size: int = 32
+    residual_tokens: int = 0
+    quant_sink_tokens: int = 0
+    keys_pre_rope: bool = False
     eviction: str = "none"
     eviction_budget_tokens: int | None = None
+    eviction_budget_ratio: float | None = None
+    eviction_window_tokens: int = 32
+    eviction_sink_tokens: int = 4
+    observation_window: int = 32
+    pooling_kernel: int = 7
+    pyramid: bool = False
 
     def __post_init__(self) -> None:
         for name in ("key_quantization", "value_quantization"):
             val = getattr(self, name)
             _check(val in QUANTIZATION_MODES, f"cache_policy.{name}: {val!r} not in {QUANTIZATION_MODES}")
+        for name in ("key_granularity", "value_granularity"):
+            val = getattr(self, name)
+            _check(val is None or val in GRANULARITIES, f"cache_policy.{name}: {val!r} not in {GRANULARITIES}")
+        _check(self.group_size >= 1, "cache_policy.group_size must be >= 1")
+        _check(self.residual_tokens >= 0 and self.quant_sink_tokens >= 0,
+               "cache_policy.residual_tokens and quant_sink_tokens must be >= 0")
         _check(self.eviction in EVICTION_MODES, f"cache_policy.eviction: {self.eviction!r} not in {EVICTION_MODES}")
         _check(
             self.eviction_budget_tokens is None or self.eviction_budget_tokens > 0,
             "cache_policy.eviction_budget_tokens must be > 0",
+        )
+        _check(self.eviction_budget_ratio is None or 0.0 < self.eviction_budget_ratio <= 1.0,
+               "cache_policy.eviction_budget_ratio must be in (0, 1]")
+        if self.eviction != "none":
+            _check((self.eviction_budget_tokens is None) != (self.eviction_budget_ratio is None),
+                   f"cache_policy: eviction {self.eviction!r} needs exactly one of eviction_budget_tokens "
+                   "or eviction_budget_ratio")
+            _check(self.eviction_budget_tokens is None
+                   or self.eviction_budget_tokens > self.eviction_sink_tokens + self.eviction_window_tokens,
+                   "cache_policy.eviction_budget_tokens must exceed eviction_sink_tokens + eviction_window_tokens")
+        _check(self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1, "cache_policy.pooling_kernel must be odd")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CachePolicyConfig:
+        """From a CachePolicy resource's `spec` (camelCase, as the CRD stores it)."""
+        q = dict(spec.get("quantization") or {})
+        e = dict(spec.get("eviction") or {})
+        dtype = q.get("dtype", "none")
+        return cls(
+            key_quantization=dtype, value_quantization=dtype,
+            key_granularity=q.get("keyGranularity"), value_granularity=q.get("valueGranularity"),
+            group_size=q.get("groupSize", 32), residual_tokens=q.get("residualTokens", 0),
+            quant_sink_tokens=q.get("sinkTokens", 0), keys_pre_rope=q.get("keysPreRope", False),
+            eviction=e.get("policy", "none"), eviction_budget_tokens=e.get("budgetTokens"),
+            eviction_budget_ratio=e.get("budgetRatio"), eviction_window_tokens=e.get("windowTokens", 32),
+            eviction_sink_tokens=e.get("sinkTokens", 4), observation_window=e.get("observationWindow", 32),
+            pooling_kernel=e.get("poolingKernel", 7), pyramid=e.get("pyramid", False),
         )
 
 

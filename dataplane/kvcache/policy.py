@@ -51,10 +51,12 @@ class QuantSpec:
     residual_tokens: int = 0
     sink_tokens: int = 0
     keys_pre_rope: bool = False
+    value_dtype: str | None = None  # None = same as dtype (the resource has one dtype; the engine may split)
 
     def __post_init__(self) -> None:
-        if self.dtype not in KV_DTYPES:
-            raise ValueError(f"quantization.dtype {self.dtype!r} not in {KV_DTYPES}")
+        for dt in (self.dtype, self.value_dtype or self.dtype):
+            if dt not in KV_DTYPES:
+                raise ValueError(f"quantization.dtype {dt!r} not in {KV_DTYPES}")
         if self.residual_tokens < 0 or self.sink_tokens < 0 or self.group_size < 1:
             raise ValueError("quantization: residualTokens/sinkTokens must be >= 0 and groupSize >= 1")
         if self.keys_pre_rope and self.dtype in ("none", "fp16", "bf16"):
@@ -62,10 +64,11 @@ class QuantSpec:
 
     def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype) -> tuple[Codec, Codec]:
         """(key codec, value codec); raises ValueError on a combination the shapes do not allow."""
+        vdt = self.value_dtype or self.dtype
         kg = self.key_granularity or default_granularity(self.dtype, "key")
-        vg = self.value_granularity or default_granularity(self.dtype, "value")
+        vg = self.value_granularity or default_granularity(vdt, "value")
         return (Codec(self.dtype, kg, self.group_size, num_kv_heads, head_dim, fp_dtype),
-                Codec(self.dtype, vg, self.group_size, num_kv_heads, head_dim, fp_dtype))
+                Codec(vdt, vg, self.group_size, num_kv_heads, head_dim, fp_dtype))
 
 
 def _snake(name: str) -> str:
@@ -103,8 +106,10 @@ class PolicySpec:
     def from_config(cls, cfg: Any, name: str = "engine") -> PolicySpec:
         """From the engine's `CachePolicyConfig` (dataplane/config.py)."""
         return cls(
-            quant=QuantSpec(cfg.kv_dtype, cfg.key_granularity, cfg.value_granularity, cfg.group_size,
-                            cfg.residual_tokens, cfg.quant_sink_tokens, cfg.keys_pre_rope),
+            quant=QuantSpec(cfg.key_quantization, cfg.key_granularity, cfg.value_granularity, cfg.group_size,
+                            cfg.residual_tokens, cfg.quant_sink_tokens, cfg.keys_pre_rope,
+                            value_dtype=None if cfg.value_quantization == cfg.key_quantization
+                            else cfg.value_quantization),
             eviction=EvictionSpec(cfg.eviction, cfg.eviction_budget_tokens, cfg.eviction_budget_ratio,
                                   cfg.eviction_window_tokens, cfg.eviction_sink_tokens,
                                   cfg.observation_window, cfg.pooling_kernel, cfg.pyramid),
@@ -112,7 +117,8 @@ class PolicySpec:
 
     @property
     def is_noop(self) -> bool:
-        return self.quant.dtype == "none" and not self.eviction.enabled
+        return self.quant.dtype == "none" and self.quant.value_dtype in (None, "none") \
+            and not self.eviction.enabled
 
     def validate_for(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype = torch.float32) -> None:
         """Reject combinations that cannot work for this model, with a message naming the fields."""
