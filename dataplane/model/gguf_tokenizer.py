@@ -1,0 +1,100 @@
+"""Rebuild an HF `tokenizer.json` (+ tokenizer/generation config) from GGUF `tokenizer.ggml.*` metadata.
+
+Supports byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: GPT-2, SmolLM,
+StarCoder, Llama 3, Qwen 2 pre-tokenizers). SentencePiece (`"llama"`) vocabularies are
+not supported yet and fail with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Texts llama.cpp treats as end-of-generation when they are special tokens of the vocab.
+END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                     "<|end_of_text|>", "<EOT>")
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre values that split digits one by one, then apply the GPT-2 regex
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("default", "gpt2", "gpt-2"):
+        return gpt2
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+    split = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    if split is None:
+        raise NotImplementedError(
+            f"GGUF pre-tokenizer {pre!r} is not supported; supported: gpt2, llama3/llama-bpe, qwen2, "
+            f"{', '.join(_DIGITS_THEN_GPT2)}")
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _opt_id(meta: dict[str, Any], key: str) -> int | None:
+    value = meta.get(f"tokenizer.ggml.{key}")
+    return None if value is None else int(value)
+
+
+def build_tokenizer_files(meta: dict[str, Any], context_length: int
+                          ) -> tuple[Tokenizer, dict[str, Any], dict[str, Any]]:
+    """(tokenizer.json object, tokenizer_config.json dict, generation_config.json dict) from GGUF metadata."""
+    model_type = meta.get("tokenizer.ggml.model")
+    if model_type != "gpt2":
+        raise NotImplementedError(
+            f"GGUF tokenizer model {model_type!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    tok.add_special_tokens(special)
+    tok.add_tokens(user)
+
+    bos_id, eos_id = _opt_id(meta, "bos_token_id"), _opt_id(meta, "eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos_id is not None
+    if add_bos:
+        assert bos_id is not None
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos_id]} $A", pair=f"{tokens[bos_id]} $A {tokens[bos_id]} $B",
+            special_tokens=[(tokens[bos_id], bos_id)])
+
+    def name(token_id: int | None) -> str | None:
+        return None if token_id is None else tokens[token_id]
+
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(bos_id), "eos_token": name(eos_id),
+        "unk_token": name(_opt_id(meta, "unknown_token_id")),
+        "pad_token": name(_opt_id(meta, "padding_token_id")),
+        "add_bos_token": add_bos,
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context_length,
+    }
+    if meta.get("tokenizer.chat_template"):
+        tokenizer_config["chat_template"] = str(meta["tokenizer.chat_template"])
+
+    # End of generation: the declared eos/eot/eom plus llama.cpp's end-of-turn heuristic,
+    # e.g. a ChatML model whose GGUF names a different eos still stops at <|im_end|>.
+    eos_ids = [i for i in (eos_id, _opt_id(meta, "eot_token_id"), _opt_id(meta, "eom_token_id")) if i is not None]
+    eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in END_OF_TURN_TEXTS]
+    generation_config = {"bos_token_id": bos_id, "eos_token_id": list(dict.fromkeys(eos_ids))}
+    return tok, tokenizer_config, generation_config
