@@ -38,3 +38,25 @@ test: venv binaries ## everything CI runs: lint, unit, engine, real control plan
 
 test-fast: venv ## unit tests only (no cluster, no real model)
 	$(VENV)/bin/pytest -m 'not k8s and not slow'
+
+# ---- local control plane and cluster e2e (e2e/) ------------------------------------------
+CLUSTER ?= kvfleet
+GPU_NODES ?= 4
+KIND_CLUSTER ?= kvfleet-e2e
+KIND_KUBECONFIG ?= $(KVFLEET_CACHE)/kind-$(KIND_CLUSTER).kubeconfig
+
+.PHONY: bench-cluster
+
+cluster-up: venv ## start a local control plane + GPU nodes + pod runner in the background; prints `export KUBECONFIG=...`
+	@$(PY) -m e2e.cluster up --name $(CLUSTER) --gpu-nodes $(GPU_NODES)
+
+cluster-down: ## stop the local control plane started by cluster-up and remove its files
+	@$(PY) -m e2e.cluster down --name $(CLUSTER)
+
+e2e-kind: venv ## run the k8s-marked e2e tests against a kind cluster (needs Docker and kind)
+	kind get clusters | grep -qx $(KIND_CLUSTER) || kind create cluster --name $(KIND_CLUSTER) --config e2e/kind-config.yaml --wait 120s
+	kind get kubeconfig --name $(KIND_CLUSTER) > $(KIND_KUBECONFIG)
+	KVFLEET_E2E_KUBECONFIG=$(KIND_KUBECONFIG) $(VENV)/bin/pytest -m k8s e2e
+
+bench-cluster: venv binaries ## time 1,000 GPU nodes and 1,000 GPU pods on the local control plane; writes bench/results/cluster_scale.*
+	$(PY) -m bench.cluster_scale

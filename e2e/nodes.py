@@ -85,3 +85,19 @@ def wait_nodes_ready(kubeconfig: Path | str, names: list[str], timeout_s: float 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(missing)} nodes not Ready, e.g. {sorted(missing)[:3]}")
             time.sleep(0.5)
+
+
+def advertise_fake_gpus(kubeconfig: Path | str, gpus: int = 8) -> list[str]:
+    """On a real cluster (kind) with no GPUs: advertise ``nvidia.com/gpu`` on nodes labelled
+    ``kvfleet.io/node-pool=gpu`` by patching their status, as the device plugin would.
+    Returns the patched node names (none if some node already has GPUs)."""
+    with api_client(kubeconfig) as api:
+        core = client.CoreV1Api(api)
+        nodes = core.list_node().items
+        if any((n.status.allocatable or {}).get("nvidia.com/gpu", "0") != "0" for n in nodes):
+            return []
+        names = [n.metadata.name for n in nodes if (n.metadata.labels or {}).get("kvfleet.io/node-pool") == "gpu"]
+        for name in names:
+            patch = {"status": {"capacity": {"nvidia.com/gpu": str(gpus)}}}
+            core.patch_node_status(name, patch)
+        return names

@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import LocalCluster, find_bin_dir
-from e2e.nodes import api_client, create_gpu_nodes, wait_nodes_ready
+from e2e.nodes import advertise_fake_gpus, api_client, create_gpu_nodes, wait_nodes_ready
 from e2e.podrunner import PodRunner
 
 EXISTING_KUBECONFIG_ENV = "KVFLEET_E2E_KUBECONFIG"
@@ -89,6 +89,7 @@ def cluster() -> Iterator[Cluster]:
     existing = os.environ.get(EXISTING_KUBECONFIG_ENV)
     if existing:
         bin_dir = Path(os.environ["KVFLEET_BIN_DIR"]) if os.environ.get("KVFLEET_BIN_DIR") else None
+        advertise_fake_gpus(existing)
         with api_client(existing) as api:
             yield Cluster(Path(existing), bin_dir, api)
         return

@@ -20,7 +20,7 @@ def gpu_deployment(name: str, replicas: int, gpus: int = 1) -> dict:
             "template": {"metadata": {"labels": labels}, "spec": {
                 "tolerations": [GPU_TOLERATION],
                 "nodeSelector": {"kvfleet.io/node-pool": "gpu"},
-                "containers": [{"name": "engine", "image": "kvfleet/engine:dev",
+                "containers": [{"name": "engine", "image": "registry.k8s.io/pause:3.10",
                                 "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
             }},
         },
