@@ -56,15 +56,21 @@ def model_not_found(model: str, served: list[str]) -> APIError:
 _TYPE_TAGS = re.compile(r"^(str|int|float|bool|none|list|dict|[a-z-]+\[.*\])$")
 
 
-def _is_type_tag(part: object) -> bool:
-    return isinstance(part, str) and bool(_TYPE_TAGS.match(part))
+def _field_path(loc: tuple[int | str, ...]) -> list[int | str]:
+    """The location without union members, which pydantic names by type ("str", "list[int]")."""
+    return [p for p in loc if not (isinstance(p, str) and _TYPE_TAGS.match(p))]
 
 
 def from_validation_error(err: ValidationError) -> APIError:
-    """The first pydantic error, named by its dotted field path (e.g. `messages.0.role`)."""
-    first = err.errors()[0]
-    # Union members appear in the location as type names ("str", "list[int]"): not fields.
-    param = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p)) or None
+    """The first failing field, named by its dotted path (e.g. `messages.0.role`).
+
+    A union field (`prompt`, `content`) fails once per member; the deepest of
+    those errors says most about what is wrong, so that one is reported.
+    """
+    errors = err.errors()
+    top = errors[0]["loc"][:1]
+    first = max((e for e in errors if e["loc"][:1] == top), key=lambda e: len(_field_path(e["loc"])))
+    param = ".".join(str(p) for p in _field_path(first["loc"])) or None
     message = first["msg"]
     if first["type"] == "missing":
         message = f"Missing required parameter: '{param}'."

@@ -93,7 +93,6 @@ def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> obj
 async def serve(args: argparse.Namespace) -> None:
     """Load, serve until a signal, shut down."""
     import torch
-
     from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
     from kvfleet.dataplane.model.tokenizer import Tokenizer
     from kvfleet.dataplane.server.app import build_app, start_server
