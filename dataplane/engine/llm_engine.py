@@ -151,6 +151,11 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 outputs.append(self._final(seq, reason))
+            elif logprob is None and seq.num_emitted + 1 == seq.num_output_tokens:
+                # hot path (a plain decode step): exactly the one new token to emit
+                seq.num_emitted += 1
+                outputs.append(RequestOutput(seq.request.request_id, [token_id], False, None, None,
+                                             seq.num_prompt_tokens, seq.num_cached_prompt_tokens))
             else:
                 outputs.append(self._increment(seq, False, None))
         return outputs

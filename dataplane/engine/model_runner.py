@@ -79,27 +79,38 @@ class ModelRunner:
                                                             torch.Tensor, list[int]]:
         """-> input_ids [T], positions [T], metadata, rows of hidden to sample at [N], their item indices."""
         bs = self.block_size
-        n_new = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=len(items))
-        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
+        # one pass over the sequences (per sequence, never per token): new-token counts,
+        # first positions, the new token ids, and block tables padded to the longest
+        nb = len(items)
+        counts: list[int] = []
+        firsts: list[int] = []
+        ids: list[int] = []
+        max_blocks = 0
+        for it in items:
+            n, st = it.num_new_tokens, it.start
+            counts.append(n)
+            firsts.append(st)
+            ids += it.seq.token_ids[st:st + n] if n > 1 else (it.seq.token_ids[st],)
+            max_blocks = max(max_blocks, len(it.seq.block_table))
+        flat: list[int] = []
+        pad = [0] * max_blocks
+        for it in items:
+            bt = it.seq.block_table
+            flat += bt
+            flat += pad[len(bt):]
+        tables = np.array(flat, dtype=np.int64).reshape(nb, max_blocks)  # [B, M]
+        n_new = np.array(counts, dtype=np.int64)
+        starts = np.array(firsts, dtype=np.int64)
         ends = np.cumsum(n_new)  # exclusive end of each sequence in the flat batch
         total = int(ends[-1])
-        nd = int(np.count_nonzero(n_new == 1))  # decodes lead the batch (sorted by caller)
-
-        # input ids: a slice of each sequence's tokens (one list op per sequence, not per token)
-        ids: list[int] = []
-        for it in items:
-            ids += it.seq.token_ids[it.start:it.start + it.num_new_tokens]
-        seq_of_tok = np.repeat(np.arange(len(items)), n_new)  # [T]
-        pos = np.arange(total, dtype=np.int64) - np.repeat(ends - n_new, n_new) + starts[seq_of_tok]
-
-        # block tables padded to the longest context; one row per sequence
-        ctx = starts + n_new
-        max_blocks = int(-(-ctx.max() // bs))
-        tables = np.zeros((len(items), max_blocks), dtype=np.int64)
-        for r, it in enumerate(items):
-            bt = it.seq.block_table
-            m = min(len(bt), max_blocks)
-            tables[r, :m] = bt[:m]
+        nd = counts.count(1)  # decodes lead the batch (sorted by caller)
+        ctx = starts + n_new  # context length after this step
+        if nd == nb:  # all decodes: one token per sequence
+            seq_of_tok = np.arange(nb)
+            pos = starts
+        else:
+            seq_of_tok = np.repeat(np.arange(nb), n_new)  # [T]
+            pos = np.arange(total, dtype=np.int64) - np.repeat(ends - n_new, n_new) + starts[seq_of_tok]
         slots = tables[seq_of_tok, pos // bs] * bs + pos % bs  # [T]
 
         # one host buffer -> one device copy, then views
@@ -107,7 +118,7 @@ class ModelRunner:
         rows = np.fromiter((row for row, _ in sample_at), dtype=np.int64, count=len(sample_at))
         packed = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, ctx, rows, tables.reshape(-1)])
         dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
-        b = len(items)
+        b = nb
         input_ids, positions, slot_t = dev[:total], dev[total:2 * total], dev[2 * total:3 * total]
         off = 3 * total
         dev_ctx = dev[off:off + b]

@@ -79,6 +79,7 @@ class Scheduler:
         self._aborted: list[str] = []
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
+        self._step = 0  # schedule() calls so far; marks which sequences this step took
 
     # -- intake --------------------------------------------------------------
 
@@ -113,8 +114,10 @@ class Scheduler:
 
     # -- ordering ------------------------------------------------------------
 
-    def _running_key(self, now: float) -> Callable[[Sequence], tuple[float, int, float]]:
-        return lambda s: (s.slack(now), -s.priority, s.request.arrival_time)
+    @staticmethod
+    def _running_key(s: Sequence) -> tuple[float, int, float]:
+        # least slack first == earliest deadline first (slack = deadline - now)
+        return (s.deadline(), -s.priority, s.request.arrival_time)
 
     def _waiting_key(self, now: float) -> Callable[[Sequence], tuple[bool, float, int, float]]:
         def key(s: Sequence) -> tuple[bool, float, int, float]:
@@ -123,9 +126,9 @@ class Scheduler:
 
         return key
 
-    def _pick_victim(self, scheduled: set[int], now: float) -> Sequence | None:
+    def _pick_victim(self, now: float) -> Sequence | None:
         """Lowest priority, then most slack, then latest arrival, among running not yet scheduled."""
-        cands = [s for s in self.running if id(s) not in scheduled]
+        cands = [s for s in self.running if s.scheduled_step != self._step]
         if not cands:
             return None
         return min(cands, key=lambda s: (s.priority, -s.slack(now), -s.request.arrival_time))
@@ -147,28 +150,39 @@ class Scheduler:
         now = self.clock()
         out = SchedulerOutput(finished=self._aborted)
         self._aborted = []
+        self._step += 1
         budget = self.max_num_batched_tokens
-        scheduled: set[int] = set()
+        bs = self.bm.block_size
 
-        rkey = self._running_key(now)
-        decodes = sorted((s for s in self.running if s.num_remaining == 1), key=rkey)
-        chunks = sorted((s for s in self.running if s.num_remaining > 1), key=rkey)
-        for seq in decodes + chunks:
+        decodes: list[Sequence] = []
+        chunks: list[Sequence] = []
+        for s in self.running:
+            (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else chunks).append(s)
+        # NOTE: order among decodes only matters when budget or blocks are short (each
+        # decode needs at most one new block), so the common case skips the sort.
+        if len(decodes) > budget or len(decodes) > self.bm.num_free_blocks:
+            decodes.sort(key=self._running_key)
+        chunks.sort(key=self._running_key)
+        for seq in decodes + chunks if chunks else decodes:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted as a victim earlier in this loop
-            n = min(seq.num_remaining, budget)
-            while not self.bm.allocate(seq.block_table, seq.num_computed_tokens + n):
-                victim = self._pick_victim(scheduled, now)
-                assert victim is not None  # seq itself is a candidate
-                self._preempt(victim)
-                out.preempted.append(victim.seq_id)
-                if victim is seq:
-                    break
-            if seq.status is SeqStatus.RUNNING:
-                self._schedule(out, seq, n, scheduled)
-                budget -= n
+            start = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - start, budget)
+            if len(seq.block_table) * bs < start + n:  # needs new blocks
+                while not self.bm.allocate(seq.block_table, start + n):
+                    victim = self._pick_victim(now)
+                    assert victim is not None  # seq itself is a candidate
+                    self._preempt(victim)
+                    out.preempted.append(victim.seq_id)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    continue
+            seq.scheduled_step = self._step
+            out.scheduled.append(ScheduledSeq(seq, n, start, start + n == len(seq.token_ids)))
+            budget -= n
 
         if not out.preempted and budget > 0:
             self.waiting.sort(key=self._waiting_key(now))
@@ -188,10 +202,13 @@ class Scheduler:
                     seq.num_cached_prompt_tokens = n_cached
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
-                self._schedule(out, seq, n, scheduled)
+                seq.scheduled_step = self._step
+                start = seq.num_computed_tokens
+                out.scheduled.append(ScheduledSeq(seq, n, start, start + n == seq.num_tokens))
                 budget -= n
                 admitted += 1
             del self.waiting[:admitted]
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
@@ -200,24 +217,19 @@ class Scheduler:
         # NOTE: never hit the last token: it must be recomputed to get logits.
         return self.bm.match_prefix(seq.block_hashes, (seq.num_tokens - 1) // bs)
 
-    def _schedule(self, out: SchedulerOutput, seq: Sequence, n: int, scheduled: set[int]) -> None:
-        start = seq.num_computed_tokens
-        out.scheduled.append(ScheduledSeq(seq, n, start, sample=start + n == seq.num_tokens))
-        out.num_batched_tokens += n
-        scheduled.add(id(seq))
-
     def commit(self, out: SchedulerOutput) -> None:
         """The runner computed the step: advance sequences and cache their newly full blocks."""
         bs = self.bm.block_size
+        caching = self.bm.enable_prefix_caching
         for item in out.scheduled:
             seq = item.seq
             if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted meanwhile
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            if self.bm.enable_prefix_caching:
-                extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_computed_tokens, bs, seq.extra_key)
+            computed = seq.num_computed_tokens = item.start + item.num_new_tokens
+            if caching and computed // bs > seq.num_cached_blocks:  # a block just filled up
+                extend_block_hashes(seq.block_hashes, seq.token_ids, computed, bs, seq.extra_key)
                 seq.num_cached_blocks = self.bm.cache_blocks(
-                    seq.block_table, seq.block_hashes, seq.num_computed_tokens, seq.num_cached_blocks
+                    seq.block_table, seq.block_hashes, computed, seq.num_cached_blocks
                 )
 
     def stats(self) -> dict[str, int]:

@@ -44,6 +44,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: FinishReason | None = None
+    scheduled_step: int = -1  # last scheduler step that scheduled this sequence
     num_emitted: int = 0  # output tokens already handed to the caller
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
