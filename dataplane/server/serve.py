@@ -120,6 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         log.info("shutting down")
         await runner.cleanup()  # closes connections, then the app's cleanup stops the engine
+        log.info("stopped")
 
 
 def main(argv: list[str]) -> int:
