@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
+from pydantic import BaseModel
 
 from . import GROUP, KINDS, VERSION, Kind
 
@@ -49,6 +50,11 @@ def _resolve(node: Any, defs: dict[str, Schema]) -> Any:
         node.pop("additionalProperties")  # structural schemas prune unknown fields; `kubectl` rejects them
     if "default" in node and node["default"] is None:
         node.pop("default")
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        # JSON Schema 2020 (pydantic) states exclusive bounds as numbers; OpenAPI v3.0 as flags.
+        value = node.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            node[limit], node[bound] = value, True
     out: Schema = {}
     for key, value in node.items():
         if key == "properties":
@@ -60,28 +66,41 @@ def _resolve(node: Any, defs: dict[str, Schema]) -> Any:
     return out
 
 
-def _default_objects(schema: Schema, model_defaults: dict[str, Any]) -> None:
-    """Give object/array/map properties without a default an empty default.
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (X, X | None, list[X]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _default_objects(schema: Schema, model: type[BaseModel] | None) -> None:
+    """Give object/array/map properties made by a `default_factory` their real default.
 
     Pydantic omits defaults made by `default_factory`; Kubernetes needs them so
-    that nested defaults apply and CEL rules can read the fields unguarded.
-    Only properties that are not required get one.
+    that nested defaults apply and CEL rules can read the fields unguarded. The
+    default is the factory's value in wire form (a sub-model fully defaulted,
+    because the API server validates defaults against the CEL rules without
+    applying nested defaults first). Optional sub-objects (default None) get no
+    default: a colocated fleet must not grow `prefill: {}`.
     """
     required = set(schema.get("required", ()))
+    fields = {}
+    if model is not None:
+        fields = {(f.alias or n): f for n, f in model.model_fields.items()}
     for name, prop in schema.get("properties", {}).items():
-        if name in required or "default" in prop:
-            pass
-        elif prop.get("type") == "object" and "properties" in prop:
-            if not prop.get("required"):
-                prop["default"] = {}
-        elif prop.get("type") == "object" and "additionalProperties" in prop:
-            prop["default"] = {}
-        elif prop.get("type") == "array":
-            prop["default"] = []
+        field = fields.get(name)
+        if name not in required and "default" not in prop and field is not None and field.default_factory:
+            value = field.default_factory()  # type: ignore[call-arg]
+            prop["default"] = value.to_k8s() if hasattr(value, "to_k8s") else value
+        sub = _submodel(field.annotation) if field is not None else None
         if prop.get("type") == "object":
-            _default_objects(prop, model_defaults)
+            _default_objects(prop, sub)
         if prop.get("type") == "array" and isinstance(prop.get("items"), dict):
-            _default_objects(prop["items"], model_defaults)
+            _default_objects(prop["items"], sub)
 
 
 def openapi_schema(kind: Kind) -> Schema:
@@ -108,7 +127,7 @@ def openapi_schema(kind: Kind) -> Schema:
     if "x-kubernetes-validations" in root:
         schema["x-kubernetes-validations"] = root["x-kubernetes-validations"]
     schema["properties"]["spec"].pop("default", None)
-    _default_objects(schema["properties"]["spec"], {})
+    _default_objects(schema["properties"]["spec"], _submodel(kind.model.model_fields["spec"].annotation))
     return schema
 
 
