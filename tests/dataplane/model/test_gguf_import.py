@@ -1,0 +1,123 @@
+"""GGUF import without the real file: a tiny Llama written as GGUF the way llama.cpp would, imported back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kvfleet.dataplane.model.attention import DenseAttention
+from kvfleet.dataplane.model.cli import main as model_cli
+from kvfleet.dataplane.model.config import ModelConfig
+from kvfleet.dataplane.model.gguf_import import hf_tensor_name, unpermute_qk
+from kvfleet.dataplane.model.loader import load_model
+from kvfleet.dataplane.model.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to HF q/k rows (written from its documented behaviour)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_inverts_llama_cpp_permutation() -> None:
+    w = np.arange(6 * 8 * 5, dtype=np.float32).reshape(6 * 8, 5)  # 6 heads of dim 8
+    assert np.array_equal(unpermute_qk(llama_cpp_permute(w, 6), 6), w)
+    assert not np.array_equal(llama_cpp_permute(w, 6), w)
+
+
+def test_tensor_names() -> None:
+    assert hf_tensor_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
+    assert hf_tensor_name("output_norm.weight") == "model.norm.weight"
+    with pytest.raises(ValueError, match="unknown GGUF tensor"):
+        hf_tensor_name("blk.0.ffn_gate_exps.weight")
+
+
+_GGUF_LAYER = {v: k for k, v in {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}.items()}
+
+
+def write_gguf(model_dir, path, quant) -> None:
+    """Write the HF tiny model at `model_dir` as a llama.cpp-style GGUF (q/k permuted, 2-D tensors `quant`)."""
+    cfg = ModelConfig.from_dir(model_dir)
+    tok_json = json.loads((model_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    vocab = sorted(tok_json["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tok_json["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(True)
+    w.add_chat_template(tok_cfg["chat_template"])
+    for name, t in load_file(str(model_dir / "model.safetensors")).items():
+        a = t.float().numpy()
+        if name.endswith("q_proj.weight"):
+            a = llama_cpp_permute(a, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            a = llama_cpp_permute(a, cfg.num_key_value_heads)
+        layer = name.split(".")
+        if name.startswith("model.layers."):
+            gname = f"blk.{layer[2]}.{_GGUF_LAYER['.'.join(layer[3:-1])]}.weight"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        if a.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(a, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
+def test_gguf_round_trip_reproduces_the_model(tiny_model_dir, tmp_path, quant) -> None:
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", qtype)
+    out = tmp_path / "imported"
+    assert model_cli(["import-gguf", str(tmp_path / "tiny.gguf"), str(out), "--dtype", "float32"]) == 0
+
+    original, cfg = load_model(tiny_model_dir, dtype=torch.float32)
+    imported, icfg = load_model(out, dtype=torch.float32)
+    assert (icfg.num_hidden_layers, icfg.num_key_value_heads, icfg.head_dim) == (
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    ids = torch.randint(4, cfg.vocab_size, (60,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = original.compute_logits(original(ids, torch.arange(60), DenseAttention()))
+        b = imported.compute_logits(imported(ids, torch.arange(60), DenseAttention()))
+    tol = 1e-5 if quant == "F32" else 0.5  # Q8_0: 8-bit blocks of 32 with an f16 scale
+    assert (a - b).abs().max().item() < tol
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= (1.0 if quant == "F32" else 0.9)
+
+    ours, rebuilt = Tokenizer.from_dir(tiny_model_dir), Tokenizer.from_dir(out)
+    for text in ["Hello, world! café 🙂", "def f(x): return 42", "<|im_start|>user\nhi<|im_end|>"]:
+        assert rebuilt.encode(text) == ours.encode(text)
+    chat = [{"role": "user", "content": "hi"}]
+    assert rebuilt.apply_chat_template(chat) == ours.apply_chat_template(chat)
+    assert rebuilt.add_bos and 1 in rebuilt.eos_token_ids
+
+
+def test_import_refuses_to_overwrite(tiny_model_dir, tmp_path) -> None:
+    write_gguf(tiny_model_dir, tmp_path / "t.gguf", gguf.GGMLQuantizationType.F32)
+    assert model_cli(["import-gguf", str(tmp_path / "t.gguf"), str(tiny_model_dir)]) == 1
