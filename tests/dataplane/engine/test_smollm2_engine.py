@@ -30,16 +30,18 @@ PROMPTS = [
 def smol():
     model_dir = str(smollm2.smollm2_dir())
     from kvfleet.dataplane.model.loader import load_model
-    from kvfleet.dataplane.model.tokenizer import load_tokenizer
+    from kvfleet.dataplane.model.tokenizer import Tokenizer
 
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.from_dir(model_dir)
     prompts = [tok.encode(p) for p in PROMPTS]
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     refs = []
     with torch.inference_mode():
         for p in prompts:
+            # NOTE: no min_new_tokens: transformers implements it by masking eos, which
+            # changes the argmax; both sides stop at eos instead (and emit it)
             out = ref_model.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
-                                     min_new_tokens=MAX_NEW, pad_token_id=0)
+                                     pad_token_id=0)
             refs.append(out[0, len(p):].tolist())
     del ref_model
     model, mc = load_model(model_dir, dtype=torch.float32, device="cpu")
@@ -51,7 +53,7 @@ def _engine(smol, **kw) -> LLMEngine:
     return LLMEngine(model, mc, EngineConfig(model_dir=model_dir, **{"block_size": 16, "num_kv_blocks": 256, **kw}))
 
 
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 
 
 def test_one_batch_with_prefix_hits_matches_transformers(smol):
