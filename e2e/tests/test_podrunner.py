@@ -87,3 +87,23 @@ def test_pods_without_the_annotation_are_left_alone(cluster, podrunner, namespac
         time.sleep(0.2)
     time.sleep(1)
     assert podrunner.find(namespace, "plain") is None
+
+
+def test_pod_process_talks_to_the_api_as_its_service_account(cluster, podrunner, namespace):
+    script = ("from kubernetes import client, config\n"
+              "config.load_kube_config()\n"
+              "try:\n"
+              "    client.CoreV1Api().list_namespaced_pod('kube-system')\n"
+              "    print('ALLOWED')\n"
+              "except client.exceptions.ApiException as exc:\n"
+              "    print('STATUS', exc.status, exc.body)\n")
+    pod = web_pod("whoami")
+    pod["spec"]["volumes"] = []
+    pod["spec"]["containers"][0].update(command=["python3", "-c", script], args=[], volumeMounts=[])
+    cluster.core.create_namespaced_pod(namespace, pod)
+    deadline = time.monotonic() + 30
+    while (local := podrunner.find(namespace, "whoami")) is None or local.popen is None or local.popen.poll() is None:
+        assert time.monotonic() < deadline, "process did not run to completion"
+        time.sleep(0.2)
+    log = local.log.read_text()
+    assert "STATUS 403" in log and f"system:serviceaccount:{namespace}:default" in log, log
