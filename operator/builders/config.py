@@ -1,0 +1,173 @@
+"""Rendered configuration: the dataplane's EngineConfig per variant, plus router and pool config.
+
+`dataplane/config.py` is the engine's own torch-free contract; the operator fills
+it in and validates it here, so a value the engine would reject fails the
+reconcile (Degraded, InvalidConfig) instead of crash-looping a pod.
+
+The KV policy reaches the engine through `CachePolicyConfig.from_spec` (the
+dataplane's own conversion of the resource); the full CachePolicy spec is also
+rendered alongside as `cache-policy.json` (block size, prefix scope and pool
+settings that EngineConfig does not carry).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvfleet.dataplane import config as dpconfig
+from kvfleet.operator.api import ModelVariant
+
+from .inputs import FleetInputs
+from .names import child_name, labels, owner_reference
+
+CONFIG_DIR = "/etc/kvfleet"
+MODELS_DIR = "/models"
+CACHE_DIR = "/var/cache/kvfleet"
+ENGINE_JSON = "engine.json"
+CACHE_POLICY_JSON = "cache-policy.json"
+VARIANT_JSON = "variant.json"
+ROUTER_JSON = "router.json"
+MEMPOOL_JSON = "mempool.json"
+
+HTTP_PORT = 8080
+GRPC_PORT = 50051
+POOL_PORT = 50052
+ROUTER_CONTAINER_PORT = 8000
+
+
+def weights_dir(variant: ModelVariant, which: str = "base") -> str:
+    """Where a variant's weights are inside the pod: a mounted volume, or the image's builtin cache."""
+    source = variant.spec.base if which == "base" else variant.spec.fine_tune.weights  # type: ignore[union-attr]
+    if source.builtin:
+        return f"{CACHE_DIR}/models/{source.builtin}"
+    return f"{MODELS_DIR}/{variant.metadata.name}/{which}"
+
+
+def _cache_policy_config(inputs: FleetInputs) -> dpconfig.CachePolicyConfig:
+    """The KV policy as the engine reads it (the dataplane converts the resource's spec itself)."""
+    return dpconfig.CachePolicyConfig.from_spec(inputs.cache_policy.to_k8s())
+
+
+def engine_config(inputs: FleetInputs, variant: ModelVariant, role: str) -> dpconfig.EngineConfig:
+    """The EngineConfig one prefill/decode/engine pod of `variant` runs with (validated by the dataplane)."""
+    spec = inputs.engine_roles()[role]
+    classes = tuple(
+        dpconfig.SLOClassConfig(
+            name=c.metadata.name,
+            ttft_ms=float(c.spec.ttft_ms),
+            tpot_ms=float(c.spec.tpot_ms),
+            priority=c.spec.priority,
+            sheddable=c.spec.sheddable,
+        )
+        for c in inputs.slo_classes
+    )
+    return dpconfig.EngineConfig(
+        model_dir=weights_dir(variant),
+        variant=variant.metadata.name,
+        dtype=variant.spec.dtype,
+        block_size=inputs.cache_policy.block_size_tokens,
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        max_model_len=variant.spec.max_model_len,
+        enable_prefix_caching=inputs.cache_policy.prefix_cache.enabled,
+        slo_classes=classes,
+        default_slo_class=inputs.fleet.spec.default_slo_class,
+        cache_policy=_cache_policy_config(inputs),
+    )
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, indent=2)
+
+
+def variant_config_data(inputs: FleetInputs, variant: ModelVariant) -> dict[str, str]:
+    """ConfigMap data for one variant: one engine JSON per serving role, the cache policy, the variant."""
+    data: dict[str, str] = {}
+    for role in inputs.engine_roles():
+        cfg = engine_config(inputs, variant, role)
+        # Round-trip through the dataplane's own parser: what we write is what the pod will accept.
+        dpconfig.EngineConfig.from_json(cfg.to_json())
+        data[role_config_key(role)] = cfg.to_json()
+    data[CACHE_POLICY_JSON] = _dump(inputs.cache_policy.to_k8s())
+    variant_doc: dict[str, Any] = {
+        "name": variant.metadata.name,
+        "servedModelName": variant.spec.served_model_name or variant.metadata.name,
+        "spec": variant.spec.to_k8s(),
+        "weightsDir": weights_dir(variant),
+    }
+    if variant.spec.fine_tune is not None:
+        variant_doc["fineTuneDir"] = weights_dir(variant, "finetune")
+    data[VARIANT_JSON] = _dump(variant_doc)
+    return data
+
+
+def role_config_key(role: str) -> str:
+    """ConfigMap key of a serving role's EngineConfig; mounted as /etc/kvfleet/engine.json in its pods."""
+    return ENGINE_JSON if role == "engine" else f"{role}.{ENGINE_JSON}"
+
+
+def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
+    """ConfigMap data shared by the fleet: the router's map of models/classes and the pool's settings."""
+    fleet, ns = inputs.name, inputs.namespace
+    spec = inputs.fleet.spec
+    roles = list(inputs.engine_roles())
+    router = {
+        "fleet": fleet,
+        "namespace": ns,
+        "port": ROUTER_CONTAINER_PORT,
+        "maxQueuedRequests": spec.router.max_queued_requests,
+        "topology": spec.topology.mode,
+        "defaultSloClass": spec.default_slo_class,
+        "sloClasses": [{"name": c.metadata.name, **c.spec.to_k8s()} for c in inputs.slo_classes],
+        "models": [
+            {
+                "model": v.spec.served_model_name or v.metadata.name,
+                "variant": v.metadata.name,
+                "family": v.spec.family,
+                # Pods are discovered from the API by these labels, never by fixed addresses.
+                "roles": {r: {"selector": {"kvfleet.io/fleet": fleet, "kvfleet.io/role": r,
+                                           "kvfleet.io/variant": v.metadata.name},
+                              "grpcPort": GRPC_PORT} for r in roles},
+            }
+            for v in inputs.variants
+        ],
+        "mempool": _pool_address(inputs),
+    }
+    data = {ROUTER_JSON: _dump(router)}
+    if inputs.pool_enabled:
+        pool = inputs.cache_policy.pool
+        replicas = spec.mempool.replicas
+        data[MEMPOOL_JSON] = _dump({
+            "fleet": fleet,
+            "port": POOL_PORT,
+            "replicas": replicas,
+            "capacityBytesPerReplica": pool.capacity_bytes // replicas,
+            "highWatermark": pool.high_watermark,
+            "blockSizeTokens": inputs.cache_policy.block_size_tokens,
+            "kvDtype": inputs.cache_policy.quantization.dtype,
+        })
+    return data
+
+
+def _pool_address(inputs: FleetInputs) -> dict[str, Any] | None:
+    if not inputs.pool_enabled:
+        return None
+    svc = child_name(inputs.name, "mempool")
+    return {"service": f"{svc}.{inputs.namespace}.svc", "port": POOL_PORT,
+            "replicas": inputs.fleet.spec.mempool.replicas}
+
+
+def config_map(inputs: FleetInputs, name: str, data: dict[str, str], variant: str | None = None) -> dict[str, Any]:
+    """A ConfigMap owned by the fleet."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": inputs.namespace,
+            "labels": labels(inputs.name, "config", variant, inputs.settings.version),
+            "ownerReferences": [owner_reference(dict(inputs.fleet_body))],
+        },
+        "data": data,
+    }

@@ -1,0 +1,183 @@
+"""One reconcile of one fleet: read, resolve, build, apply, prune, report (synchronous, idempotent).
+
+The reconcile reads everything from the API server each time (level-triggered),
+so running it twice, or after a crash half-way, converges to the same state.
+
+Deleting a referenced ModelVariant or CachePolicy (the choice we made): the fleet
+is *degraded, not torn down*. Its status gets `Degraded=True` with reason
+`MissingReference` naming the missing object, a Warning Event says the same,
+and nothing is applied or pruned while the reference is missing, so the last
+applied children (and their ConfigMaps) keep serving. Re-creating the object, or
+removing it from the fleet's spec, reconciles the fleet again by itself. No
+finalizers are put on the referenced objects, so deleting them (or their
+namespace) is never blocked by the operator being down.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvfleet.dataplane.config import ConfigError
+
+from . import apply as writes
+from .builders import FleetInputs, OperatorSettings, desired_objects, router_endpoint
+from .builders.names import LABEL_FLEET, MANAGED_BY
+from .children import ManualScale, key, manual_scales, owned_by, stale_children
+from .kube import CHILD_KINDS, KVFLEET, ApiError, Kube
+from .resolve import Unresolved, references, resolve
+from .status import fleet_status, status_changed, used_by_status, workload_state
+
+log = logging.getLogger("kvfleet.operator")
+REF_KINDS = ("ModelVariant", "CachePolicy", "SLOClass")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did (for logs, tests and the benchmark)."""
+
+    applied: int = 0
+    deleted: list[str] = field(default_factory=list)
+    manual_scales: list[ManualScale] = field(default_factory=list)
+    problem: tuple[str, str] | None = None
+    status_written: bool = False
+    gone: bool = False
+
+
+class RetryableError(Exception):
+    """The reconcile hit an error worth retrying with backoff (status already says Degraded)."""
+
+
+def _scale_message(s: ManualScale, inputs: FleetInputs) -> str:
+    roles = inputs.engine_roles()
+    if s.role in roles:
+        spec = roles[s.role]
+        if spec.replicas is not None:
+            why = f"spec.topology.{s.role}.replicas pins it to {spec.replicas}"
+        else:
+            why = (f"kvfleet owns {s.role} replicas within spec.topology.{s.role}.minReplicas..maxReplicas "
+                   f"({spec.min_replicas}..{spec.max_replicas}); set spec.topology.{s.role}.replicas to pin a count")
+    else:
+        why = f"spec.{s.role}.replicas sets it"
+    return f"{s.kind} {s.name} was scaled to {s.observed} by {s.manager!r}; reverted to {s.desired}: {why}."
+
+
+class Reconciler:
+    """Reconciles fleets and the usedByFleets status of what they reference."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings):
+        self.kube = kube
+        self.settings = settings
+
+    # -- fleets -------------------------------------------------------------------------------
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        """Converge one fleet's children and status; raises RetryableError when a retry is due."""
+        kube, out = self.kube, Outcome()
+        fleet = kube.get("InferenceFleet", namespace, name)
+        if fleet is None or fleet["metadata"].get("deletionTimestamp"):
+            out.gone = True  # owner references let the garbage collector remove the children
+            return out
+        uid = fleet["metadata"]["uid"]
+        selector = f"{LABEL_FLEET}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
+        observed = [o for kind in CHILD_KINDS for o in kube.list(kind, namespace, selector) if owned_by(o, uid)]
+        resolved = resolve(fleet, lambda kind, n: kube.get(kind, namespace, n), self.settings)
+        workloads_seen = [o for o in observed if o["kind"] in ("Deployment", "StatefulSet")]
+        endpoint = None
+        error: Exception | None = None
+        if isinstance(resolved, Unresolved):
+            out.problem = (resolved.reason, resolved.message)
+        else:
+            endpoint = router_endpoint(resolved)
+            try:
+                desired = desired_objects(resolved)
+            except ConfigError as exc:
+                out.problem = ("InvalidConfig", f"the rendered engine config is invalid: {exc}")
+            else:
+                try:
+                    workloads_seen = self._converge(fleet, resolved, desired, observed, out)
+                except ApiError as exc:
+                    out.problem = ("ApplyFailed", str(exc))
+                    error = exc
+        self._write_status(fleet, out, [workload_state(w) for w in workloads_seen], endpoint)
+        if error is not None:
+            raise RetryableError(str(error)) from error
+        return out
+
+    def _converge(self, fleet: Mapping[str, Any], inputs: FleetInputs, desired: list[dict[str, Any]],
+                  observed: list[dict[str, Any]], out: Outcome) -> list[dict[str, Any]]:
+        kube = self.kube
+        out.manual_scales = manual_scales(desired, observed)
+        stored = []
+        for obj in desired:
+            stored.append(writes.apply(kube, obj))
+            out.applied += 1
+        for s in out.manual_scales:
+            log.info("reverting manual scale of %s/%s", fleet["metadata"]["namespace"], s.name)
+            writes.event(kube, fleet, "ManualScaleReverted", _scale_message(s, inputs), "Warning")
+        for obj in stale_children(desired, observed, fleet["metadata"]["uid"]):
+            if writes.delete(kube, obj):
+                out.deleted.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        if out.deleted:
+            writes.event(kube, fleet, "ChildrenRemoved", "Removed objects no longer desired: "
+                         + ", ".join(out.deleted) + ".")
+        for obj in stored:
+            obj.setdefault("kind", key(obj)[0])
+        return [o for o in stored if o.get("kind") in ("Deployment", "StatefulSet")]
+
+    def _write_status(self, fleet: Mapping[str, Any], out: Outcome, workloads: list[Any],
+                      endpoint: str | None) -> None:
+        meta = fleet["metadata"]
+        current = fleet.get("status") or {}
+        status = fleet_status(generation=meta.get("generation"), previous=current.get("conditions") or [],
+                              problem=out.problem, workloads=workloads, endpoint=endpoint, now=now())
+        if not status_changed(current, status):
+            return
+        writes.apply_status(self.kube, "InferenceFleet", KVFLEET, meta["namespace"], meta["name"], status)
+        out.status_written = True
+        old = {c.get("type"): c for c in current.get("conditions") or ()}.get("Degraded") or {}
+        new = status["conditions"][2]
+        if (old.get("status"), old.get("reason")) != (new["status"], new["reason"]):
+            if new["status"] == "True":
+                writes.event(self.kube, fleet, new["reason"], new["message"], "Warning")
+            elif old.get("status") == "True":
+                writes.event(self.kube, fleet, "Recovered", f"No longer degraded ({old.get('reason')}).")
+
+    # -- referenced kinds -----------------------------------------------------------------------
+    def sync_references(self, namespace: str) -> int:
+        """Write usedByFleets (and an Available=Valid condition) on every referenced kind in a namespace.
+
+        Reads the fleets of the namespace and is idempotent; returns how many statuses changed.
+        """
+        from kvfleet.operator.api.validate import InvalidResource, parse
+
+        from .resolve import clean
+
+        users: dict[tuple[str, str], set[str]] = {}
+        for fleet in self.kube.list("InferenceFleet", namespace):
+            if fleet["metadata"].get("deletionTimestamp"):
+                continue
+            for ref in references(fleet.get("spec") or {}):
+                users.setdefault((ref.kind, ref.name), set()).add(fleet["metadata"]["name"])
+        changed = 0
+        for kind in REF_KINDS:
+            for obj in self.kube.list(kind, namespace):
+                meta = obj["metadata"]
+                try:
+                    parse(clean(obj))
+                    valid = (True, f"The {kind} is valid.")
+                except InvalidResource as exc:
+                    valid = (False, str(exc))
+                current = obj.get("status") or {}
+                status = used_by_status(current, users.get((kind, meta["name"]), ()), meta.get("generation"),
+                                        valid, now())
+                if status_changed(current, status):
+                    writes.apply_status(self.kube, kind, KVFLEET, namespace, meta["name"], status)
+                    changed += 1
+        return changed

@@ -1,0 +1,202 @@
+"""The pure builders, by value: roles, labels, GPUs, placement, probes, security, config and its hash."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from kvfleet.dataplane.config import EngineConfig
+from kvfleet.operator.builders import desired_objects, desired_replicas, router_endpoint
+from kvfleet.operator.builders.names import ANNOTATION_CONFIG_HASH, child_name
+from op_testlib import chat_fleet, colocated, inputs, objects_by_key
+
+
+def by_name(objs):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def container(obj):
+    return obj["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_disaggregated_fleet_has_prefill_decode_per_variant_plus_pool_and_router():
+    objs = by_name(desired_objects(inputs()))
+    assert set(objs) == {
+        ("ConfigMap", "chat-config"),
+        ("ConfigMap", "chat-smollm2-base-config"),
+        ("ConfigMap", "chat-smollm2-support-config"),
+        ("Deployment", "chat-smollm2-base-prefill"),
+        ("Deployment", "chat-smollm2-base-decode"),
+        ("Deployment", "chat-smollm2-support-prefill"),
+        ("Deployment", "chat-smollm2-support-decode"),
+        ("StatefulSet", "chat-mempool"),
+        ("Service", "chat-mempool"),
+        ("Deployment", "chat-router"),
+        ("Service", "chat-router"),
+    }
+    decode = objs[("Deployment", "chat-smollm2-base-decode")]
+    assert decode["spec"]["replicas"] == 2  # minReplicas, nothing planned yet
+    assert container(decode)["command"] == [
+        "python", "-m", "kvfleet.dataplane.roles.decode", "--config", "/etc/kvfleet/engine.json"]
+    assert objs[("Service", "chat-mempool")]["spec"]["clusterIP"] == "None"
+    assert objs[("StatefulSet", "chat-mempool")]["spec"]["serviceName"] == "chat-mempool"
+
+
+def test_colocated_fleet_has_one_engine_per_variant_and_no_prefill_or_decode():
+    objs = by_name(desired_objects(inputs(colocated(chat_fleet()))))
+    deployments = sorted(n for k, n in objs if k == "Deployment")
+    assert deployments == ["chat-router", "chat-smollm2-base-engine", "chat-smollm2-support-engine"]
+    assert container(objs[("Deployment", "chat-smollm2-base-engine")])["command"][2] == "kvfleet.dataplane.roles.engine"
+
+
+def test_pool_only_when_the_cache_policy_enables_it():
+    fleet = chat_fleet()
+    fleet["spec"]["cachePolicy"] = "long-context"
+    kinds = {o["kind"] for o in desired_objects(inputs(fleet))}
+    assert "StatefulSet" not in kinds
+    fleet["spec"].pop("cachePolicy")  # the default policy has no pool either
+    assert "StatefulSet" not in {o["kind"] for o in desired_objects(inputs(fleet))}
+
+
+def test_labels_selectors_and_owner_reference():
+    for obj in desired_objects(inputs()):
+        labels = obj["metadata"]["labels"]
+        assert labels["kvfleet.io/fleet"] == "chat"
+        assert labels["app.kubernetes.io/managed-by"] == "kvfleet-operator"
+        assert labels["app.kubernetes.io/instance"] == "chat"
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet", "name": "chat",
+                         "uid": "uid-chat", "controller": True, "blockOwnerDeletion": True}
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            sel = obj["spec"]["selector"]["matchLabels"]
+            assert sel.items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+            assert sel["kvfleet.io/role"] == labels["kvfleet.io/role"] == labels["app.kubernetes.io/component"]
+    decode = by_name(desired_objects(inputs()))[("Deployment", "chat-smollm2-support-decode")]
+    assert decode["spec"]["selector"]["matchLabels"] == {
+        "kvfleet.io/fleet": "chat", "kvfleet.io/role": "decode", "kvfleet.io/variant": "smollm2-support"}
+
+
+def test_gpu_requests_limits_tolerations_and_node_selector_from_the_spec():
+    objs = by_name(desired_objects(inputs()))
+    prefill = objs[("Deployment", "chat-smollm2-base-prefill")]
+    res = container(prefill)["resources"]
+    assert res["requests"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 1}
+    assert res["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}
+    pod = prefill["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nodeSelector" not in objs[("Deployment", "chat-smollm2-base-decode")]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(container(objs[("Deployment", "chat-router")])["resources"])
+
+
+def test_a_gpu_request_without_limit_gets_the_equal_limit():
+    fleet = chat_fleet()
+    fleet["spec"]["topology"]["decode"]["resources"] = {"requests": {"nvidia.com/gpu": 2}}
+    decode = by_name(desired_objects(inputs(fleet)))[("Deployment", "chat-smollm2-base-decode")]
+    assert container(decode)["resources"] == {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}}
+
+
+def test_probes_and_hardened_security_context_on_every_pod():
+    for obj in desired_objects(inputs()):
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        c = container(obj)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert "http" in {p["name"] for p in c["ports"]}
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert {"/tmp", "/var/cache/kvfleet"} <= {m["mountPath"] for m in c["volumeMounts"]}
+
+
+def test_otel_env_points_at_the_operator_receiver_and_the_users_collector():
+    env = {e["name"]: e.get("value") for e in container(desired_objects(inputs())[3])["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://kvfleet-otlp.sys.svc:4317"
+    assert env["KVFLEET_OTLP_USER_ENDPOINT"] == "http://otel-collector.observability:4317"
+    assert "kvfleet.fleet=chat" in env["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+def test_engine_config_is_the_dataplane_config_and_round_trips():
+    objs = by_name(desired_objects(inputs()))
+    data = objs[("ConfigMap", "chat-smollm2-support-config")]["data"]
+    assert set(data) == {"prefill.engine.json", "decode.engine.json", "cache-policy.json", "variant.json"}
+    cfg = EngineConfig.from_json(data["decode.engine.json"])
+    assert cfg.variant == "smollm2-support" and cfg.block_size == 16 and cfg.max_num_seqs == 128
+    assert [c.name for c in cfg.slo_classes] == ["interactive", "batch"] and cfg.default_slo_class == "interactive"
+    assert EngineConfig.from_json(data["prefill.engine.json"]).max_num_batched_tokens == 4096
+    assert json.loads(data["cache-policy.json"])["quantization"]["dtype"] == "int8"
+    variant = json.loads(data["variant.json"])
+    assert variant["servedModelName"] == "smollm2-support" and variant["fineTuneDir"] == "/models/smollm2-support/finetune"
+    mounts = {m["mountPath"]: m for m in container(objs[("Deployment", "chat-smollm2-support-decode")])["volumeMounts"]}
+    assert mounts["/etc/kvfleet/engine.json"]["subPath"] == "decode.engine.json"
+    assert mounts["/models/smollm2-support/finetune"]["subPath"] == "support-v3"
+    router = json.loads(objs[("ConfigMap", "chat-config")]["data"]["router.json"])
+    assert [m["model"] for m in router["models"]] == ["smollm2", "smollm2-support"]
+    assert router["mempool"]["service"] == "chat-mempool.ml.svc"
+
+
+def _hashes(inp):
+    return {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CONFIG_HASH]
+            for o in desired_objects(inp) if o["kind"] in ("Deployment", "StatefulSet")}
+
+
+def test_config_hash_changes_when_the_policy_changes_and_only_then():
+    objects = objects_by_key()
+    before = _hashes(inputs(objects=objects))
+    assert before == _hashes(inputs(objects=copy.deepcopy(objects)))  # deterministic
+    changed = copy.deepcopy(objects)
+    changed[("CachePolicy", "int8-shared")]["spec"]["blockSizeTokens"] = 32
+    after = _hashes(inputs(objects=changed))
+    for name in ("chat-smollm2-base-prefill", "chat-smollm2-base-decode", "chat-smollm2-support-decode"):
+        assert before[name] != after[name]
+    assert before["chat-router"] == after["chat-router"]  # the router config did not change
+
+
+def test_builders_are_deterministic():
+    assert desired_objects(inputs()) == desired_objects(inputs())
+
+
+@pytest.mark.parametrize(("spec", "planned", "want"), [
+    ({"minReplicas": 2, "maxReplicas": 8}, None, 2),
+    ({"minReplicas": 2, "maxReplicas": 8}, 5, 5),
+    ({"minReplicas": 2, "maxReplicas": 8}, 50, 8),
+    ({"minReplicas": 2, "maxReplicas": 8}, 0, 2),
+    ({"minReplicas": 2, "maxReplicas": 8, "replicas": 3}, 7, 3),
+])
+def test_replicas_within_bounds_and_a_pinned_count_wins(spec, planned, want):
+    from kvfleet.operator.api.fleet import RoleSpec
+
+    assert desired_replicas(RoleSpec.model_validate(spec), planned) == want
+
+
+def test_planner_annotation_is_clamped_into_the_bounds():
+    fleet = chat_fleet()
+    fleet["metadata"]["annotations"] = {"kvfleet.io/planned-replicas": json.dumps(
+        {"smollm2-base/decode": 6, "smollm2-support/decode": 99})}
+    objs = by_name(desired_objects(inputs(fleet)))
+    assert objs[("Deployment", "chat-smollm2-base-decode")]["spec"]["replicas"] == 6
+    assert objs[("Deployment", "chat-smollm2-support-decode")]["spec"]["replicas"] == 8
+
+
+def test_long_names_are_shortened_stably():
+    name = child_name("f" * 40, "v" * 40, "prefill")
+    assert len(name) <= 63 and name == child_name("f" * 40, "v" * 40, "prefill")
+    assert name != child_name("f" * 40, "v" * 40, "decode")
+
+
+def test_router_service_and_endpoint():
+    inp = inputs()
+    svc = by_name(desired_objects(inp))[("Service", "chat-router")]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert router_endpoint(inp) == "http://chat-router.ml.svc:8000/v1"
+
+
+def test_kv_policy_reaches_the_engine_config():
+    fleet = chat_fleet()
+    fleet["spec"]["cachePolicy"] = "long-context"
+    data = by_name(desired_objects(inputs(fleet)))[("ConfigMap", "chat-smollm2-base-config")]["data"]
+    policy = EngineConfig.from_json(data["decode.engine.json"]).cache_policy
+    assert (policy.key_quantization, policy.eviction, policy.eviction_budget_ratio) == ("int4", "keydiff", 0.5)
