@@ -10,6 +10,7 @@ Single-threaded by contract: `AsyncLLMEngine` calls it from one thread only.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence as Seq
@@ -30,6 +31,7 @@ from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.paged import PagedKVCache
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_TOKENS = 32768  # KV budget when the config gives none and there is no GPU to measure
 
@@ -64,6 +66,15 @@ class LLMEngine:
                                    starvation_s=config.starvation_ms / 1000.0)
         self.runner = ModelRunner(model, kv, self.device)
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
+        cp = config.cache_policy
+        # prefix-cache isolation: KV of another variant or another codec is never a hit
+        self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
+            f"|kv={cp.key_quantization}/{cp.value_quantization}"
+        if (cp.key_quantization, cp.value_quantization, cp.eviction) != ("none", "none", "none"):
+            # NOTE: codecs and eviction live in kvcache/policy.py (per-sequence); the paged
+            # engine stores full-precision KV until they are wired into PagedKVCache.
+            log.warning("cache_policy %s/%s eviction=%s is not applied by the paged engine yet",
+                        cp.key_quantization, cp.value_quantization, cp.eviction)
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -113,7 +124,7 @@ class LLMEngine:
             priority=slo.priority if slo else 0,
             ttft_s=slo.ttft_ms / 1000.0 if slo else math.inf,
             tpot_s=slo.tpot_ms / 1000.0 if slo else math.inf,
-            extra_key=request.variant or self.config.variant,
+            extra_key=(request.variant or self.config.variant) + self._codec_key,
         )
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)

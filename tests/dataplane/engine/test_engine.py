@@ -167,3 +167,40 @@ def test_runner_batches_decodes_with_one_forward(tiny, monkeypatch):
     monkeypatch.setattr(engine.runner.model, "forward", spy)
     engine.generate(_prompts(tiny[1].vocab_size, [5, 6, 7], seed=10), SamplingParams(max_tokens=3, temperature=0))
     assert calls[0] == (18, 0, 3) and calls[1] == (3, 3, 0)
+
+
+def test_variant_isolates_prefix_cache(tiny):
+    engine = _engine(tiny)
+    prompt = _prompts(tiny[1].vocab_size, [17], seed=11)[0]
+    engine.generate([prompt], GREEDY, variant="base")
+    other = engine.generate([prompt], GREEDY, variant="finetune")[0]
+    same = engine.generate([prompt], GREEDY, variant="base")[0]
+    assert other.num_cached_prompt_tokens == 0 and same.num_cached_prompt_tokens == 16
+
+
+def test_slo_class_sets_priority_and_deadlines(tiny):
+    from kvfleet.dataplane.config import SLOClassConfig
+
+    engine = _engine(tiny, slo_classes=(SLOClassConfig("chat", 200, 20, priority=3),), default_slo_class="chat")
+    engine.add_request(GenerationRequest("a", [1, 2, 3], GREEDY, slo_class="chat"))
+    engine.add_request(GenerationRequest("b", [1, 2, 3], GREEDY, slo_class="unknown"))  # -> default class
+    for rid in ("a", "b"):
+        seq = engine.seqs[rid]
+        assert seq.priority == 3 and seq.ttft_s == 0.2 and seq.tpot_s == 0.02
+    best_effort = _engine(tiny)
+    best_effort.add_request(GenerationRequest("c", [1, 2, 3], GREEDY, slo_class="chat"))
+    assert best_effort.seqs["c"].ttft_s == float("inf")
+
+
+def test_from_config_sizes_kv_from_bytes(tiny):
+    model_dir = tiny[2]
+    if model_dir is None:
+        pytest.skip("needs the project's tiny Llama on disk")
+    mc = tiny[1]
+    per_block = 2 * mc.num_hidden_layers * 4 * mc.num_key_value_heads * mc.head_dim * 4  # fp32, block_size 4
+    cfg = EngineConfig(model_dir=model_dir, device="cpu", dtype="float32", block_size=4,
+                       kv_cache_bytes=per_block * 40 + 7)
+    engine = LLMEngine.from_config(cfg)
+    assert engine.scheduler.bm.num_blocks == 40 and engine.max_model_len == 160
+    prompt = _prompts(mc.vocab_size, [9], seed=12)[0]
+    assert engine.generate([prompt], GREEDY)[0].new_token_ids == dense_greedy(tiny[0], prompt, 12)
