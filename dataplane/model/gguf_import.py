@@ -179,7 +179,7 @@ class _ShardWriter:
         if n == 1:
             (self.out_dir / "shard-0.tmp").rename(self.out_dir / "model.safetensors")
             return
-        weight_map = {}
+        weight_map: dict[str, str] = {}
         for i, names in enumerate(self.names_by_shard):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (self.out_dir / f"shard-{i}.tmp").rename(self.out_dir / fname)

@@ -57,14 +57,16 @@ def build_tokenizer_files(meta: dict[str, Any], context_length: int
             f"GGUF tokenizer model {model_type!r} is not supported (only byte-level BPE 'gpt2')")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
 
@@ -95,6 +97,6 @@ def build_tokenizer_files(meta: dict[str, Any], context_length: int
     # End of generation: the declared eos/eot/eom plus llama.cpp's end-of-turn heuristic,
     # e.g. a ChatML model whose GGUF names a different eos still stops at <|im_end|>.
     eos_ids = [i for i in (eos_id, _opt_id(meta, "eot_token_id"), _opt_id(meta, "eom_token_id")) if i is not None]
-    eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in END_OF_TURN_TEXTS]
+    eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty == CONTROL and t in END_OF_TURN_TEXTS]
     generation_config = {"bos_token_id": bos_id, "eos_token_id": list(dict.fromkeys(eos_ids))}
     return tok, tokenizer_config, generation_config

@@ -112,7 +112,8 @@ class LlamaAttention(nn.Module):
         k = apply_rope(k.view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, D]
         out = attn.attend(self.layer_idx, q, k, v)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.q_size))
+        projected: torch.Tensor = self.o_proj(out.reshape(t, self.q_size))
+        return projected
 
 
 class SwiGLUMLP(nn.Module):
@@ -128,7 +129,8 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        down: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return down
 
 
 def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
@@ -149,7 +151,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:  # [T, H] -> [T, H]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -180,7 +183,8 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> hidden [T, H] entering layer 0."""
-        return self.model.embed_tokens(input_ids)
+        hidden: torch.Tensor = self.model.embed_tokens(input_ids)
+        return hidden
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                    start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -198,8 +202,10 @@ class LlamaForCausalLM(nn.Module):
                 attn: AttentionBackend) -> torch.Tensor:
         """input_ids [T], positions [T] -> final-normed hidden [T, H]."""
         hidden = self.run_layers(self.embed(input_ids), positions, attn)
-        return self.model.norm(hidden)
+        normed: torch.Tensor = self.model.norm(hidden)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()

@@ -94,7 +94,8 @@ class _TensorIndex:
                 self.where[name] = handle
 
     def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
+        tensor: torch.Tensor = self.where[name].get_tensor(name)
+        return tensor
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.where[name].get_slice(name).get_shape())
@@ -140,10 +141,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None,
                 rows = sum(s[0] for s in shapes)
                 if any(s[1:] != tuple(param.shape[1:]) for s in shapes) or rows != param.shape[0]:
                     raise CheckpointError(
-                        f"{model_dir}: shape mismatch for {ours}: checkpoint {dict(zip(hf_names, shapes))} "
+                        f"{model_dir}: shape mismatch for {ours}: checkpoint {dict(zip(hf_names, shapes, strict=True))} "
                         f"vs model {tuple(param.shape)} (config.json disagrees with the weights?)")
                 offset = 0
-                for name, shape in zip(hf_names, shapes):
+                for name, shape in zip(hf_names, shapes, strict=True):
                     param[offset:offset + shape[0]].copy_(index.get(name))
                     offset += shape[0]
     model.eval().requires_grad_(False)

@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from kvfleet.dataplane.model.attention import DenseAttention
 from kvfleet.dataplane.model.cli import main as model_cli
 from kvfleet.dataplane.model.config import ModelConfig
 from kvfleet.dataplane.model.gguf_import import hf_tensor_name, unpermute_qk
 from kvfleet.dataplane.model.loader import load_model
 from kvfleet.dataplane.model.tokenizer import Tokenizer
+from safetensors.torch import load_file
 
 gguf = pytest.importorskip("gguf")
 

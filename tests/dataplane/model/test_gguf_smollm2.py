@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-
 from kvfleet.dataplane.model.attention import DenseAttention
 from kvfleet.dataplane.model.config import ModelConfig
 from kvfleet.dataplane.model.loader import load_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvfleet.dataplane.model.attention import DenseAttention
 from kvfleet.dataplane.model.loader import load_model
 from kvfleet.dataplane.model.tiny import write_tiny_llama

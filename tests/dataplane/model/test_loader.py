@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from kvfleet.dataplane.model.config import ModelConfig, RopeScaling
 from kvfleet.dataplane.model.loader import CheckpointError, load_model
 from kvfleet.dataplane.model.tiny import write_tiny_llama
+from safetensors.torch import load_file, save_file
 
 BASE = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 8}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kvfleet.dataplane.model.tokenizer import TemplateError, Tokenizer
 
 transformers = pytest.importorskip("transformers")
