@@ -118,6 +118,10 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if n >= self.max_model_len:
             raise ValueError(f"prompt of {n} tokens leaves no room to generate (max_model_len {self.max_model_len})")
+        vocab = getattr(self.model_config, "vocab_size", None)
+        if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
+            # NOTE: caught here, an out-of-range id would otherwise crash the step of every request
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         slo = self.config.slo_class(request.slo_class)
         seq = Sequence(
             request,

@@ -22,19 +22,28 @@ import torch
 from kvfleet.dataplane.engine.api import TokenLogprob
 from kvfleet.dataplane.engine.sampler import sample
 from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
-from kvfleet.dataplane.kvcache.paged import PagedAttention, PagedKVCache, PagedMetadata, PrefillChunk
+from kvfleet.dataplane.kvcache.paged import (
+    PagedAttention,
+    PagedKVCache,
+    PagedMetadata,
+    PrefillBatch,
+    PrefillChunk,
+)
 
 
 class ModelRunner:
     """Owns the model, the KV tensors and the per-request RNGs."""
 
-    def __init__(self, model: Any, kv_cache: PagedKVCache, device: torch.device) -> None:
+    def __init__(self, model: Any, kv_cache: PagedKVCache, device: torch.device,
+                 batch_prefill: bool | None = None) -> None:
+        """batch_prefill: attend all prefill chunks in one padded SDPA (None = on CUDA only)."""
         self.model = model
         self.kv = kv_cache
         self.attn = PagedAttention(kv_cache)
         self.device = device
         self.block_size = kv_cache.block_size
         self._generators: dict[str, torch.Generator] = {}
+        self.batch_prefill = device.type == "cuda" if batch_prefill is None else batch_prefill
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its RNG) once the request is finished."""
@@ -116,14 +125,27 @@ class ModelRunner:
         # one host buffer -> one device copy, then views
         sample_at = [(int(ends[r]) - 1, r) for r, it in enumerate(items) if it.sample]
         rows = np.fromiter((row for row, _ in sample_at), dtype=np.int64, count=len(sample_at))
-        packed = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, ctx, rows, tables.reshape(-1)])
+        parts = {"ids": np.asarray(ids, dtype=np.int64), "pos": pos, "slots": slots, "ctx": ctx,
+                 "rows": rows, "tables": tables.reshape(-1)}
+        use_batch = self.batch_prefill and nb - nd >= 2
+        if use_batch:
+            qlen, qstart, st = n_new[nd:], (ends - n_new)[nd:], starts[nd:]
+            lq = int(qlen.max())
+            i = np.minimum(np.arange(lq)[None, :], qlen[:, None] - 1)  # [Bp, Lq], padding repeats the last row
+            parts["q_index"] = (qstart[:, None] + i).reshape(-1)
+            parts["limit"] = (st[:, None] + i).reshape(-1)  # last visible key position of each query row
+            flat_rows = np.arange(nb - nd)[:, None] * lq + np.arange(lq)[None, :]
+            parts["out_index"] = flat_rows[np.arange(lq)[None, :] < qlen[:, None]]
+        packed = np.concatenate(list(parts.values()))
         dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
-        b = nb
-        input_ids, positions, slot_t = dev[:total], dev[total:2 * total], dev[2 * total:3 * total]
-        off = 3 * total
-        dev_ctx = dev[off:off + b]
-        sample_rows = dev[off + b:off + b + len(rows)]  # [N] rows of hidden to compute logits at
-        dev_tables = dev[off + b + len(rows):].view(b, max_blocks)  # [B, M]
+        views: dict[str, torch.Tensor] = {}
+        off = 0
+        for name, arr in parts.items():
+            views[name] = dev[off:off + arr.size]
+            off += arr.size
+        input_ids, positions, slot_t, dev_ctx = views["ids"], views["pos"], views["slots"], views["ctx"]
+        sample_rows = views["rows"]  # [N] rows of hidden to compute logits at
+        dev_tables = views["tables"].view(nb, max_blocks)  # [B, M]
         dec_bt = mask = None
         if nd:
             dec_blocks = int(-(-ctx[:nd].max() // bs))
@@ -132,10 +154,19 @@ class ModelRunner:
             mask = (span[None, :] < dev_ctx[:nd, None])[:, None, None, :]  # [Bd, 1, 1, Md * bs]
 
         prefills = []
-        for r in range(nd, b):
-            s, n = int(ends[r] - n_new[r]), int(n_new[r])
-            # cached context before this chunk: attend over its blocks; else over the chunk itself
-            block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if items[r].start > 0 else None
-            prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
-        meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills)
+        batch = None
+        if use_batch:
+            pf_blocks = int(-(-ctx[nd:].max() // bs))
+            span = torch.arange(pf_blocks * bs, device=self.device)
+            limit = views["limit"].view(nb - nd, lq)
+            batch = PrefillBatch(views["q_index"].view(nb - nd, lq), dev_tables[nd:, :pf_blocks],
+                                 (span[None, None, :] <= limit[:, :, None])[:, None],  # [Bp, 1, Lq, Lk]
+                                 views["out_index"])
+        else:
+            for r in range(nd, nb):
+                s, n = int(ends[r] - n_new[r]), int(n_new[r])
+                # cached context before this chunk: attend over its blocks; else over the chunk itself
+                block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if items[r].start > 0 else None
+                prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
+        meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills, batch)
         return input_ids, positions, meta, sample_rows, [r for _, r in sample_at]

@@ -15,8 +15,10 @@ and sets a `PagedMetadata` once per step. For every layer the backend
 2. decode group: ONE padded gather of all Bd block tables and ONE masked SDPA,
    with GQA done by folding the query group into the query-length axis
    (q `[Bd, Hkv, G, D]` against k `[Bd, Hkv, L, D]`; no K/V repeat);
-3. prefill chunks: per sequence, causal attention over its context — the
-   chunk's own k/v when nothing is cached before it, else the gathered blocks.
+3. prefill chunks: either per sequence, causal attention over its context
+   (the chunk's own k/v when nothing is cached before it, else the gathered
+   blocks), or — `PrefillBatch`, used on GPU where kernel launches cost more
+   than padding — all chunks padded into ONE masked SDPA.
 """
 
 from __future__ import annotations
@@ -70,6 +72,21 @@ class PrefillChunk:
 
 
 @dataclass
+class PrefillBatch:
+    """All prefill chunks of a step padded to [Bp, Lq] queries x [Bp, Mp * bs] keys.
+
+    Padded query rows repeat their sequence's last real row (so no row is fully
+    masked, which would make SDPA return NaN) and are dropped by `out_index`.
+    """
+
+    q_index: torch.Tensor  # [Bp, Lq] int64 rows of the flat batch
+    block_tables: torch.Tensor  # [Bp, Mp] int64
+    mask: torch.Tensor  # [Bp, 1, Lq, Mp * bs] bool, True = visible
+    out_index: torch.Tensor  # [Tp] int64: padded row (b * Lq + i) of each real prefill token, flat order
+    folded_mask: torch.Tensor | None = None  # [Bp, 1, G * Lq, Mp * bs], built by the first layer
+
+
+@dataclass
 class PagedMetadata:
     """Per-step layout of the flat batch, built once by the runner, shared by all layers."""
 
@@ -78,6 +95,7 @@ class PagedMetadata:
     decode_block_tables: torch.Tensor | None  # [Bd, M] int64, padded with block 0
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, M * bs] bool, True = visible
     prefills: list[PrefillChunk]
+    prefill_batch: PrefillBatch | None = None  # set: attend all prefills at once instead of looping
 
 
 class PagedAttention(AttentionBackend):
@@ -98,6 +116,9 @@ class PagedAttention(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             outs.append(self._decode(layer, q[:nd], meta))
+        if meta.prefill_batch is not None:
+            outs.append(self._prefill_batched(layer, q, meta.prefill_batch))
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         for p in meta.prefills:
             qs = q[p.q_start:p.q_start + p.q_len]  # [Tq, Hq, D]
             if p.block_ids is None:  # whole context is this chunk: no gather
@@ -117,3 +138,19 @@ class PagedAttention(AttentionBackend):
         out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2),
                                              attn_mask=meta.decode_mask)  # [Bd, Hkv, G, D]
         return out.reshape(bd, hq, d)
+
+    def _prefill_batched(self, layer: int, q: torch.Tensor, pb: PrefillBatch) -> torch.Tensor:
+        bp, lq = pb.q_index.shape
+        _, hq, d = q.shape
+        kc, vc = self.cache.gather(layer, pb.block_tables)  # [Bp, Lk, Hkv, D]
+        hkv = kc.shape[2]
+        g = hq // hkv
+        qp = q[pb.q_index]  # [Bp, Lq, Hq, D]
+        qg = qp.view(bp, lq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(bp, hkv, g * lq, d)
+        if pb.folded_mask is None:  # same for every layer: fold the query group once per step
+            lk = pb.mask.shape[-1]
+            pb.folded_mask = pb.mask[:, :, None].expand(bp, 1, g, lq, lk).reshape(bp, 1, g * lq, lk)
+        out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2),
+                                             attn_mask=pb.folded_mask)  # [Bp, Hkv, G * Lq, D]
+        out = out.view(bp, hkv, g, lq, d).permute(0, 3, 1, 2, 4).reshape(bp * lq, hq, d)
+        return out[pb.out_index]  # [Tp, Hq, D]

@@ -13,10 +13,15 @@ from kvfleet.dataplane.engine.llm_engine import LLMEngine
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def _engine(tiny, **kw) -> LLMEngine:
+def _engine(tiny, batch_prefill: bool = False, **kw) -> LLMEngine:
     model, mc, _ = tiny
     cfg = EngineConfig(model_dir="unused", **{"block_size": 4, "num_kv_blocks": 256, **kw})
-    return LLMEngine(model, mc, cfg)
+    engine = LLMEngine(model, mc, cfg)
+    engine.runner.batch_prefill = batch_prefill  # both attention paths for prefill chunks
+    return engine
+
+
+BOTH_PREFILL_PATHS = pytest.mark.parametrize("batch_prefill", [False, True], ids=["loop", "batched"])
 
 
 def _prompts(vocab: int, lengths, seed=0, prefix=()):
@@ -45,8 +50,9 @@ def reference(tiny):
     return ref
 
 
-def test_one_batch_mixed_lengths_matches_dense(tiny, reference):
-    engine = _engine(tiny)
+@BOTH_PREFILL_PATHS
+def test_one_batch_mixed_lengths_matches_dense(tiny, reference, batch_prefill):
+    engine = _engine(tiny, batch_prefill)
     prompts = _prompts(tiny[1].vocab_size, [1, 3, 4, 5, 9, 17, 30])
     outs = engine.generate(prompts, GREEDY)
     for p, o in zip(prompts, outs, strict=True):
@@ -55,8 +61,9 @@ def test_one_batch_mixed_lengths_matches_dense(tiny, reference):
     _check_no_leaks(engine)
 
 
-def test_prefix_cache_hits_match_dense(tiny, reference):
-    engine = _engine(tiny)
+@BOTH_PREFILL_PATHS
+def test_prefix_cache_hits_match_dense(tiny, reference, batch_prefill):
+    engine = _engine(tiny, batch_prefill)
     shared = _prompts(tiny[1].vocab_size, [13], seed=1)[0]
     first = _prompts(tiny[1].vocab_size, [2, 5], seed=2, prefix=shared)
     second = _prompts(tiny[1].vocab_size, [1, 7, 0], seed=3, prefix=shared)
@@ -69,9 +76,10 @@ def test_prefix_cache_hits_match_dense(tiny, reference):
     _check_no_leaks(engine)
 
 
-def test_preemption_matches_dense(tiny, reference):
+@BOTH_PREFILL_PATHS
+def test_preemption_matches_dense(tiny, reference, batch_prefill):
     # 12 blocks x 4 slots = 48 slots for 4 sequences needing up to 32 each: preemption is forced
-    engine = _engine(tiny, num_kv_blocks=12)
+    engine = _engine(tiny, batch_prefill, num_kv_blocks=12)
     prompts = _prompts(tiny[1].vocab_size, [6, 11, 15, 20], seed=4)
     outs = engine.generate(prompts, GREEDY)
     assert engine.stats().num_preemptions > 0
@@ -90,8 +98,9 @@ def test_preemption_without_prefix_cache(tiny, reference):
     _check_no_leaks(engine)
 
 
-def test_chunked_prefill_matches_dense(tiny, reference):
-    engine = _engine(tiny, max_num_batched_tokens=5)
+@BOTH_PREFILL_PATHS
+def test_chunked_prefill_matches_dense(tiny, reference, batch_prefill):
+    engine = _engine(tiny, batch_prefill, max_num_batched_tokens=5)
     prompts = _prompts(tiny[1].vocab_size, [3, 12, 23], seed=5)
     outs = engine.generate(prompts, GREEDY)
     for p, o in zip(prompts, outs, strict=True):
@@ -149,6 +158,8 @@ def test_rejects_impossible_requests(tiny):
     engine = _engine(tiny, num_kv_blocks=4)  # 16 slots
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request(GenerationRequest("big", list(range(1, 17))))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        engine.add_request(GenerationRequest("oov", [1, tiny[1].vocab_size]))
     with pytest.raises(ValueError, match="at least one token"):
         engine.add_request(GenerationRequest("empty", []))
     out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))[0]
