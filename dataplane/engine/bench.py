@@ -44,6 +44,8 @@ class StepTimer:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.t: dict[str, float] = defaultdict(float)
+        self._decode_only = False
+        self._decode_seqs = 0
         self.sync: Callable[[], None] = (torch.cuda.synchronize if engine.device.type == "cuda"
                                          else (lambda: None))
         sched, runner, model = engine.scheduler, engine.runner, engine.runner.model
@@ -62,8 +64,15 @@ class StepTimer:
             t0 = time.perf_counter()
             r = fn(*a, **kw)
             self.sync()
-            self.t[name] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.t[name] += dt
             self.t[name + "#n"] += 1
+            if name == "schedule":  # remember whether this step is decode-only
+                self._decode_only = bool(r.scheduled) and all(i.num_new_tokens == 1 for i in r.scheduled)
+                self._decode_seqs = len(r.scheduled)
+            elif name == "step" and self._decode_only:
+                self.t["decode_step"] += dt
+                self.t["decode_tokens"] += self._decode_seqs
             return r
 
         return timed
@@ -129,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = t["step#n"]
         model_s = t["forward"] + t["logits"] + t["sample"]
         over = t["step"] - model_s
-        print(f"batch={b:3d} tok/s={res['tok_s']:9.1f} steps={int(steps)} step_ms={1e3 * t['step'] / steps:7.2f} "
+        decode_tps = t["decode_tokens"] / t["decode_step"] if t["decode_step"] else 0.0
+        print(f"batch={b:3d} tok/s={res['tok_s']:9.1f} decode_tok/s={decode_tps:9.1f} steps={int(steps)} step_ms={1e3 * t['step'] / steps:7.2f} "
               f"forward_ms={1e3 * t['forward'] / steps:7.2f} logits+sample_ms={1e3 * (t['logits'] + t['sample']) / steps:6.2f} "
               f"sched_ms={1e3 * t['schedule'] / steps:5.2f} prepare_ms={1e3 * t['prepare'] / steps:5.2f} "
               f"post_ms={1e3 * t['postprocess'] / steps:5.2f} engine_overhead={100 * over / t['step']:5.1f}%")
