@@ -6,9 +6,11 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,10 +107,26 @@ class OperatorProcess:
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1", **self.env}
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        liveness = f"http://127.0.0.1:{self.port}/healthz"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvfleet.operator", "--liveness", "", "--resync-seconds", "5", *self.args],
+            [sys.executable, "-m", "kvfleet.operator", "--liveness", liveness, "--resync-seconds", "5", *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until kopf's liveness endpoint answers (startup done, watches running)."""
+        def ok() -> bool:
+            assert self.alive(), f"operator exited:\n{self.logs()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        wait_for("the operator's liveness endpoint", ok, timeout=timeout, interval=0.1)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:
