@@ -94,6 +94,46 @@ def run_batch(engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int, v
     return {"wall_s": wall, "gen_tokens": gen, "tok_s": gen / wall}
 
 
+class _NullModel(torch.nn.Module):
+    """Computes nothing: isolates the engine's own per-step cost."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any) -> torch.Tensor:
+        return torch.zeros(input_ids.shape[0], 1)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(hidden.shape[0], 8)
+
+
+def engine_overhead(num_seqs: int, steps: int = 50) -> dict[str, float]:
+    """ms per decode step spent in schedule / runner (batch build) / postprocess with a null model."""
+    from types import SimpleNamespace
+
+    from kvfleet.dataplane.engine.api import GenerationRequest
+
+    mc = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=2, vocab_size=8,
+                         max_position_embeddings=4096, eos_token_ids=())
+    cfg = EngineConfig(model_dir="null", device="cpu", num_kv_blocks=num_seqs * 20, max_num_seqs=num_seqs,
+                       max_num_batched_tokens=num_seqs * 64)
+    eng = LLMEngine(_NullModel(), mc, cfg)
+    sp = SamplingParams(max_tokens=steps + 10, temperature=0.0, ignore_eos=True)
+    for i in range(num_seqs):
+        eng.add_request(GenerationRequest(f"r{i}", [1 + i % 7] * 60, sp))
+    eng.step()  # prefill
+    acc = defaultdict(float)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = eng.scheduler.schedule()
+        t1 = time.perf_counter()
+        toks = eng.runner.run(out)
+        t2 = time.perf_counter()
+        eng.postprocess(out, toks)
+        t3 = time.perf_counter()
+        acc["schedule"] += t1 - t0
+        acc["run"] += t2 - t1
+        acc["postprocess"] += t3 - t2
+    return {k: 1e3 * v / steps for k, v in acc.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir")
@@ -105,9 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--profile", action="store_true", help="cProfile the last batch size")
+    ap.add_argument("--overhead", type=int, nargs="*", metavar="SEQS",
+                    help="only measure the engine's own cost per decode step with a null model")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.overhead is not None:
+        for n in args.overhead or [32, 256]:
+            ms = engine_overhead(n)
+            print(f"running={n:4d} " + " ".join(f"{k}_ms={v:6.3f}" for k, v in ms.items())
+                  + f" total_ms={sum(ms.values()):6.3f}")
+        return
 
     model_dir = args.model_dir
     if model_dir is None:

@@ -118,6 +118,10 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if n >= self.max_model_len:
             raise ValueError(f"prompt of {n} tokens leaves no room to generate (max_model_len {self.max_model_len})")
+        sp = request.sampling
+        if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+            raise ValueError(f"invalid sampling params {sp}: need max_tokens >= 1, temperature >= 0, "
+                             "0 < top_p <= 1, top_k >= 0")
         vocab = getattr(self.model_config, "vocab_size", None)
         if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
             # NOTE: caught here, an out-of-range id would otherwise crash the step of every request

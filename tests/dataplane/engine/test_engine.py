@@ -158,6 +158,8 @@ def test_rejects_impossible_requests(tiny):
     engine = _engine(tiny, num_kv_blocks=4)  # 16 slots
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request(GenerationRequest("big", list(range(1, 17))))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request(GenerationRequest("zero", [1], SamplingParams(max_tokens=0)))
     with pytest.raises(ValueError, match="token ids must be in"):
         engine.add_request(GenerationRequest("oov", [1, tiny[1].vocab_size]))
     with pytest.raises(ValueError, match="at least one token"):
