@@ -21,12 +21,15 @@ What it emulates:
     pod. ``KUBERNETES_SERVICE_HOST`` is not set: clients must fall back from in-cluster
     config to ``KUBECONFIG`` (kopf and ``kubernetes.config`` helpers do);
   * ``POD_IP`` and ``KVFLEET_POD_DIR`` are always set; the runner's own environment is the
-    base (``PATH`` first lists the directory of the runner's Python).
+    base (``PATH`` first lists the directory of the runner's Python);
+  * ``readinessProbe`` (httpGet, tcpSocket, exec) gates the pod's Ready condition, and a
+    process that exits on its own is reported as a terminated container
+    (``e2e/podstatus.py``).
 
 What it does not emulate: images (the command must exist on this machine; a container
 without ``command`` is not run), other containers of the pod, init containers, other
-volume types, probes (KWOK marks the pod Ready at once, so poll the process yourself),
-resource limits, restarts (an exited process stays exited; its exit code is logged),
+volume types, liveness/startup probes, resource limits, restarts (an exited process
+stays exited; its exit code is logged and reported),
 ``securityContext``, network isolation and Services (talk to pod IPs directly).
 
 Each pod's output goes to ``<workdir>/<namespace>_<name>/<container>.log``.
@@ -47,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e import procs
 from e2e.nodes import api_client
+from e2e.podstatus import PodMonitor
 
 ANNOTATION = "kvfleet.io/run-locally"
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -92,6 +96,7 @@ class LocalPod:
     log: Path
     popen: subprocess.Popen[bytes] | None
     grace_s: float
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 class PodRunner:
@@ -203,7 +208,9 @@ class PodRunner:
             cwd = Path(self._rewrite(container.get("workingDir", ""), mounts) or pod_dir)
             with open(log, "a") as out:
                 out.write(f"[podrunner] starting on {pod['status']['podIP']}: {argv!r}\n")
-            local.popen = procs.spawn(argv, log, env=env, cwd=cwd if cwd.is_dir() else pod_dir, tie_to_parent=True)
+            cwd = cwd if cwd.is_dir() else pod_dir
+            local.popen = procs.spawn(argv, log, env=env, cwd=cwd, tie_to_parent=True)
+            PodMonitor(self._core, pod, local.popen, env, str(cwd), local.stopping).start()
         except Exception as exc:  # noqa: BLE001 - a bad pod must not stop the runner
             with open(log, "a") as out:
                 out.write(f"[podrunner] cannot run pod: {exc!r}\n")
@@ -212,6 +219,7 @@ class PodRunner:
         local = self.pods.pop(uid, None)
         if local is None or local.popen is None:
             return
+        local.stopping.set()
         procs.terminate(local.popen.pid, grace_s=local.grace_s, popen=local.popen)
         with open(local.log, "a") as out:
             out.write(f"[podrunner] stopped, exit code {local.popen.poll()}\n")

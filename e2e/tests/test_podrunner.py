@@ -107,3 +107,41 @@ def test_pod_process_talks_to_the_api_as_its_service_account(cluster, podrunner,
         time.sleep(0.2)
     log = local.log.read_text()
     assert "STATUS 403" in log and f"system:serviceaccount:{namespace}:default" in log, log
+
+    def terminated():
+        status = cluster.core.read_namespaced_pod("whoami", namespace).status
+        state = status.container_statuses[0].state
+        return state.terminated if state and state.terminated else None
+
+    deadline = time.monotonic() + 10
+    while (done := terminated()) is None:
+        assert time.monotonic() < deadline, "exit not reported in pod status"
+        time.sleep(0.2)
+    assert done.exit_code == 0 and done.reason == "Completed"
+
+
+def pod_ready(cluster, namespace: str, name: str) -> bool:
+    conds = cluster.core.read_namespaced_pod(name, namespace).status.conditions or []
+    return any(c.type == "Ready" and c.status == "True" for c in conds)
+
+
+def test_readiness_probe_gates_the_ready_condition(cluster, podrunner, namespace):
+    pod = web_pod("slow")
+    pod["spec"]["volumes"] = []
+    container = pod["spec"]["containers"][0]
+    container.update(command=["sh", "-c", "sleep 3 && exec python3 -m http.server --bind $(POD_IP) 8080"],
+                     args=[], volumeMounts=[], ports=[{"name": "http", "containerPort": 8080}],
+                     readinessProbe={"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1})
+    cluster.core.create_namespaced_pod(namespace, pod)
+    deadline = time.monotonic() + 20
+    while podrunner.find(namespace, "slow") is None:
+        assert time.monotonic() < deadline, "pod runner did not start the pod"
+        time.sleep(0.1)
+    time.sleep(1)
+    assert not pod_ready(cluster, namespace, "slow"), "Ready before the process listens"
+    deadline = time.monotonic() + 30
+    while not pod_ready(cluster, namespace, "slow"):
+        assert time.monotonic() < deadline, "readiness probe never passed"
+        time.sleep(0.2)
+    ip = cluster.core.read_namespaced_pod("slow", namespace).status.pod_ip
+    assert http_get(f"http://{ip}:8080/", timeout_s=2)
