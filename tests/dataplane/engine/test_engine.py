@@ -207,8 +207,6 @@ def test_slo_class_sets_priority_and_deadlines(tiny):
 
 def test_from_config_sizes_kv_from_bytes(tiny):
     model_dir = tiny[2]
-    if model_dir is None:
-        pytest.skip("needs the project's tiny Llama on disk")
     mc = tiny[1]
     per_block = 2 * mc.num_hidden_layers * 4 * mc.num_key_value_heads * mc.head_dim * 4  # fp32, block_size 4
     cfg = EngineConfig(model_dir=model_dir, device="cpu", dtype="float32", block_size=4,
