@@ -120,3 +120,17 @@ def test_gguf_round_trip_reproduces_the_model(tiny_model_dir, tmp_path, quant) -
 def test_import_refuses_to_overwrite(tiny_model_dir, tmp_path) -> None:
     write_gguf(tiny_model_dir, tmp_path / "t.gguf", gguf.GGMLQuantizationType.F32)
     assert model_cli(["import-gguf", str(tmp_path / "t.gguf"), str(tiny_model_dir)]) == 1
+
+
+def test_smollm2_dir_converts_once_atomically(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    from kvfleet.dataplane.model import smollm2
+
+    write_gguf(tiny_model_dir, tmp_path / "stand-in.gguf", gguf.GGMLQuantizationType.F32)
+    monkeypatch.setattr(smollm2, "smollm2_gguf", lambda: tmp_path / "stand-in.gguf")
+    monkeypatch.setenv("KVFLEET_CACHE", str(tmp_path / "cache"))
+    first = smollm2.smollm2_dir()
+    assert first.parent == tmp_path / "cache" / "models" and (first / "config.json").is_file()
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary directory left behind
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert smollm2.smollm2_dir() == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted again
