@@ -46,6 +46,17 @@ def test_logits_match_transformers(variant: str, tmp_path) -> None:
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_bfloat16_logits_match_transformers_bfloat16(tiny_model_dir) -> None:
+    # Same op order as the reference (f32 RMSNorm, RoPE in the activation dtype): observed bit-exact.
+    ours, config = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    ids = _ids(64, config.vocab_size)
+    with torch.inference_mode():
+        got = ours.compute_logits(ours(ids, torch.arange(64), DenseAttention()))
+        want = ref(ids[None]).logits[0].float()
+    assert (got - want).abs().max().item() < 0.05
+
+
 def test_tied_model_shares_one_tensor(tmp_path) -> None:
     ours, _ = load_model(write_tiny_llama(tmp_path, tie_word_embeddings=True), dtype=torch.float32)
     assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
