@@ -19,7 +19,9 @@ One call to `schedule()` decides one engine step and returns one
    best-effort work without a deadline is never starved forever). Admission
    reuses prefix-cache hits, then takes a prefill chunk of what is left of
    the budget; it stops at the first sequence that does not fit (no
-   overtaking by smaller requests, so order is honoured).
+   overtaking by smaller requests, so order is honoured) — unless running
+   sequences of strictly lower class priority can be preempted to make room
+   (seats or blocks): priority preemption, as Kubernetes does for pods.
 
 `commit()` advances the sequences after the runner has computed the step.
 """
@@ -133,14 +135,15 @@ class Scheduler:
             return None
         return min(cands, key=lambda s: (s.priority, -s.slack(now), -s.request.arrival_time))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, dest: list[Sequence] | None = None) -> None:
+        """Free the sequence's blocks and send it back to waiting (or to `dest`) for recompute."""
         self.running.remove(seq)
         self.bm.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        (self.waiting if dest is None else dest).append(seq)
         self.num_preemptions += 1
 
     # -- the step ------------------------------------------------------------
@@ -184,32 +187,70 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, start, start + n == len(seq.token_ids)))
             budget -= n
 
-        if not out.preempted and budget > 0:
-            self.waiting.sort(key=self._waiting_key(now))
-            admitted = 0
-            for seq in self.waiting:
-                if budget == 0 or len(self.running) >= self.max_num_seqs:
-                    break
-                hits = self._prefix_hits(seq)
-                n_cached = len(hits) * self.bm.block_size
-                n = min(seq.num_tokens - n_cached, budget)
-                if not self.bm.allocate(seq.block_table, n_cached + n, hits):
-                    break
-                seq.num_computed_tokens = n_cached
-                seq.num_cached_blocks = len(hits)
-                self.prefix_hit_tokens += n_cached
-                if seq.num_preemptions == 0:
-                    seq.num_cached_prompt_tokens = n_cached
-                seq.status = SeqStatus.RUNNING
-                self.running.append(seq)
-                seq.scheduled_step = self._step
-                start = seq.num_computed_tokens
-                out.scheduled.append(ScheduledSeq(seq, n, start, start + n == seq.num_tokens))
-                budget -= n
-                admitted += 1
-            del self.waiting[:admitted]
+        if not out.preempted and budget > 0:  # running work fits: admit waiting work
+            budget = self._admit(out, budget, now)
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+        """Admit waiting sequences in order while budget, seats and blocks last; returns the budget left.
+
+        A waiting sequence short of seats (`max_num_seqs`) or blocks may preempt
+        running sequences of strictly LOWER class priority (lowest first); equal
+        priorities never preempt each other, so there is no thrashing.
+        """
+        self.waiting.sort(key=self._waiting_key(now))
+        admitted: list[Sequence] = []
+        victims: list[Sequence] = []  # joined to waiting after the loop: never re-admitted this step
+        ok = True
+        for seq in self.waiting:
+            if budget == 0:
+                break
+            while ok and len(self.running) >= self.max_num_seqs:
+                ok, budget = self._preempt_lower(seq, out, budget, now, victims, admitted)
+            if not ok:
+                break
+            hits = self._prefix_hits(seq)
+            n_cached = len(hits) * self.bm.block_size
+            while ok and not self.bm.allocate(
+                    seq.block_table, n_cached + min(seq.num_tokens - n_cached, budget), hits):
+                ok, budget = self._preempt_lower(seq, out, budget, now, victims, admitted)
+            if not ok:
+                break
+            n = min(seq.num_tokens - n_cached, budget)
+            seq.num_computed_tokens = n_cached
+            seq.num_cached_blocks = len(hits)
+            self.prefix_hit_tokens += n_cached
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = n_cached
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            seq.scheduled_step = self._step
+            out.scheduled.append(ScheduledSeq(seq, n, n_cached, n_cached + n == seq.num_tokens))
+            budget -= n
+            admitted.append(seq)
+        del self.waiting[:len(admitted)]
+        self.waiting.extend(victims)
+        return budget
+
+    def _preempt_lower(self, seq: Sequence, out: SchedulerOutput, budget: int, now: float,
+                       victims: list[Sequence], admitted: list[Sequence]) -> tuple[bool, int]:
+        """Preempt the lowest-priority running sequence below `seq`'s class priority (not one
+        admitted this step), refunding its tokens if this step had scheduled it.
+        Returns (found a victim, new budget)."""
+        cands = [s for s in self.running if s.priority < seq.priority and not any(s is a for a in admitted)]
+        if not cands:
+            return False, budget
+        victim = min(cands, key=lambda s: (s.priority, -s.slack(now), -s.request.arrival_time))
+        if victim.scheduled_step == self._step:  # drop it from this step and refund its tokens
+            for i, item in enumerate(out.scheduled):
+                if item.seq is victim:
+                    budget += item.num_new_tokens
+                    del out.scheduled[i]
+                    break
+        self._preempt(victim, victims)
+        out.preempted.append(victim.seq_id)
+        return True, budget
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         bs = self.bm.block_size

@@ -215,3 +215,33 @@ def test_from_config_sizes_kv_from_bytes(tiny):
     assert engine.scheduler.bm.num_blocks == 40 and engine.max_model_len == 160
     prompt = _prompts(mc.vocab_size, [9], seed=12)[0]
     assert engine.generate([prompt], GREEDY)[0].new_token_ids == dense_greedy(tiny[0], prompt, 12)
+
+
+def test_priority_preemption_matches_dense(tiny, reference):
+    from kvfleet.dataplane.config import SLOClassConfig
+
+    classes = (SLOClassConfig("batch", 60_000, 1_000, priority=0), SLOClassConfig("chat", 500, 50, priority=5))
+    engine = _engine(tiny, num_kv_blocks=14, slo_classes=classes)
+    lo = _prompts(tiny[1].vocab_size, [15, 18], seed=13)
+    hi = _prompts(tiny[1].vocab_size, [9, 12], seed=14)
+    for i, p in enumerate(lo):
+        engine.add_request(GenerationRequest(f"lo{i}", p, GREEDY, slo_class="batch"))
+    toks: dict[str, list[int]] = {}
+    for _ in range(2):
+        for o in engine.step():
+            toks.setdefault(o.request_id, []).extend(o.new_token_ids)
+    for i, p in enumerate(hi):
+        engine.add_request(GenerationRequest(f"hi{i}", p, GREEDY, slo_class="chat"))
+    finished_order = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            toks.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                finished_order.append(o.request_id)
+    assert engine.stats().num_preemptions > 0
+    assert set(finished_order[:2]) == {"hi0", "hi1"}  # chat overtook the batch work
+    for i, p in enumerate(lo):
+        assert toks[f"lo{i}"] == reference(p)
+    for i, p in enumerate(hi):
+        assert toks[f"hi{i}"] == reference(p)
+    _check_no_leaks(engine)

@@ -168,3 +168,30 @@ def test_prefix_hits_skip_prefill():
 def test_scheduler_imports_no_torch():
     code = "import sys, kvfleet.dataplane.engine.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_higher_priority_waiting_preempts_lower_priority_running_for_blocks():
+    s = _sched(num_blocks=4, budget=100)
+    s.add(_seq("batch", 13, priority=0))  # 4 blocks once its first token is sampled
+    _step(s)
+    assert s.bm.num_free_blocks == 0
+    s.add(_seq("peer", 4, priority=0, base=50))  # same priority: waits, never preempts
+    out = _step(s)
+    assert _plan(out) == [("batch", 1)] and out.preempted == []
+    s.add(_seq("chat", 4, priority=5, base=90))  # higher priority: takes batch's blocks
+    out = _step(s)
+    assert out.preempted == ["batch"]
+    # batch's decode was dropped from this step (budget refunded); the freed blocks also fit peer
+    assert _plan(out) == [("chat", 4), ("peer", 4)]
+    assert [x.seq_id for x in s.waiting] == ["batch"]
+    assert s.bm.num_used_blocks == 2
+
+
+def test_higher_priority_waiting_preempts_for_a_seat():
+    s = _sched(max_seqs=1, budget=100)
+    s.add(_seq("lo", 4, priority=0))
+    _step(s)
+    s.add(_seq("hi", 4, priority=1, base=20))
+    out = _step(s)
+    assert out.preempted == ["lo"] and _plan(out) == [("hi", 4)]
+    assert [x.seq_id for x in s.running] == ["hi"]
