@@ -36,6 +36,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                     tie_word_embeddings=True, rope_theta=100000.0),
+    # SmolLM2's depth and head layout with tiny matrices: forward time ~= per-step dispatch cost,
+    # i.e. roughly what a GPU step of the real model costs when kernel launches dominate
+    "smollm2-skeleton": dict(vocab_size=512, hidden_size=72, intermediate_size=128, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                             max_position_embeddings=8192, tie_word_embeddings=True),
 }
 
 
