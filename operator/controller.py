@@ -59,6 +59,7 @@ class Controller:
         self._dirty: set[Key] = set()
         self._failures: dict[Key, int] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._enqueued_at: dict[Key, float] = {}
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -76,6 +77,7 @@ class Controller:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
+            self._enqueued_at[key] = time.monotonic()
             self._queue.put_nowait(key)
 
     def forget(self, key: Key) -> None:
@@ -126,8 +128,11 @@ class Controller:
                 log.exception("reconcile of %s failed, will retry", key)
             finally:
                 self._active.discard(key)
-                self.stats.durations.append(time.monotonic() - start)
+                took = time.monotonic() - start
+                self.stats.durations.append(took)
                 self.stats.reconciles += 1
+                waited = start - self._enqueued_at.pop(key, start)
+                log.debug("reconciled %s in %.3fs after %.3fs in the queue", key, took, waited)
             if ok:
                 self._failures.pop(key, None)
             else:

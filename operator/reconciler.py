@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kvfleet.dataplane.config import ConfigError
 
 from . import apply as writes
 from .builders import FleetInputs, OperatorSettings, desired_objects, router_endpoint
-from .builders.names import LABEL_FLEET, MANAGED_BY
+from .builders.names import LABEL_FLEET, MANAGED_BY, config_hash
 from .children import ManualScale, key, manual_scales, owned_by, stale_children
 from .kube import CHILD_KINDS, KVFLEET, ApiError, Kube
 from .resolve import Unresolved, references, resolve
@@ -33,6 +34,15 @@ from .status import fleet_status, status_changed, used_by_status, workload_state
 
 log = logging.getLogger("kvfleet.operator")
 REF_KINDS = ("ModelVariant", "CachePolicy", "SLOClass")
+T = TypeVar("T")
+
+
+def _marker(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    if obj.get("kind") in ("Deployment", "StatefulSet"):
+        # status updates do not count; spec edits bump the generation, metadata edits change the digest
+        return f"g{meta.get('generation')}/{config_hash(meta.get('labels') or {}, meta.get('annotations') or {})}"
+    return f"rv{meta.get('resourceVersion')}"
 
 
 def now() -> str:
@@ -72,9 +82,29 @@ def _scale_message(s: ManualScale, inputs: FleetInputs) -> str:
 class Reconciler:
     """Reconciles fleets and the usedByFleets status of what they reference."""
 
-    def __init__(self, kube: Kube, settings: OperatorSettings):
+    def __init__(self, kube: Kube, settings: OperatorSettings, fan_out: int = 16):
         self.kube = kube
         self.settings = settings
+        # Requests of one reconcile that do not depend on each other run concurrently (latency).
+        self._pool = ThreadPoolExecutor(max_workers=fan_out, thread_name_prefix="kube")
+        # child uid -> (digest of what we applied, the child's marker right after): see _unchanged.
+        self._applied: dict[str, tuple[str, str]] = {}
+
+    def _unchanged(self, want: Mapping[str, Any], have: Mapping[str, Any] | None) -> bool:
+        """Whether `have` is exactly what our last apply of `want` left (so applying again is a no-op).
+
+        The marker is a workload's generation (any spec edit, a `kubectl scale`
+        included, bumps it; status updates do not) plus a digest of its labels and
+        annotations, and the resourceVersion of anything else. The cache is in memory only: after a restart every child is
+        applied once more, which is harmless (server-side apply is idempotent).
+        """
+        if have is None:
+            return False
+        return self._applied.get(have["metadata"]["uid"]) == (config_hash(dict(want)), _marker(have))
+
+    def _all(self, fn: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
+        """`fn` over `items` concurrently, results in order; the first exception is raised."""
+        return list(self._pool.map(fn, items))
 
     # -- fleets -------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> Outcome:
@@ -86,8 +116,11 @@ class Reconciler:
             return out
         uid = fleet["metadata"]["uid"]
         selector = f"{LABEL_FLEET}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
-        observed = [o for kind in CHILD_KINDS for o in kube.list(kind, namespace, selector) if owned_by(o, uid)]
-        resolved = resolve(fleet, lambda kind, n: kube.get(kind, namespace, n), self.settings)
+        refs = sorted({(r.kind, r.name) for r in references(fleet.get("spec") or {})})
+        lists = self._all(lambda kind: kube.list(kind, namespace, selector), CHILD_KINDS)
+        fetched = dict(zip(refs, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), refs), strict=True))
+        observed = [o for items in lists for o in items if owned_by(o, uid)]
+        resolved = resolve(fleet, lambda kind, n: fetched.get((kind, n)), self.settings)
         workloads_seen = [o for o in observed if o["kind"] in ("Deployment", "StatefulSet")]
         endpoint = None
         error: Exception | None = None
@@ -114,21 +147,30 @@ class Reconciler:
                   observed: list[dict[str, Any]], out: Outcome) -> list[dict[str, Any]]:
         kube = self.kube
         out.manual_scales = manual_scales(desired, observed)
-        stored = []
-        for obj in desired:
-            stored.append(writes.apply(kube, obj))
-            out.applied += 1
+        # ConfigMaps first, so new pods never start before the config they mount exists.
+        have = {key(o): o for o in observed}
+        todo = [o for o in desired if not self._unchanged(o, have.get(key(o)))]
+        configs = [o for o in todo if o["kind"] == "ConfigMap"]
+        rest = [o for o in todo if o["kind"] != "ConfigMap"]
+        applied = self._all(lambda o: writes.apply(kube, o), configs)
+        applied += self._all(lambda o: writes.apply(kube, o), rest)
+        out.applied += len(applied)
+        for want, got in zip(configs + rest, applied, strict=True):
+            got.setdefault("kind", want["kind"])
+            self._applied[got["metadata"]["uid"]] = (config_hash(want), _marker(got))
+        fresh = {key(o): o for o in applied}
+        stored = [fresh.get(key(o)) or have[key(o)] for o in desired]
         for s in out.manual_scales:
             log.info("reverting manual scale of %s/%s", fleet["metadata"]["namespace"], s.name)
             writes.event(kube, fleet, "ManualScaleReverted", _scale_message(s, inputs), "Warning")
-        for obj in stale_children(desired, observed, fleet["metadata"]["uid"]):
-            if writes.delete(kube, obj):
+        stale = stale_children(desired, observed, fleet["metadata"]["uid"])
+        for obj, gone in zip(stale, self._all(lambda o: writes.delete(kube, o), stale), strict=True):
+            self._applied.pop(obj["metadata"]["uid"], None)
+            if gone:
                 out.deleted.append(f"{obj['kind']}/{obj['metadata']['name']}")
         if out.deleted:
             writes.event(kube, fleet, "ChildrenRemoved", "Removed objects no longer desired: "
                          + ", ".join(out.deleted) + ".")
-        for obj in stored:
-            obj.setdefault("kind", key(obj)[0])
         return [o for o in stored if o.get("kind") in ("Deployment", "StatefulSet")]
 
     def _write_status(self, fleet: Mapping[str, Any], out: Outcome, workloads: list[Any],
