@@ -60,3 +60,24 @@ e2e-kind: venv ## run the k8s-marked e2e tests against a kind cluster (needs Doc
 
 bench-cluster: venv binaries ## time 1,000 GPU nodes and 1,000 GPU pods on the local control plane; writes bench/results/cluster_scale.*
 	$(PY) -m bench.cluster_scale
+
+# ---- operator and Helm chart (operator/, charts/kvfleet/) ---------------------------------
+HELM_BIN = $$($(PY) -c 'from e2e.cluster import find_bin_dir; print(find_bin_dir())')/helm
+
+.PHONY: operator test-operator chart-lint image bench-operator
+
+operator: venv ## run the operator locally against the current kubeconfig (cluster-wide, standalone)
+	$(PY) -m kvfleet.operator --all-namespaces
+
+test-operator: venv binaries ## operator + chart tests: pure ones, then against the real local control plane
+	$(VENV)/bin/pytest tests/operator
+
+chart-lint: venv binaries ## helm lint --strict and render the chart with its defaults
+	$(HELM_BIN) lint --strict charts/kvfleet
+	$(HELM_BIN) template kvfleet charts/kvfleet -n kvfleet-system > /dev/null
+
+image: ## build the kvfleet image (operator + dataplane roles; needs Docker)
+	docker build -t kvfleet:dev .
+
+bench-operator: venv binaries ## 100 fleets on 1,000 simulated GPU nodes: create->Available, reconcile p50/p99, RSS; writes bench/results/operator_scale.*
+	$(PY) -m bench.operator_scale
