@@ -9,6 +9,7 @@ processes can bind (see ``e2e/podrunner.py``).
 
     python -m e2e.cluster up [--name kvfleet] [--gpu-nodes 4] [--no-podrunner]
     python -m e2e.cluster status|down [--name kvfleet]
+    python -m e2e.cluster prune        # remove clusters whose processes all died (killed test runs)
 
 Only the standard library is used here, so the launcher runs with any Python 3.11.
 """
@@ -54,11 +55,13 @@ def find_bin_dir() -> Path:
 def _claim_slot(cluster_dir: Path) -> int:
     """Reserve N for the pod CIDR 127.N.0.0/16 (1..254); stale claims of removed clusters are reused."""
     slots = CLUSTERS_ROOT / ".slots"
-    slots.mkdir(parents=True, exist_ok=True)
     for n in range(1, 255):
         claim = slots / str(n)
+        slots.mkdir(parents=True, exist_ok=True)  # again each time: a concurrent stop may rmdir it
         try:
             fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileNotFoundError:
+            return _claim_slot(cluster_dir)
         except FileExistsError:
             if Path(claim.read_text().strip() or "/nonexistent").exists():
                 continue
@@ -189,8 +192,13 @@ class LocalCluster:
             claim.unlink()
         if keep_dir:
             (self.dir / "state.json").unlink(missing_ok=True)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for empty in (claim.parent, CLUSTERS_ROOT):  # leave nothing behind once the last cluster is gone
+            try:
+                empty.rmdir()
+            except OSError:
+                break
 
     def status(self) -> dict[str, bool]:
         """Which components are alive, plus whether the apiserver answers /readyz."""
@@ -300,13 +308,33 @@ class LocalCluster:
                 f"--cidr={self.pod_cidr}", "--node-ip=127.0.0.1", "--node-lease-duration-seconds=40"]
 
 
+def prune_dead_clusters(min_age_s: float = 60.0) -> list[str]:
+    """Remove clusters whose processes are all gone (a killed test run); returns their names."""
+    pruned = []
+    for state in CLUSTERS_ROOT.glob("*/state.json"):
+        try:
+            if time.time() - state.stat().st_mtime < min_age_s:
+                continue
+            cluster = LocalCluster.load(state.parent.name)
+        except (OSError, ValueError, TypeError):
+            continue
+        if cluster.pids and not any(procs.alive(pid, str(cluster.dir)) for pid in cluster.pids.values()):
+            cluster.stop()
+            pruned.append(cluster.name)
+    return pruned
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("action", choices=("up", "down", "status", "prune"))
     parser.add_argument("--name", default=os.environ.get("KVFLEET_CLUSTER", "kvfleet"))
     parser.add_argument("--gpu-nodes", type=int, default=4, help="simulated 8-GPU nodes to create on `up`")
     parser.add_argument("--no-podrunner", action="store_true", help="do not start the local pod runner on `up`")
     args = parser.parse_args(argv)
+    if args.action == "prune":
+        for name in prune_dead_clusters():
+            log(f"removed dead cluster {name}")
+        return 0
     if args.action == "up":
         cluster = LocalCluster.start(args.name)
         try:

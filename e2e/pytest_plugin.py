@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from e2e.cluster import LocalCluster, find_bin_dir
+from e2e.cluster import LocalCluster, find_bin_dir, prune_dead_clusters
 from e2e.nodes import advertise_fake_gpus, api_client, create_gpu_nodes, wait_nodes_ready
 from e2e.podrunner import PodRunner
 
@@ -93,6 +93,7 @@ def cluster() -> Iterator[Cluster]:
         with api_client(existing) as api:
             yield Cluster(Path(existing), bin_dir, api)
         return
+    prune_dead_clusters()  # what a killed earlier run left behind (its processes died with it)
     local = LocalCluster.start(f"pytest-{os.getpid()}", bin_dir=find_bin_dir(), tie_to_parent=True)
     try:
         handle = Cluster(local.kubeconfig, local.bin_dir, api_client(local.kubeconfig), local)
