@@ -98,6 +98,7 @@ def advertise_fake_gpus(kubeconfig: Path | str, gpus: int = 8) -> list[str]:
             return []
         names = [n.metadata.name for n in nodes if (n.metadata.labels or {}).get("kvfleet.io/node-pool") == "gpu"]
         for name in names:
-            patch = {"status": {"capacity": {"nvidia.com/gpu": str(gpus)}}}
+            gpu = {"nvidia.com/gpu": str(gpus)}
+            patch = {"status": {"capacity": gpu, "allocatable": gpu}}
             core.patch_node_status(name, patch)
         return names
