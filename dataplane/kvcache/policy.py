@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -169,12 +169,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LayerKV:
     """One layer of one sequence: sinks | body (codec) | tail, with positions [N, Hkv]."""
 
-    def __init__(self, kc: Codec, vc: Codec, sink_tokens: int, residual_tokens: int) -> None:
+    def __init__(self, kc: Codec, vc: Codec, sink_tokens: int, residual_tokens: int,
+                 store_dtype: torch.dtype | None = None) -> None:
         self.kc, self.vc = kc, vc
         self.sinks, self.residual = sink_tokens, residual_tokens
         self.chunk = max(kc.chunk_tokens, vc.chunk_tokens)
+        self.fp = kc.fp_dtype  # what attention reads
+        self.store = store_dtype or kc.fp_dtype  # what the full-precision segments hold
         h, d = kc.num_heads, kc.head_dim
-        empty = torch.empty(0, h, d, dtype=kc.fp_dtype)
+        empty = torch.empty(0, h, d, dtype=self.store)
         self.sink_k, self.sink_v = empty, empty  # [S, H, D]
         self.tail_k, self.tail_v = empty, empty  # [Nt, H, D]
         self.body_k, self.body_v = QuantBuffer(kc), QuantBuffer(vc)
@@ -194,6 +197,7 @@ class LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [n, H, D], pos [n]: sinks fill first, the rest goes to the tail, full groups get encoded."""
         take = min(self.sinks - self.n_sink, k.shape[0])
+        k, v = k.to(self.store), v.to(self.store)
         if take > 0:
             self.sink_k = torch.cat([self.sink_k, k[:take]])
             self.sink_v = torch.cat([self.sink_v, v[:take]])
@@ -212,9 +216,9 @@ class LayerKV:
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored K, V [N, H, D] in the fp dtype (body dequantized)."""
         if len(self.body_k) == 0 and self.n_sink == 0:
-            return self.tail_k, self.tail_v
-        parts_k = [self.sink_k, self.body_k.decode(), self.tail_k]
-        parts_v = [self.sink_v, self.body_v.decode(), self.tail_v]
+            return self.tail_k.to(self.fp), self.tail_v.to(self.fp)
+        parts_k = [self.sink_k.to(self.fp), self.body_k.decode(), self.tail_k.to(self.fp)]
+        parts_v = [self.sink_v.to(self.fp), self.body_v.decode(), self.tail_v.to(self.fp)]
         return torch.cat(parts_k), torch.cat(parts_v)
 
     def fixed_rows(self) -> torch.Tensor:
@@ -240,18 +244,26 @@ class LayerKV:
 class PolicyAttention(AttentionBackend):
     """One sequence's KV under a cache policy. With the no-op policy it equals `DenseAttention` bit for bit.
 
+    fp_store_dtype: what the full-precision parts (sinks, residual tail, dtype `none`) are stored as;
+    None = the model dtype. E.g. bfloat16 for a float32 model on CPU, so the reference is a 16-bit
+    cache as in deployment.
     rope: the model's rotary table, needed only for `keys_pre_rope` (KVQuant): keys are un-rotated
     before encoding and re-rotated at their stored positions on read. Positions are counted here
     (a single sequence starting at 0), which is all the seam needs.
     """
 
     def __init__(self, spec: PolicySpec, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, rope: RopeFn | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, rope: RopeFn | None = None,
+                 fp_store_dtype: torch.dtype | None = None) -> None:
         spec.validate_for(num_kv_heads, head_dim, dtype)
         if spec.quant.keys_pre_rope and rope is None:
             raise ValueError("quantization.keysPreRope needs the model's rope table (pass rope=...)")
         self.spec, self.num_layers, self.rope = spec, num_layers, rope
         self.kc, self.vc = spec.quant.codecs(num_kv_heads, head_dim, dtype)
+        self.fp_store_dtype = None if fp_store_dtype == dtype else fp_store_dtype
+        if self.fp_store_dtype is not None:
+            cast = {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.fp_store_dtype]
+            self.kc, self.vc = (replace(c, dtype=cast) if c.dtype == "none" else c for c in (self.kc, self.vc))
         self.layers: dict[int, LayerKV] = {}
         self.seen: dict[int, int] = {}
         self.evict_state = EvictionState(spec.eviction)
@@ -266,9 +278,23 @@ class PolicyAttention(AttentionBackend):
         return k * cos + _rotate_half(k) * (-sin if inverse else sin)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self._attend(layer, q, k, v, need_output=True)
+        assert out is not None
+        return out
+
+    def ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`attend` without computing the output: replays a recorded prefill into this policy.
+
+        Exact for a first chunk: its own tokens attend at full precision whatever the policy, so the
+        model's prefill forward is policy-independent; only what is stored and evicted differs.
+        """
+        self._attend(layer, q, k, v, need_output=False)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                need_output: bool) -> torch.Tensor | None:
         if layer not in self.layers:
             self.layers[layer] = LayerKV(self.kc, self.vc, self.spec.quant.sink_tokens,
-                                         self.spec.quant.residual_tokens)
+                                         self.spec.quant.residual_tokens, self.fp_store_dtype)
             self.seen[layer] = 0
         st, start, t = self.layers[layer], self.seen[layer], q.shape[0]
         q_pos = torch.arange(start, start + t)
@@ -281,15 +307,16 @@ class PolicyAttention(AttentionBackend):
                 k_past = self._rotate(k_past, st.pos, inverse=False)
             k_all, v_all = torch.cat([k_past, k]), torch.cat([v_past, v])
         ev = self.evict_state
-        probs = None
+        probs = out = None
         if ev.needs_probs:
             visible = torch.ones(1, t, n_past + t, dtype=torch.bool)
             visible[0, :, n_past:] = torch.ones(t, t, dtype=torch.bool).tril()
             probs = attention_probs(q, k_all, visible)  # [Hq, T, Np+T]
-            hq, hkv = q.shape[1], k.shape[1]
-            vh = v_all.float().permute(1, 0, 2).repeat_interleave(hq // hkv, dim=0)  # [Hq, Np+T, D]
-            out = (probs @ vh).transpose(0, 1).to(q.dtype)
-        else:
+            if need_output:
+                hq, hkv = q.shape[1], k.shape[1]
+                vh = v_all.float().permute(1, 0, 2).repeat_interleave(hq // hkv, dim=0)  # [Hq, Np+T, D]
+                out = (probs @ vh).transpose(0, 1).to(q.dtype)
+        elif need_output:
             out = causal_attention(q, k_all, v_all, q_offset=n_past)
         k_store = self._rotate(k, q_pos, inverse=True) if self.spec.quant.keys_pre_rope else k
         st.append(k_store, v, q_pos)
@@ -311,6 +338,10 @@ class PolicyAttention(AttentionBackend):
         self.evict_state.evicted(layer, keep)
 
     # -- accounting ---------------------------------------------------------
+
+    def codec_bytes_per_token(self) -> float:
+        """Steady-state bytes per token of this cache's codecs (K + V, all layers), before eviction."""
+        return self.num_layers * (self.kc.bytes_per_token() + self.vc.bytes_per_token())
 
     def nbytes(self) -> int:
         """KV bytes allocated now, all layers."""
