@@ -140,22 +140,37 @@ class LocalCluster:
         cluster_dir = CLUSTERS_ROOT / name
         if (cluster_dir / "state.json").exists():
             raise RuntimeError(f"cluster {name!r} already exists in {cluster_dir}; run `python -m e2e.cluster down --name {name}`")
-        cluster_dir.mkdir(parents=True, exist_ok=True)
-        slot = _claim_slot(cluster_dir)
-        ports = {k: procs.free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")}
-        cluster = cls(name, cluster_dir, bin_dir or find_bin_dir(), ports, f"127.{slot}.0.0/16", slot)
-        try:
-            cluster._start_all(tie_to_parent, timeout_s)
-        except BaseException:
-            log(f"start failed; component logs are in {cluster.dir / 'logs'} (tails below)")
-            for comp in COMPONENTS:
-                path = cluster.log_path(comp)
-                if path.exists():
-                    tail = path.read_text(errors="replace").splitlines()[-15:]
-                    print(f"--- {comp} ---\n" + "\n".join(tail), file=sys.stderr)
-            cluster.stop(keep_dir=True)
-            raise
-        return cluster
+        bin_dir = bin_dir or find_bin_dir()
+        for attempt in (1, 2):
+            cluster_dir.mkdir(parents=True, exist_ok=True)
+            slot = _claim_slot(cluster_dir)
+            ports = {k: procs.free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")}
+            cluster = cls(name, cluster_dir, bin_dir, ports, f"127.{slot}.0.0/16", slot)
+            try:
+                cluster._start_all(tie_to_parent, timeout_s)
+                return cluster
+            except Exception:
+                logs = [p.read_text(errors="replace") for p in (cluster_dir / "logs").glob("*.log")]
+                if attempt == 1 and any("address already in use" in text for text in logs):
+                    log("a port was taken between picking and binding it; retrying with fresh ports")
+                    cluster.stop()
+                    continue
+                cluster._report_failure()
+                raise
+            except BaseException:
+                cluster.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _report_failure(self) -> None:
+        """Print each component's log tail and stop everything, keeping the logs."""
+        log(f"start failed; component logs are in {self.dir / 'logs'} (tails below)")
+        for comp in COMPONENTS:
+            path = self.log_path(comp)
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {comp} ---\n" + "\n".join(tail), file=sys.stderr)
+        self.stop(keep_dir=True)
 
     def _start_all(self, tie: bool, timeout_s: float) -> None:
         t0 = time.monotonic()
@@ -185,7 +200,7 @@ class LocalCluster:
     def stop(self, keep_dir: bool = False) -> None:
         """Stop components (newest first) with SIGTERM then SIGKILL, release the slot, remove the dir."""
         for comp in reversed(list(self.pids)):
-            procs.terminate(self.pids[comp], exe_hint=self._exe_hint(comp), popen=self._popens.get(comp))
+            procs.terminate(self.pids[comp], exe_hint=self._cmdline_mark, popen=self._popens.get(comp))
         self.pids.clear()
         claim = CLUSTERS_ROOT / ".slots" / str(self.slot)
         if claim.exists() and claim.read_text().strip() == str(self.dir):
@@ -202,7 +217,7 @@ class LocalCluster:
 
     def status(self) -> dict[str, bool]:
         """Which components are alive, plus whether the apiserver answers /readyz."""
-        out = {comp: procs.alive(pid, self._exe_hint(comp)) for comp, pid in self.pids.items()}
+        out = {comp: procs.alive(pid, self._cmdline_mark) for comp, pid in self.pids.items()}
         out["readyz"] = bool(self._get(f"{self.server}/readyz"))
         return out
 
@@ -210,8 +225,10 @@ class LocalCluster:
         return list(self.pids.values())
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _exe_hint(self, comp: str) -> str:
-        return str(self.dir)  # every command line names this cluster's directory
+    @property
+    def _cmdline_mark(self) -> str:
+        """Every component's command line names this cluster's directory: a guard against reused pids."""
+        return str(self.dir)
 
     def _run(self, comp: str, argv: list[str], tie: bool, cwd: Path | None = None) -> None:
         popen = procs.spawn(argv, self.log_path(comp), tie_to_parent=tie, cwd=cwd or self.dir)
