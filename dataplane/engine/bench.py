@@ -162,12 +162,16 @@ def main(argv: list[str] | None = None) -> None:
                   + f" total_ms={sum(ms.values()):6.3f}")
         return
 
-    model_dir = args.model_dir
-    if model_dir is None:
-        from kvfleet.dataplane.model.tiny import write_tiny_llama
+    if args.model_dir is not None:
+        return _bench(args, args.model_dir)
+    from kvfleet.dataplane.model.tiny import write_tiny_llama
 
-        model_dir = tempfile.mkdtemp(prefix=f"kvfleet-bench-{args.shape}-")
+    with tempfile.TemporaryDirectory(prefix=f"kvfleet-bench-{args.shape}-") as model_dir:
         write_tiny_llama(model_dir, seed=0, **SHAPES[args.shape])
+        _bench(args, model_dir)
+
+
+def _bench(args: argparse.Namespace, model_dir: str) -> None:
     need = (args.prompt_len + args.max_tokens) * max(args.batch)
     cfg = EngineConfig(model_dir=model_dir, device=args.device, dtype=args.dtype,
                        num_kv_blocks=need // 16 + max(args.batch) + 8,
