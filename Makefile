@@ -47,7 +47,7 @@ KIND_KUBECONFIG ?= $(KVFLEET_CACHE)/kind-$(KIND_CLUSTER).kubeconfig
 
 .PHONY: bench-cluster
 
-cluster-up: venv ## start a local control plane + GPU nodes + pod runner in the background; prints `export KUBECONFIG=...`
+cluster-up: venv ## start a local control plane + GPU nodes + pod runner in the background; eval its output (KUBECONFIG, PATH)
 	@$(PY) -m e2e.cluster up --name $(CLUSTER) --gpu-nodes $(GPU_NODES)
 
 cluster-down: ## stop the local control plane started by cluster-up and remove its files

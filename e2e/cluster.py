@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
             raise
         print(f"export KUBECONFIG={cluster.kubeconfig}")
+        print(f"export PATH={cluster.bin_dir}:$PATH  # kubectl, helm, kwokctl")
         return 0
     try:
         cluster = LocalCluster.load(args.name)

@@ -37,7 +37,7 @@ def test_second_cluster_via_cli_side_by_side(cluster):
     up = cli("up", "--gpu-nodes", "2", "--no-podrunner")
     try:
         assert up.returncode == 0, up.stderr
-        kubeconfig = up.stdout.strip().removeprefix("export KUBECONFIG=")
+        kubeconfig = up.stdout.splitlines()[0].removeprefix("export KUBECONFIG=")
         status = json.loads(cli("status").stdout)
         assert all(status["components"].values())
         assert status["server"] != cluster.local.server and status["pod_cidr"] != cluster.local.pod_cidr
