@@ -7,7 +7,7 @@ and the transformers v5 layout (`rope_parameters`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +153,19 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
-        """Read `<model_dir>/config.json`."""
+        """Read `<model_dir>/config.json`; EOS ids also include generation_config.json's.
+
+        (Chat checkpoints often list their end-of-turn token only in generation_config.json.)
+        """
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (expected an HF-format model directory)")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        config = cls.from_hf_dict(json.loads(path.read_text()))
+        generation = Path(model_dir) / "generation_config.json"
+        if generation.is_file():
+            extra = _id_tuple(json.loads(generation.read_text()).get("eos_token_id"))
+            config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` dict (classic layout, readable by transformers 4 and 5)."""

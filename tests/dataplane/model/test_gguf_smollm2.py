@@ -51,6 +51,7 @@ def test_converted_config(smollm2_dir) -> None:
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
     assert config.tie_word_embeddings and config.vocab_size == 49152
     assert config.rope_theta == 100000.0 and config.rms_norm_eps == 1e-5
+    assert 2 in config.eos_token_ids  # <|im_end|>: the engine stops chat turns on it
 
 
 def test_tokenizer_matches_transformers(smollm2_dir) -> None:

@@ -28,6 +28,12 @@ def test_eos_list_and_explicit_head_dim() -> None:
     assert cfg.eos_token_ids == (128001, 128009) and cfg.q_size == 128 and cfg.kv_size == 32
 
 
+def test_from_dir_adds_generation_config_eos(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2, 7)
+
+
 def test_rope_scaling_classic_and_v5_layouts() -> None:
     llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
