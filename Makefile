@@ -81,3 +81,7 @@ image: ## build the kvfleet image (operator + dataplane roles; needs Docker)
 
 bench-operator: venv binaries ## 100 fleets on 1,000 simulated GPU nodes: create->Available, reconcile p50/p99, RSS; writes bench/results/operator_scale.*
 	$(PY) -m bench.operator_scale
+
+.PHONY: bench-kv
+bench-kv: venv ## KV cache policy grid (codecs x eviction) on SmolLM2-135M; writes bench/results/kv_policies.*
+	$(PY) bench/kv_policies.py
