@@ -115,8 +115,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None,
     config = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(torch_dtype)
+        model = LlamaForCausalLM(config).to(torch_dtype)  # no memory yet: cast is free
+    model = model.to_empty(device=device)  # allocate once, directly in the target dtype
     if config.tie_word_embeddings:  # to_empty re-materializes tied params separately
         model.lm_head.weight = model.model.embed_tokens.weight
     sources = hf_sources(model)
