@@ -61,9 +61,13 @@ def build_tokenizer_files(meta: dict[str, Any], context_length: int
         raise ValueError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
 
+    pre = str(meta.get("tokenizer.ggml.pre", "default"))
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    # Llama 3 (as in llama.cpp and its HF tokenizer.json): a word already in the vocab is one token
+    ignore_merges = pre in ("llama3", "llama-bpe")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                               ignore_merges=ignore_merges))
+    tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == USER_DEFINED]

@@ -134,3 +134,37 @@ def test_smollm2_dir_converts_once_atomically(tiny_model_dir, tmp_path, monkeypa
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert smollm2.smollm2_dir() == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted again
+
+
+def _byte_vocab_meta(pre: str, model: str = "gpt2") -> dict:
+    from tokenizers import pre_tokenizers
+
+    tokens = ["<|bos|>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    return {"tokenizer.ggml.model": model, "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3] + [1] * (len(tokens) - 1), "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    ("llama-bpe", ["123", "45", " go"]),  # digits in groups of three
+    ("smollm", ["1", "2", "3", "4", "5", " go"]),  # one digit at a time
+    ("gpt2", ["12345", " go"]),
+])
+def test_gguf_pre_tokenizers(pre, pieces) -> None:
+    from kvfleet.dataplane.model.gguf_tokenizer import build_tokenizer_files
+
+    tok, config, _ = build_tokenizer_files(_byte_vocab_meta(pre), 128)
+    assert config["add_bos_token"] and config["bos_token"] == "<|bos|>"
+    words = tok.pre_tokenizer.pre_tokenize_str("12345 go")
+    assert [tok.decoder.decode([w]) for w, _ in words] == pieces
+
+
+@pytest.mark.parametrize("meta, match", [
+    (_byte_vocab_meta("gpt2", model="llama"), "only byte-level BPE"),
+    (_byte_vocab_meta("deepseek-coder"), "pre-tokenizer 'deepseek-coder' is not supported"),
+])
+def test_gguf_tokenizer_rejects_unsupported(meta, match) -> None:
+    from kvfleet.dataplane.model.gguf_tokenizer import build_tokenizer_files
+
+    with pytest.raises(NotImplementedError, match=match):
+        build_tokenizer_files(meta, 128)
