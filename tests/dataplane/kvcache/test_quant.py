@@ -121,7 +121,7 @@ def test_select_drops_groups_no_head_keeps() -> None:
 def test_invalid_codecs_are_rejected_with_clear_messages() -> None:
     with pytest.raises(ValueError, match="must divide head_dim"):
         Codec("int4", "per-token", 48, H, D)
-    with pytest.raises(ValueError, match="fp8 supports per-tensor or per-head"):
+    with pytest.raises(ValueError, match="fp8 supports per-tensor, per-head or per-token"):
         Codec("fp8", "per-channel", G, H, D)
     with pytest.raises(ValueError, match="int8 supports per-channel or per-token"):
         Codec("int8", "per-head", G, H, D)
