@@ -18,6 +18,8 @@ Engine integration (the paged engine applies a policy per variant):
     `Codec.decode(encoded)` quantize and dequantize one block (use group_size ==
     block_size so a per-channel key group is exactly one block);
   - `PolicySpec.kv_bytes_per_token(...)` sizes the cache (blocks per byte budget);
+  - `make_paged_cache` / `paged_bytes_per_block`: quantized paged storage (`quant.PagedQuantKV`,
+    per-slot scales) that the paged backend reads through the same store/gather calls;
   - `choose_slots(...)` picks the token slots a sequence keeps in one layer.
     StreamingLLM keeps the same slots in every head (whole blocks can be freed);
     H2O/SnapKV/KeyDiff choose per head, which needs per-head block tables.
@@ -34,7 +36,7 @@ import torch
 
 from ..model.attention import AttentionBackend, causal_attention
 from .eviction import EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
-from .quant import KV_DTYPES, Codec, QuantBuffer, default_granularity
+from .quant import KV_DTYPES, Codec, PagedQuantKV, QuantBuffer, default_granularity
 
 # rope(positions [M]) -> (cos [M, D], sin [M, D]) in the rotate-half convention
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -145,6 +147,31 @@ def build_codecs(spec: PolicySpec, num_kv_heads: int, head_dim: int,
     """Engine hook: the (key, value) codecs a block of this policy is stored with."""
     spec.validate_for(num_kv_heads, head_dim, fp_dtype)
     return spec.quant.codecs(num_kv_heads, head_dim, fp_dtype)
+
+
+def paged_bytes_per_block(cp: Any, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype) -> int:
+    """Engine hook: K+V bytes of one paged block under the engine's `CachePolicyConfig` `cp`."""
+    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+    kc, vc = build_codecs(PolicySpec.from_config(cp), num_kv_heads, head_dim, dtype)
+    return PagedQuantKV.bytes_per_block(kc, vc, num_layers, block_size)
+
+
+def make_paged_cache(cp: Any, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                     head_dim: int, dtype: torch.dtype, device: torch.device | str) -> Any:
+    """Engine hook: the paged KV storage for `cp` (`PagedKVCache`, or `PagedQuantKV` when quantized).
+
+    NOTE: paged blocks quantize every slot with its own scales (see `quant.paged_codec`);
+    residualTokens/sinkTokens and eviction are applied by `PolicyAttention` only.
+    """
+    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
+        from .paged import PagedKVCache
+
+        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    kc, vc = build_codecs(PolicySpec.from_config(cp), num_kv_heads, head_dim, dtype)
+    return PagedQuantKV(kc, vc, num_layers, num_blocks, block_size, device)
 
 
 def choose_slots(state: EvictionState, layer: int, keys: torch.Tensor, pos: torch.Tensor, seen: int,
