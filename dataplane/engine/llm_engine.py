@@ -29,7 +29,7 @@ from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
-from kvfleet.dataplane.kvcache.paged import PagedKVCache
+from kvfleet.dataplane.kvcache.policy import make_paged_cache, paged_bytes_per_block
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,8 +59,8 @@ class LLMEngine:
         num_blocks = self._num_blocks(mc, dtype)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
-        kv = PagedKVCache(mc.num_hidden_layers, num_blocks, bs, mc.num_key_value_heads, mc.head_dim,
-                          dtype, self.device)
+        kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
+                              mc.num_key_value_heads, mc.head_dim, dtype, self.device)
         self.scheduler = Scheduler(BlockManager(num_blocks, bs, config.enable_prefix_caching),
                                    config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0)
@@ -70,11 +70,10 @@ class LLMEngine:
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
-        if (cp.key_quantization, cp.value_quantization, cp.eviction) != ("none", "none", "none"):
-            # NOTE: codecs and eviction live in kvcache/policy.py (per-sequence); the paged
-            # engine stores full-precision KV until they are wired into PagedKVCache.
-            log.warning("cache_policy %s/%s eviction=%s is not applied by the paged engine yet",
-                        cp.key_quantization, cp.value_quantization, cp.eviction)
+        if cp.eviction != "none":
+            # NOTE: quantized blocks are applied (kvcache/quant.PagedQuantKV); eviction needs
+            # per-head block tables and is applied per sequence by kvcache/policy.PolicyAttention.
+            log.warning("cache_policy eviction=%s is not applied by the paged engine yet", cp.eviction)
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -92,8 +91,8 @@ class LLMEngine:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = PagedKVCache.bytes_per_block(mc.num_hidden_layers, cfg.block_size, mc.num_key_value_heads,
-                                                 mc.head_dim, dtype)
+        per_block = paged_bytes_per_block(cfg.cache_policy, mc.num_hidden_layers, cfg.block_size,
+                                          mc.num_key_value_heads, mc.head_dim, dtype)
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
