@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from kvfleet.cli import main as cli_main
 from kvfleet.dataplane.kvcache import evaluate
 from kvfleet.dataplane.model.tiny import write_tiny_llama
+
+from kvfleet.cli import main as cli_main
 
 POLICIES = """\
 apiVersion: kvfleet.io/v1alpha1

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from kvfleet.dataplane.config import CachePolicyConfig
 from kvfleet.dataplane.kvcache.eviction import EvictionSpec
 from kvfleet.dataplane.kvcache.policy import BatchedPolicyAttention, PolicyAttention, PolicySpec, QuantSpec

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
 from kvfleet.dataplane.engine.api import SamplingParams
 from kvfleet.dataplane.engine.llm_engine import LLMEngine

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvfleet.dataplane.kvcache.quant import Codec, QuantBuffer
 
 H, D, G = 3, 64, 32

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvfleet.dataplane.kvcache.paged import PagedAttention, PagedMetadata, PrefillChunk
 from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec, QuantSpec
 from kvfleet.dataplane.kvcache.quant import Codec, PagedQuantKV, paged_codec
