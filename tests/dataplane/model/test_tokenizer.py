@@ -100,3 +100,27 @@ def test_incremental_detokenizer_skips_special_tokens(tok) -> None:
     detok = tok.detokenizer()
     ids = tok.encode("ok", add_bos=False) + [tok.token_to_id("<|im_end|>")]
     assert "".join(detok.push(i) for i in ids) + detok.flush() == "ok"
+
+
+def test_incremental_detokenizer_keeps_leading_spaces_with_sentencepiece_decoders(tmp_path) -> None:
+    """Metaspace (Llama 2 / Mistral style) decoders drop a leading space at the start of a decode;
+    the streamed text must still equal decode(prompt + generated) minus decode(prompt)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    raw = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=[f"<0x{b:02X}>" for b in range(256)])
+    raw.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    prompt = tok.encode("hello", add_bos=False)
+    generated = tok.encode("hello world the fox", add_bos=False)[1:]  # starts with "▁world"
+    detok = tok.detokenizer(prompt)
+    streamed = "".join(detok.push(i) for i in generated) + detok.flush()
+    assert streamed == " world the fox"
+    assert streamed == tok.decode(prompt + generated)[len(tok.decode(prompt)):]
