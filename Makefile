@@ -85,3 +85,7 @@ bench-operator: venv binaries ## 100 fleets on 1,000 simulated GPU nodes: create
 .PHONY: bench-kv
 bench-kv: venv ## KV cache policy grid (codecs x eviction) on SmolLM2-135M; writes bench/results/kv_policies.*
 	$(PY) bench/kv_policies.py
+
+.PHONY: bench-engine
+bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet serve latency at 1/4/16; writes bench/results/engine.* (VLLM_PYTHON=venv/bin/python adds vLLM)
+	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)
