@@ -88,7 +88,7 @@ class OpenAIHandlers:
         except ValueError as e:
             raise APIError(str(e), param="prompt") from e
         prompt_ids = self._encode_text(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        max_tokens = self._check_length(len(prompt_ids), body.max_tokens)
+        max_tokens = self._check_length(len(prompt_ids), body.max_tokens, "prompt")
         gen = self._start(request, body, "cmpl", prompt_ids, max_tokens, body.logprobs)
         if body.stream:
             return await self._stream(request, gen, body, self._completion_chunk)
@@ -101,7 +101,7 @@ class OpenAIHandlers:
         body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         self._check_common(body)
         prompt_ids = self._encode_chat(body.chat_messages())
-        max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens())
+        max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens(), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         gen = self._start(request, body, "chatcmpl", prompt_ids, max_tokens, top)
         if body.stream:
@@ -143,16 +143,20 @@ class OpenAIHandlers:
             raise APIError(f"Token id {bad[0]} is out of range [0, {limit}).", param="prompt", code="invalid_value")
         return ids
 
-    def _check_length(self, num_prompt: int, max_tokens: int | None) -> int:
+    def _check_length(self, num_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
         limit = self.state.engine.max_model_len
+        if num_prompt >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                           f"{num_prompt} tokens, which leaves no room for a completion.",
+                           param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = limit - num_prompt
-        if num_prompt + max_tokens > limit or max_tokens < 1:
+        if num_prompt + max_tokens > limit:
             raise APIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
                 "Please reduce the prompt or the completion length.",
-                param="max_tokens" if num_prompt < limit else "messages",
+                param="max_tokens",
                 code="context_length_exceeded",
             )
         return max_tokens

@@ -72,6 +72,11 @@ def test_prompt_longer_than_the_context(http, server):
     too_long = [5] * (server.engine.max_model_len + 1)
     r = http.post("/v1/completions", json=GOOD | {"prompt": too_long})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "prompt" and "no room" in r.json()["error"]["message"]
+    long_chat = CHAT | {"messages": [{"role": "user", "content": "Hello, world! " * server.engine.max_model_len}]}
+    del long_chat["max_tokens"]
+    r = http.post("/v1/chat/completions", json=long_chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     just_fits = [5] * (server.engine.max_model_len - 2)
     assert http.post("/v1/completions", json=GOOD | {"prompt": just_fits, "max_tokens": 2}).status_code == 200
 
