@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,39 @@ class RssSampler(threading.Thread):
             time.sleep(0.5)
 
 
+class Rereadier(threading.Thread):
+    """Plays the kubelet's readiness probe for pods the node-lifecycle controller marked NotReady.
+
+    NOTE: under CPU starvation KWOK's node heartbeats lag, the controller manager marks
+    nodes Unknown and their pods Ready=False; when the nodes come back, a kubelet would
+    report the pods Ready again on its next probe, but KWOK 0.8's default pod stages only
+    make *Pending* pods Ready, so those pods would stay NotReady forever. This thread sets
+    Ready=True again on Running pods whose containers are ready, and counts them.
+    """
+
+    def __init__(self, kube: Any):
+        super().__init__(daemon=True)
+        self.kube, self.stop, self.count = kube, threading.Event(), 0
+
+    def run(self) -> None:
+        while not self.stop.wait(2.0):
+            try:
+                pods = self.kube.request("GET", f"/api/v1/namespaces/{NS}/pods",
+                                         query={"fieldSelector": "status.phase=Running"})["items"]
+                for pod in pods:
+                    conds = {c["type"]: c["status"] for c in pod["status"].get("conditions") or ()}
+                    if conds.get("Ready") == "False" and conds.get("ContainersReady") == "True":
+                        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                        self.kube.request(
+                            "PATCH", f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}/status",
+                            body={"status": {"conditions": [{"type": "Ready", "status": "True",
+                                                             "lastTransitionTime": now}]}},
+                            content_type="application/strategic-merge-patch+json")
+                        self.count += 1
+            except Exception as exc:  # noqa: BLE001 - best effort, keep going
+                print(f"rereadier: {exc}", file=sys.stderr)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
@@ -127,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         for doc in references():
             writes.apply(kube, doc)
         log = open(cluster.dir / "operator.log", "wb")  # noqa: SIM115
-        op = subprocess.Popen([sys.executable, "-m", "kvfleet.operator", "-n", NS, "--liveness", ""],
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        op = subprocess.Popen([sys.executable, "-m", "kvfleet.operator", "-n", NS,
+                               "--liveness", f"http://127.0.0.1:{port}/healthz"],
                               stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
         sampler = RssSampler(op.pid)
         sampler.start()
+        rereadier = Rereadier(kube)
+        rereadier.start()
         time.sleep(3)
         result["operator_rss_idle_mb"] = round(sampler.last_mb, 1)
 
@@ -176,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.01)
             time.sleep(0.2)
         result["spec_change_reconcile"] = stats(latencies)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            result["operator_internal_reconciles"] = json.loads(resp.read()).get("queue")
         time.sleep(2)
         result["operator_rss_mb"] = {"peak": round(sampler.peak_mb, 1), "end": round(sampler.last_mb, 1)}
         result["pods_running"] = int(subprocess.run(
@@ -183,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             env=env, capture_output=True, text=True).stdout.count("\n"))
         result["goals"] = {"p99_reconcile_le_1s": result["spec_change_reconcile"]["p99_s"] <= GOAL_P99_S,
                            "rss_le_250mb": result["operator_rss_mb"]["peak"] <= GOAL_RSS_MB}
+        result["pods_made_ready_again_by_bench"] = rereadier.count
         sampler.stop.set()
+        rereadier.stop.set()
         kube.close()
     finally:
         if op is not None:
@@ -211,7 +256,12 @@ def write(result: dict[str, Any], out: Path) -> None:
 | measure | n | p50 s | p99 s | max s | goal |
 |---|---|---|---|---|---|
 | fleet create -> Available (pods Running) | {c['n']} | {c['p50_s']} | {c['p99_s']} | {c['max_s']} | |
-| spec change -> status.observedGeneration (reconcile) | {s['n']} | {s['p50_s']} | {s['p99_s']} | {s['max_s']} | p99 <= 1 s: {'met' if result['goals']['p99_reconcile_le_1s'] else 'NOT met'} |
+| spec change -> status.observedGeneration (end to end) | {s['n']} | {s['p50_s']} | {s['p99_s']} | {s['max_s']} | p99 <= 1 s: {'met' if result['goals']['p99_reconcile_le_1s'] else 'NOT met'} |
+
+Pods set Ready again by the bench after KWOK node heartbeat lag (see `Rereadier`): {result['pods_made_ready_again_by_bench']}.
+Inside the operator, every reconcile of the run (create, readiness-driven, spec changes; {result['operator_internal_reconciles']['reconciles']} in all,
+{result['operator_internal_reconciles']['failures']} retried): p50 {result['operator_internal_reconciles']['p50_s']} s, p99 {result['operator_internal_reconciles']['p99_s']} s, max {round(result['operator_internal_reconciles']['max_s'], 3)} s
+(dequeue to status written). The end-to-end figure adds the watch delivery to kopf, the queue and the status read-back by the benchmark.
 
 All {c['available']} fleets Available {c['all_available_s']} s after the first create ({result['create_calls_s']} s of create calls).
 Operator RSS: {result['operator_rss_idle_mb']} MiB idle, {r['peak']} MiB peak, {r['end']} MiB at the end

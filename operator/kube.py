@@ -39,6 +39,7 @@ KINDS: dict[str, KindInfo] = {
     "CachePolicy": KindInfo(KVFLEET, "cachepolicies"),
     "SLOClass": KindInfo(KVFLEET, "sloclasses"),
 }
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 # The kinds a fleet owns, listed by label to find children that are no longer desired.
 CHILD_KINDS = ("ConfigMap", "Deployment", "StatefulSet", "Service")
 
@@ -84,12 +85,12 @@ class Kube:
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, body: Any = None, query: Mapping[str, str] | None = None,
-                content_type: str = "application/json") -> Any:
+                content_type: str = "application/json", accept: str = "application/json") -> Any:
         """One request; returns the decoded JSON answer or raises ApiError."""
         full = url + ("?" + urlencode(query) if query else "")
         params = self._api.param_serialize(
             method=method, resource_path=full,
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            header_params={"Content-Type": content_type, "Accept": accept},
             body=body, auth_settings=["BearerToken"],
         )
         resp = self._api.call_api(*params)
@@ -107,13 +108,19 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str | None, selector: str | None = None) -> list[dict[str, Any]]:
-        """Items of a kind in a namespace (all namespaces when None), optionally by label selector."""
+    def list(self, kind: str, namespace: str | None, selector: str | None = None,
+             metadata_only: bool = False) -> list[dict[str, Any]]:
+        """Items of a kind in a namespace (all namespaces when None), optionally by label selector.
+
+        `metadata_only` asks the server for PartialObjectMetadata (no spec/data/status): much
+        smaller answers where only names, uids, labels and owners are needed.
+        """
         query = {"labelSelector": selector} if selector else None
-        items = self.request("GET", path(kind, namespace), query=query).get("items") or []
-        for item in items:  # list items carry no apiVersion/kind
-            item.setdefault("apiVersion", KINDS[kind].api_version)
-            item.setdefault("kind", kind)
+        accept = PARTIAL_METADATA if metadata_only else "application/json"
+        items = self.request("GET", path(kind, namespace), query=query, accept=accept).get("items") or []
+        for item in items:  # list items carry no apiVersion/kind (metadata-only ones a generic one)
+            item["apiVersion"] = KINDS[kind].api_version
+            item["kind"] = kind
         return items  # type: ignore[no-any-return]
 
     def close(self) -> None:

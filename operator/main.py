@@ -64,9 +64,16 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="queue")
-def queue_probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+def queue_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """Served on the liveness endpoint: reconcile counts and recent durations (seconds)."""
     stats = memo.controller.stats
-    return {"reconciles": stats.reconciles, "failures": stats.failures, "fleets": len(memo.controller.known)}
+    durations = sorted(stats.durations)
+
+    def pct(q: float) -> float:
+        return round(durations[min(len(durations) - 1, int(q * len(durations)))], 4) if durations else 0.0
+
+    return {"reconciles": stats.reconciles, "failures": stats.failures, "fleets": len(memo.controller.known),
+            "p50_s": pct(0.5), "p99_s": pct(0.99), "max_s": durations[-1] if durations else 0.0}
 
 
 @kopf.index(*FLEETS)

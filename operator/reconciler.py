@@ -89,6 +89,7 @@ class Reconciler:
         self._pool = ThreadPoolExecutor(max_workers=fan_out, thread_name_prefix="kube")
         # child uid -> (digest of what we applied, the child's marker right after): see _unchanged.
         self._applied: dict[str, tuple[str, str]] = {}
+        self._refs_hint: dict[tuple[str, str], list[tuple[str, str]]] = {}
 
     def _unchanged(self, want: Mapping[str, Any], have: Mapping[str, Any] | None) -> bool:
         """Whether `have` is exactly what our last apply of `want` left (so applying again is a no-op).
@@ -110,15 +111,27 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> Outcome:
         """Converge one fleet's children and status; raises RetryableError when a retry is due."""
         kube, out = self.kube, Outcome()
-        fleet = kube.get("InferenceFleet", namespace, name)
+        selector = f"{LABEL_FLEET}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
+        # One round trip for everything independent: the fleet, its children (workloads in full for
+        # replicas/status/field owners; config and services by metadata only) and the references
+        # the fleet named last time (a hint; whatever the fresh spec adds is fetched afterwards).
+        hint = self._refs_hint.get((namespace, name), [])
+        reads: list[Callable[[], Any]] = [lambda: kube.get("InferenceFleet", namespace, name)]
+        reads += [lambda k=kind: kube.list(k, namespace, selector, metadata_only=k in ("ConfigMap", "Service"))
+                  for kind in CHILD_KINDS]
+        reads += [lambda r=ref: kube.get(r[0], namespace, r[1]) for ref in hint]
+        results = self._all(lambda read: read(), reads)
+        fleet, lists = results[0], results[1:1 + len(CHILD_KINDS)]
+        fetched = dict(zip(hint, results[1 + len(CHILD_KINDS):], strict=True))
         if fleet is None or fleet["metadata"].get("deletionTimestamp"):
+            self._refs_hint.pop((namespace, name), None)
             out.gone = True  # owner references let the garbage collector remove the children
             return out
         uid = fleet["metadata"]["uid"]
-        selector = f"{LABEL_FLEET}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
         refs = sorted({(r.kind, r.name) for r in references(fleet.get("spec") or {})})
-        lists = self._all(lambda kind: kube.list(kind, namespace, selector), CHILD_KINDS)
-        fetched = dict(zip(refs, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), refs), strict=True))
+        missing = [r for r in refs if r not in fetched]
+        fetched.update(zip(missing, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), missing), strict=True))
+        self._refs_hint[(namespace, name)] = refs
         observed = [o for items in lists for o in items if owned_by(o, uid)]
         resolved = resolve(fleet, lambda kind, n: fetched.get((kind, n)), self.settings)
         workloads_seen = [o for o in observed if o["kind"] in ("Deployment", "StatefulSet")]
