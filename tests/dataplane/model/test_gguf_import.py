@@ -160,7 +160,7 @@ def test_gguf_pre_tokenizers(pre, pieces) -> None:
 
 
 @pytest.mark.parametrize("meta, match", [
-    (_byte_vocab_meta("gpt2", model="llama"), "only byte-level BPE"),
+    (_byte_vocab_meta("gpt2", model="bert"), "tokenizer model 'bert' is not supported"),
     (_byte_vocab_meta("deepseek-coder"), "pre-tokenizer 'deepseek-coder' is not supported"),
 ])
 def test_gguf_tokenizer_rejects_unsupported(meta, match) -> None:
@@ -168,3 +168,38 @@ def test_gguf_tokenizer_rejects_unsupported(meta, match) -> None:
 
     with pytest.raises(NotImplementedError, match=match):
         build_tokenizer_files(meta, 128)
+
+
+def test_gguf_sentencepiece_vocab_matches_sentencepiece(tmp_path) -> None:
+    """A 'llama' (SentencePiece BPE, byte fallback) GGUF vocabulary encodes like sentencepiece itself."""
+    spm = pytest.importorskip("sentencepiece")
+    from kvfleet.dataplane.model.gguf_tokenizer import build_tokenizer_files
+    from kvfleet.dataplane.model.tiny import _TRAINING_TEXT
+
+    lines = _TRAINING_TEXT.splitlines() * 4
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=600, model_type="bpe",
+        byte_fallback=True, split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        character_coverage=0.98,
+        minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+
+    def kind(i: int) -> int:  # GGUF token types
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+            "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+            "tokenizer.ggml.bos_token_id": sp.bos_id(), "tokenizer.ggml.eos_token_id": sp.eos_id(),
+            "tokenizer.ggml.unknown_token_id": sp.unk_id(), "tokenizer.ggml.add_bos_token": True}
+    tok, config, generation = build_tokenizer_files(meta, 128)
+    assert (config["bos_token"], config["eos_token"], generation["eos_token_id"]) == ("<s>", "</s>", [2])
+    texts = [*lines[:8], "  two  spaces", "unseen: ÆØÅ ĳ 🦀 zzqx", "x", "12345 tabs\tand\nnewlines"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == text
+    assert tok.encode("hi", add_special_tokens=True).ids[0] == sp.bos_id()
+    # like llama.cpp (and HF's legacy Llama tokenizer): a space prefix again after a special token
+    assert tok.encode("<s>hi", add_special_tokens=False).ids == [sp.bos_id(), *sp.encode("hi")]
