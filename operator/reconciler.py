@@ -87,21 +87,23 @@ class Reconciler:
         self.settings = settings
         # Requests of one reconcile that do not depend on each other run concurrently (latency).
         self._pool = ThreadPoolExecutor(max_workers=fan_out, thread_name_prefix="kube")
-        # child uid -> (digest of what we applied, the child's marker right after): see _unchanged.
-        self._applied: dict[str, tuple[str, str]] = {}
+        # (namespace, fleet) -> child uid -> (digest of what we applied, the child's marker right after).
+        self._applied: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
         self._refs_hint: dict[tuple[str, str], list[tuple[str, str]]] = {}
 
-    def _unchanged(self, want: Mapping[str, Any], have: Mapping[str, Any] | None) -> bool:
+    def _unchanged(self, applied: Mapping[str, tuple[str, str]], want: Mapping[str, Any],
+                   have: Mapping[str, Any] | None) -> bool:
         """Whether `have` is exactly what our last apply of `want` left (so applying again is a no-op).
 
         The marker is a workload's generation (any spec edit, a `kubectl scale`
         included, bumps it; status updates do not) plus a digest of its labels and
-        annotations, and the resourceVersion of anything else. The cache is in memory only: after a restart every child is
-        applied once more, which is harmless (server-side apply is idempotent).
+        annotations, and the resourceVersion of anything else. The cache is in
+        memory only: after a restart every child is applied once more, which is
+        harmless (server-side apply is idempotent).
         """
         if have is None:
             return False
-        return self._applied.get(have["metadata"]["uid"]) == (config_hash(dict(want)), _marker(have))
+        return applied.get(have["metadata"]["uid"]) == (config_hash(dict(want)), _marker(have))
 
     def _all(self, fn: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
         """`fn` over `items` concurrently, results in order; the first exception is raised."""
@@ -125,6 +127,7 @@ class Reconciler:
         fetched = dict(zip(hint, results[1 + len(CHILD_KINDS):], strict=True))
         if fleet is None or fleet["metadata"].get("deletionTimestamp"):
             self._refs_hint.pop((namespace, name), None)
+            self._applied.pop((namespace, name), None)
             out.gone = True  # owner references let the garbage collector remove the children
             return out
         uid = fleet["metadata"]["uid"]
@@ -162,7 +165,9 @@ class Reconciler:
         out.manual_scales = manual_scales(desired, observed)
         # ConfigMaps first, so new pods never start before the config they mount exists.
         have = {key(o): o for o in observed}
-        todo = [o for o in desired if not self._unchanged(o, have.get(key(o)))]
+        meta = fleet["metadata"]
+        cache = self._applied.setdefault((meta["namespace"], meta["name"]), {})
+        todo = [o for o in desired if not self._unchanged(cache, o, have.get(key(o)))]
         configs = [o for o in todo if o["kind"] == "ConfigMap"]
         rest = [o for o in todo if o["kind"] != "ConfigMap"]
         applied = self._all(lambda o: writes.apply(kube, o), configs)
@@ -170,7 +175,7 @@ class Reconciler:
         out.applied += len(applied)
         for want, got in zip(configs + rest, applied, strict=True):
             got.setdefault("kind", want["kind"])
-            self._applied[got["metadata"]["uid"]] = (config_hash(want), _marker(got))
+            cache[got["metadata"]["uid"]] = (config_hash(want), _marker(got))
         fresh = {key(o): o for o in applied}
         stored = [fresh.get(key(o)) or have[key(o)] for o in desired]
         for s in out.manual_scales:
@@ -178,7 +183,7 @@ class Reconciler:
             writes.event(kube, fleet, "ManualScaleReverted", _scale_message(s, inputs), "Warning")
         stale = stale_children(desired, observed, fleet["metadata"]["uid"])
         for obj, gone in zip(stale, self._all(lambda o: writes.delete(kube, o), stale), strict=True):
-            self._applied.pop(obj["metadata"]["uid"], None)
+            cache.pop(obj["metadata"]["uid"], None)
             if gone:
                 out.deleted.append(f"{obj['kind']}/{obj['metadata']['name']}")
         if out.deleted:
