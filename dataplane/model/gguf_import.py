@@ -23,8 +23,9 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .gguf_tokenizer import build_tokenizer_files
+from .llama import rope_inv_freq
 
 # Bump when the output of the conversion changes: caches are keyed by it.
 IMPORTER_VERSION = "1"
@@ -82,8 +83,27 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return meta
 
 
-def build_config(meta: dict[str, Any], vocab_size: int, tied: bool, dtype: str) -> dict[str, Any]:
-    """config.json (HF LlamaForCausalLM) from `llama.*` metadata."""
+def llama3_scaling_from_freq_factors(factors: np.ndarray, head_dim: int, theta: float,
+                                     original_ctx: int) -> dict[str, Any] | None:
+    """Recover HF `rope_scaling` from llama.cpp's `rope_freqs.weight` (per-frequency divisors).
+
+    llama.cpp bakes Llama 3.1-style scaling into that tensor; we find the llama3 parameters
+    that reproduce it (factor = the largest divisor; the standard ramp 1..4) or refuse.
+    """
+    factor = float(factors.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+        scaling = RopeScaling("llama3", factor, low, high, original_ctx)
+        expected = (rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, scaling)).numpy()
+        if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-3):
+            return scaling.to_dict()
+    raise GGUFImportError("rope_freqs.weight does not match any llama3 RoPE scaling this importer knows")
+
+
+def build_config(meta: dict[str, Any], vocab_size: int, tied: bool, dtype: str,
+                 rope_freqs: np.ndarray | None = None) -> dict[str, Any]:
+    """config.json (HF LlamaForCausalLM) from `llama.*` metadata (and `rope_freqs.weight`, if any)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise GGUFImportError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
@@ -103,6 +123,10 @@ def build_config(meta: dict[str, Any], vocab_size: int, tied: bool, dtype: str) 
         rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise GGUFImportError(f"rope scaling {scaling_type!r} is not supported")
+    theta = _f32(get("rope.freq_base", 10000.0))
+    if rope_freqs is not None:
+        original_ctx = int(meta.get("llama.rope.scaling.original_context_length") or 8192)
+        rope_scaling = llama3_scaling_from_freq_factors(rope_freqs, head_dim, theta, original_ctx)
     tok_meta = {k: meta.get(f"tokenizer.ggml.{k}") for k in ("bos_token_id", "eos_token_id")}
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -116,7 +140,7 @@ def build_config(meta: dict[str, Any], vocab_size: int, tied: bool, dtype: str) 
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+        "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "max_position_embeddings": int(get("context_length")),
         "tie_word_embeddings": tied,
@@ -202,15 +226,17 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
     reader = GGUFReader(str(gguf_path))
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise GGUFImportError("rope_freqs.weight (Llama 3.1-style RoPE scaling in GGUF) is not supported yet")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise GGUFImportError("GGUF file has no token_embd.weight")
-    config = build_config(meta, vocab_size=int(embd.shape[1]), tied="output.weight" not in names, dtype=dtype)
+    config = build_config(meta, vocab_size=int(embd.shape[1]), tied="output.weight" not in names, dtype=dtype,
+                          rope_freqs=None if freqs is None else _dequantized(freqs))
 
     writer = _ShardWriter(out)
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # folded into config.json's rope_scaling
+            continue
         name = hf_tensor_name(tensor.name)
         w = _dequantized(tensor)
         if name.endswith("self_attn.q_proj.weight"):

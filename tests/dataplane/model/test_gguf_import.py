@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -42,6 +43,25 @@ _GGUF_LAYER = {v: k for k, v in {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}.items()}
 
 
+def llama_cpp_rope_freqs(cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for a llama3-scaled config (its converter's documented formula)."""
+    sc = cfg.rope_scaling
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    out = []
+    for i in range(0, cfg.head_dim, 2):
+        wavelen = 2 * math.pi * cfg.rope_theta ** (i / cfg.head_dim)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(sc.factor)
+        else:
+            smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+                sc.high_freq_factor - sc.low_freq_factor)
+            out.append(1 / ((1 - smooth) / sc.factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_gguf(model_dir, path, quant) -> None:
     """Write the HF tiny model at `model_dir` as a llama.cpp-style GGUF (q/k permuted, 2-D tensors `quant`)."""
     cfg = ModelConfig.from_dir(model_dir)
@@ -68,6 +88,8 @@ def write_gguf(model_dir, path, quant) -> None:
     w.add_eos_token_id(1)
     w.add_add_bos_token(True)
     w.add_chat_template(tok_cfg["chat_template"])
+    if cfg.rope_scaling is not None:  # llama.cpp stores llama3 scaling only as this tensor
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(cfg))
     for name, t in load_file(str(model_dir / "model.safetensors")).items():
         a = t.float().numpy()
         if name.endswith("q_proj.weight"):
@@ -203,3 +225,22 @@ def test_gguf_sentencepiece_vocab_matches_sentencepiece(tmp_path) -> None:
     assert tok.encode("hi", add_special_tokens=True).ids[0] == sp.bos_id()
     # like llama.cpp (and HF's legacy Llama tokenizer): a space prefix again after a special token
     assert tok.encode("<s>hi", add_special_tokens=False).ids == [sp.bos_id(), *sp.encode("hi")]
+
+
+def test_gguf_rope_freqs_become_llama3_rope_scaling(tmp_path) -> None:
+    from kvfleet.dataplane.model.tiny import write_tiny_llama
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    model_dir = write_tiny_llama(tmp_path / "hf", seed=5, rope_scaling=scaling, rope_theta=500000.0,
+                                 max_position_embeddings=16384)
+    write_gguf(model_dir, tmp_path / "scaled.gguf", gguf.GGMLQuantizationType.F32)
+    assert model_cli(["import-gguf", str(tmp_path / "scaled.gguf"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert ModelConfig.from_dir(tmp_path / "out").rope_scaling == ModelConfig.from_dir(model_dir).rope_scaling
+    original, cfg = load_model(model_dir, dtype=torch.float32)
+    imported, _ = load_model(tmp_path / "out", dtype=torch.float32)
+    ids = torch.randint(4, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = original(ids, torch.arange(40), DenseAttention())
+        b = imported(ids, torch.arange(40), DenseAttention())
+    assert torch.equal(a, b)
