@@ -99,6 +99,7 @@ class LocalCluster:
     ports: dict[str, int]
     pod_cidr: str
     slot: int
+    node_grace_s: int = 300
     pids: dict[str, int] = field(default_factory=dict)
     _popens: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
@@ -134,8 +135,14 @@ class LocalCluster:
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
     def start(cls, name: str | None = None, *, bin_dir: Path | None = None, tie_to_parent: bool = False,
-              timeout_s: float = 120.0) -> LocalCluster:
-        """Start every component, wait until the API is ready and controllers work; stop all on failure."""
+              timeout_s: float = 120.0, node_grace_s: int = 300) -> LocalCluster:
+        """Start every component, wait until the API is ready and controllers work; stop all on failure.
+
+        ``node_grace_s`` is how long a node may miss heartbeats before the controller manager
+        marks it NotReady (upstream: 50 s). KWOK's heartbeats lag when the host is starved of
+        CPU, and KWOK never re-readies pods that were marked NotReady, so the default is long;
+        lower it for tests that stop KWOK to simulate node loss.
+        """
         name = name or f"c{os.getpid()}-{int(time.time() * 1000) % 100000}"
         cluster_dir = CLUSTERS_ROOT / name
         if (cluster_dir / "state.json").exists():
@@ -145,7 +152,7 @@ class LocalCluster:
             cluster_dir.mkdir(parents=True, exist_ok=True)
             slot = _claim_slot(cluster_dir)
             ports = {k: procs.free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")}
-            cluster = cls(name, cluster_dir, bin_dir, ports, f"127.{slot}.0.0/16", slot)
+            cluster = cls(name, cluster_dir, bin_dir, ports, f"127.{slot}.0.0/16", slot, node_grace_s)
             try:
                 cluster._start_all(tie_to_parent, timeout_s)
                 return cluster
@@ -295,7 +302,7 @@ class LocalCluster:
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_cert}",
                 f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
-                "--kube-api-qps=1000", "--kube-api-burst=2000",
+                "--kube-api-qps=1000", "--kube-api-burst=2000", f"--node-monitor-grace-period={self.node_grace_s}s",
                 "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10",
                 "--concurrent-gc-syncs=40", "--profiling=false", "--v=0"]
 
@@ -347,13 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=os.environ.get("KVFLEET_CLUSTER", "kvfleet"))
     parser.add_argument("--gpu-nodes", type=int, default=4, help="simulated 8-GPU nodes to create on `up`")
     parser.add_argument("--no-podrunner", action="store_true", help="do not start the local pod runner on `up`")
+    parser.add_argument("--node-grace-s", type=int, default=300,
+                        help="seconds without heartbeat before a node turns NotReady (upstream 50)")
     args = parser.parse_args(argv)
     if args.action == "prune":
         for name in prune_dead_clusters():
             log(f"removed dead cluster {name}")
         return 0
     if args.action == "up":
-        cluster = LocalCluster.start(args.name)
+        cluster = LocalCluster.start(args.name, node_grace_s=args.node_grace_s)
         try:
             if args.gpu_nodes:
                 from e2e.nodes import create_gpu_nodes, wait_nodes_ready  # needs the kubernetes client
