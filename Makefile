@@ -11,7 +11,7 @@ export KVFLEET_CACHE ?= $(HOME)/.cache/kvfleet
 .PHONY: help venv test test-fast lint crds crds-check binaries cluster-up cluster-down e2e-kind demo bench
 
 help:
-	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
