@@ -23,6 +23,7 @@ import kopf
 
 from .builders import OperatorSettings
 from .builders.names import LABEL_FLEET, MANAGED_BY
+from .cache import ObjectCache
 from .controller import FLEET, REFS, Controller, Key
 from .kube import Kube
 from .reconciler import Reconciler
@@ -31,8 +32,8 @@ from .resolve import references
 GROUP, VERSION = "kvfleet.io", "v1alpha1"
 FLEETS = (GROUP, VERSION, "inferencefleets")
 REFERENCED = ((GROUP, VERSION, "modelvariants"), (GROUP, VERSION, "cachepolicies"), (GROUP, VERSION, "sloclasses"))
-CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"), ("", "v1", "services"),
-            ("", "v1", "configmaps"))
+CHILDREN = (("apps", "v1", "deployments", "Deployment"), ("apps", "v1", "statefulsets", "StatefulSet"),
+            ("", "v1", "services", "Service"), ("", "v1", "configmaps", "ConfigMap"))
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_FLEET: kopf.PRESENT}
 CHILD_DELAY_S = 0.5  # coalesce bursts of child status updates into one reconcile
 
@@ -53,8 +54,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     configure(settings)
     opts = memo.options
     reconciler = Reconciler(Kube(), OperatorSettings(image=opts.image, image_pull_policy=opts.image_pull_policy,
-                                                     otlp_endpoint=opts.otlp_endpoint or None))
+                                                     otlp_endpoint=opts.otlp_endpoint or None),
+                            cache=ObjectCache())
     memo.controller = Controller(reconciler, workers=opts.workers, resync_seconds=opts.resync_seconds)
+    memo.cache = reconciler.cache
     memo.controller.start()
 
 
@@ -99,6 +102,7 @@ async def fleet_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) ->
 async def referenced_changed(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
                              fleet_refs: kopf.Index[tuple[str, str, str], str], **_: Any) -> None:
     """A referenced object appeared, changed or went away: its fleets reconcile again."""
+    remember(memo.cache, type, body["kind"], body, namespace, name)
     seen = (body.get("status") or {}).get("observedGeneration")
     if type != "DELETED" and seen is not None and seen == body["metadata"].get("generation"):
         return  # only our own status write changed
@@ -111,12 +115,26 @@ for _resource in REFERENCED:
     kopf.on.event(*_resource, id=f"referenced-{_resource[2]}")(referenced_changed)
 
 
-async def child_changed(type: str | None, namespace: str, labels: kopf.Labels, memo: kopf.Memo,
-                        **_: Any) -> None:
-    """A child changed (drift, a hand edit, a deletion, a readiness change): its fleet reconciles."""
-    delay = 0.0 if type == "DELETED" else CHILD_DELAY_S
-    memo.controller.enqueue(Key(FLEET, namespace, labels[LABEL_FLEET]), delay=delay)
+def child_handler(kind: str) -> Any:
+    """The watch-event handler of one child kind."""
+
+    async def child_changed(type: str | None, body: kopf.Body, namespace: str, name: str, labels: kopf.Labels,
+                            memo: kopf.Memo, **_: Any) -> None:
+        """A child changed (drift, a hand edit, a deletion, a readiness change): its fleet reconciles."""
+        remember(memo.cache, type, kind, body, namespace, name)
+        delay = 0.0 if type == "DELETED" else CHILD_DELAY_S
+        memo.controller.enqueue(Key(FLEET, namespace, labels[LABEL_FLEET]), delay=delay)
+
+    return child_changed
 
 
-for _resource in CHILDREN:
-    kopf.on.event(*_resource, labels=CHILD_LABELS, id=f"child-{_resource[2]}")(child_changed)
+def remember(cache: ObjectCache, type: str | None, kind: str, body: kopf.Body, namespace: str, name: str) -> None:
+    """Keep the read cache in step with the watch stream."""
+    if type == "DELETED":
+        cache.remove(kind, namespace, name)
+    else:
+        cache.put(kind, body)
+
+
+for _group, _version, _plural, _kind in CHILDREN:
+    kopf.on.event(_group, _version, _plural, labels=CHILD_LABELS, id=f"child-{_plural}")(child_handler(_kind))

@@ -27,6 +27,7 @@ from kvfleet.dataplane.config import ConfigError
 from . import apply as writes
 from .builders import FleetInputs, OperatorSettings, desired_objects, router_endpoint
 from .builders.names import LABEL_FLEET, MANAGED_BY, config_hash
+from .cache import ObjectCache
 from .children import ManualScale, key, manual_scales, owned_by, stale_children
 from .kube import CHILD_KINDS, KVFLEET, ApiError, Kube
 from .resolve import Unresolved, references, resolve
@@ -82,9 +83,12 @@ def _scale_message(s: ManualScale, inputs: FleetInputs) -> str:
 class Reconciler:
     """Reconciles fleets and the usedByFleets status of what they reference."""
 
-    def __init__(self, kube: Kube, settings: OperatorSettings, fan_out: int = 16):
+    def __init__(self, kube: Kube, settings: OperatorSettings, fan_out: int = 16,
+                 cache: ObjectCache | None = None):
         self.kube = kube
         self.settings = settings
+        self.cache = cache
+        self._warm: set[tuple[str, str]] = set()  # fleets whose children were listed from the API once
         # Requests of one reconcile that do not depend on each other run concurrently (latency).
         self._pool = ThreadPoolExecutor(max_workers=fan_out, thread_name_prefix="kube")
         # (namespace, fleet) -> child uid -> (digest of what we applied, the child's marker right after).
@@ -114,24 +118,37 @@ class Reconciler:
         """Converge one fleet's children and status; raises RetryableError when a retry is due."""
         kube, out = self.kube, Outcome()
         selector = f"{LABEL_FLEET}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
-        # One round trip for everything independent: the fleet, its children (workloads in full for
-        # replicas/status/field owners; config and services by metadata only) and the references
-        # the fleet named last time (a hint; whatever the fresh spec adds is fetched afterwards).
+        # One round trip for everything independent: the fleet (always fresh), its children (from the
+        # watch cache once this fleet was listed once; else workloads in full for replicas/status/field
+        # owners, config and services by metadata only) and the references the fleet named last time
+        # that the cache lacks (a hint; whatever the fresh spec adds is fetched afterwards).
         hint = self._refs_hint.get((namespace, name), [])
+        cache, warm = self.cache, (namespace, name) in self._warm
+        if cache is not None:
+            hint = [r for r in hint if cache.get(r[0], namespace, r[1]) is None]
         reads: list[Callable[[], Any]] = [lambda: kube.get("InferenceFleet", namespace, name)]
-        reads += [lambda k=kind: kube.list(k, namespace, selector, metadata_only=k in ("ConfigMap", "Service"))
-                  for kind in CHILD_KINDS]
+        if cache is None or not warm:
+            reads += [lambda k=kind: kube.list(k, namespace, selector, metadata_only=k in ("ConfigMap", "Service"))
+                      for kind in CHILD_KINDS]
         reads += [lambda r=ref: kube.get(r[0], namespace, r[1]) for ref in hint]
         results = self._all(lambda read: read(), reads)
-        fleet, lists = results[0], results[1:1 + len(CHILD_KINDS)]
-        fetched = dict(zip(hint, results[1 + len(CHILD_KINDS):], strict=True))
+        fleet, results = results[0], results[1:]
+        if cache is None or not warm:
+            lists, results = results[:len(CHILD_KINDS)], results[len(CHILD_KINDS):]
+        else:
+            lists = [[o for o in cache.children(namespace, name) if o["kind"] in CHILD_KINDS]]
+        fetched = dict(zip(hint, results, strict=True))
         if fleet is None or fleet["metadata"].get("deletionTimestamp"):
             self._refs_hint.pop((namespace, name), None)
             self._applied.pop((namespace, name), None)
+            self._warm.discard((namespace, name))
             out.gone = True  # owner references let the garbage collector remove the children
             return out
+        self._warm.add((namespace, name))
         uid = fleet["metadata"]["uid"]
         refs = sorted({(r.kind, r.name) for r in references(fleet.get("spec") or {})})
+        if cache is not None:
+            fetched.update({r: o for r in refs if r not in fetched and (o := cache.get(r[0], namespace, r[1]))})
         missing = [r for r in refs if r not in fetched]
         fetched.update(zip(missing, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), missing), strict=True))
         self._refs_hint[(namespace, name)] = refs

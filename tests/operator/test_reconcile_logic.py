@@ -118,3 +118,21 @@ def test_operator_modules_import_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     assert "kvfleet.operator.main" in modules and "kvfleet.operator.__main__" in modules
+
+
+def test_object_cache_indexes_children_by_fleet_and_forgets_deleted_ones():
+    from kvfleet.operator.cache import ObjectCache
+
+    cache = ObjectCache()
+    dep = {"metadata": {"name": "chat-router", "namespace": "ml", "labels": {"kvfleet.io/fleet": "chat"}}}
+    cache.put("Deployment", dep)
+    cache.put("ConfigMap", {"metadata": {"name": "chat-config", "namespace": "ml",
+                                         "labels": {"kvfleet.io/fleet": "chat"}}})
+    cache.put("ModelVariant", {"metadata": {"name": "base", "namespace": "ml"}})
+    assert [(o["kind"], o["metadata"]["name"]) for o in cache.children("ml", "chat")] == [
+        ("ConfigMap", "chat-config"), ("Deployment", "chat-router")]
+    dep["metadata"]["name"] = "mutated"  # the cache holds a copy
+    assert cache.get("Deployment", "ml", "chat-router")["metadata"]["name"] == "chat-router"
+    cache.remove("Deployment", "ml", "chat-router")
+    assert [o["kind"] for o in cache.children("ml", "chat")] == ["ConfigMap"]
+    assert cache.children("other", "chat") == [] and cache.get("ModelVariant", "ml", "base") is not None
