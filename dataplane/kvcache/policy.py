@@ -13,6 +13,11 @@ rows per kv head; sinks and tail are never evicted (they are protected along
 with the eviction policy's own sinks and window). Attention of the tokens of
 the current forward runs over [dequantized stored KV, their own fp K/V].
 
+KVQuant's pre-RoPE keys (`keys_pre_rope`): the seam hands over post-RoPE keys
+and no positions, so `PolicyAttention` counts positions itself (one sequence
+from position 0), un-rotates keys with the model's rope table before encoding
+and re-rotates them at their stored positions on read.
+
 Engine integration (the paged engine applies a policy per variant):
   - `build_codecs(...)` -> key/value `Codec`; `Codec.encode(block [B, Hkv, D])` /
     `Codec.decode(encoded)` quantize and dequantize one block (use group_size ==
@@ -27,6 +32,7 @@ Engine integration (the paged engine applies a policy per variant):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -37,6 +43,8 @@ import torch
 from ..model.attention import AttentionBackend, causal_attention
 from .eviction import EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
 from .quant import KV_DTYPES, Codec, PagedQuantKV, QuantBuffer, default_granularity
+
+log = logging.getLogger(__name__)
 
 # rope(positions [M]) -> (cos [M, D], sin [M, D]) in the rotate-half convention
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -170,7 +178,12 @@ def make_paged_cache(cp: Any, num_layers: int, num_blocks: int, block_size: int,
         from .paged import PagedKVCache
 
         return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
-    kc, vc = build_codecs(PolicySpec.from_config(cp), num_kv_heads, head_dim, dtype)
+    spec = PolicySpec.from_config(cp)
+    kc, vc = build_codecs(spec, num_kv_heads, head_dim, dtype)
+    ignored = [n for n, on in (("residualTokens", spec.quant.residual_tokens), ("sinkTokens", spec.quant.sink_tokens),
+                               ("keysPreRope", spec.quant.keys_pre_rope)) if on]
+    if ignored:
+        log.warning("paged KV stores every slot quantized with post-RoPE keys; %s not applied", ignored)
     return PagedQuantKV(kc, vc, num_layers, num_blocks, block_size, device)
 
 
