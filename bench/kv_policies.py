@@ -5,7 +5,8 @@
 
 Grid: codecs {16-bit baseline, fp8, int8, int4} x {no residual, 32-token fp
 residual} with no eviction, and eviction {StreamingLLM, H2O, SnapKV, KeyDiff}
-x budgets {50%, 25%} on the 16-bit, int8+residual, int4 and int4+residual caches.
+x budgets {50%, 25%} on the 16-bit, int8+residual, int4, int4+residual and
+int4 with keys quantized before RoPE (KVQuant) caches; plus int4 in groups of 64.
 The model computes in float32 on CPU; full-precision KV (the baseline, sinks,
 residual windows) is stored in bfloat16, so the baseline is the 16-bit cache a
 deployment would have. Everything goes through `kvfleet eval-cache`'s
@@ -46,9 +47,11 @@ def grid(quick: bool) -> list:
         "int8+R": QuantSpec("int8", **res),
         "int4": QuantSpec("int4", group_size=32),
         "int4+R": QuantSpec("int4", **res),
+        "int4-preRoPE": QuantSpec("int4", group_size=32, keys_pre_rope=True),
+        "int4-g64-preRoPE": QuantSpec("int4", group_size=64, keys_pre_rope=True),
     }
     policies = [PolicySpec(q, name=n) for n, q in codecs.items() if n != "bf16"]
-    for cname in ("bf16", "int8+R", "int4", "int4+R"):
+    for cname in ("bf16", "int8+R", "int4", "int4+R", "int4-preRoPE"):
         for ev in ("streaming-llm", "h2o", "snapkv", "keydiff"):
             for ratio in (0.5, 0.25):
                 e = EvictionSpec(ev, budget_ratio=ratio, window_tokens=32, sink_tokens=4)
@@ -113,8 +116,9 @@ cache really allocated / tokens seen, at the end of the perplexity samples (512 
 Perplexity: {s['ppl_samples']} x ({s['ppl_context']} context + {s['ppl_score']} scored, teacher-forced
 decode) tokens of the King James Bible, which the model has very likely seen: read the Δ column, not the
 level. Passkey: a 5-digit number in filler text at {s['passkey_samples']} depths per length, greedy decode.
-Codecs: keys per-channel, values per-token, groups of 32 (fp8: per-head scales per 32 tokens); `+R` =
-4 sink tokens + 32-token full-precision residual window. Eviction: 4 sinks + 32-token window, budget as
+Codecs: keys per-channel, values per-token, groups of 32 unless `g64` (fp8: per-head scales per 32
+tokens); `+R` = 4 sink tokens + 32-token full-precision residual window; `preRoPE` = keys un-rotated
+before quantization and re-rotated on read (KVQuant). Eviction: 4 sinks + 32-token window, budget as
 a fraction of the tokens seen (floored at the tokens that are never evicted).
 
 {table(report)}
