@@ -24,6 +24,12 @@ metadata: {name: int4-snapkv}
 spec:
   quantization: {dtype: int4, groupSize: 8}
   eviction: {policy: snapkv, budgetRatio: 0.5, windowTokens: 8, sinkTokens: 2}
+---
+apiVersion: kvfleet.io/v1alpha1
+kind: CachePolicy
+metadata: {name: int8-pre-rope}
+spec:
+  quantization: {dtype: int8, groupSize: 8, keysPreRope: true}
 """
 
 ARGS = ["--lengths", "48,96", "--passkey-samples", "1", "--ppl-context", "48", "--ppl-score", "6",
@@ -48,7 +54,9 @@ def test_eval_cache_end_to_end(tiny: Path, tmp_path: Path, capsys: pytest.Captur
     assert "| policy |" in printed and "int4-snapkv" in printed
     report = json.loads((out / "eval-cache.json").read_text())
     rows = {r["policy"]: r for r in report["results"]}
-    assert list(rows) == ["baseline", "int8-kivi", "int4-snapkv", "fp16"]
+    assert list(rows) == ["baseline", "int8-kivi", "int4-snapkv", "int8-pre-rope", "fp16"]
+    # keys quantized before RoPE and re-rotated on read stay close to the baseline (int8)
+    assert abs(rows["int8-pre-rope"]["perplexity_delta_pct"]) < 1.0
     base = rows["baseline"]
     full = 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 kv heads, head_dim 16, float32
     assert base["kv_bytes_per_token"] == full and base["perplexity_delta_pct"] == 0.0
