@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
+import time
 from typing import Any
 
 from .builders import DEFAULT_IMAGE
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         kwargs["clusterwide"] = True
     if args.peering:
-        kwargs.update(standalone=False, peering_name=args.peering, priority=args.priority)
+        # Our own identity, so the Controller's peering gate can find this replica in the peering object.
+        args.identity = f"kvfleet@{socket.gethostname()}/{os.getpid()}/{int(time.time())}"
+        kwargs.update(standalone=False, peering_name=args.peering, priority=args.priority, identity=args.identity)
     else:
         kwargs["standalone"] = True
     kopf.configure(verbose=args.verbose)  # kopf's own log format for every logger

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,8 +47,9 @@ class Controller:
     """Queue + workers + periodic resync around one Reconciler."""
 
     def __init__(self, reconciler: Reconciler, workers: int = 8, resync_seconds: float = 60.0,
-                 max_backoff: float = 60.0):
+                 max_backoff: float = 60.0, gate: Callable[[], bool] | None = None):
         self.reconciler = reconciler
+        self.gate = gate  # with peering: False while another replica is the active one
         self.workers = workers
         self.resync_seconds = resync_seconds
         self.max_backoff = max_backoff
@@ -115,6 +117,9 @@ class Controller:
         while True:
             key = await self._queue.get()
             self._queued.discard(key)
+            if self.gate is not None and not await loop.run_in_executor(self._executor, self.gate):
+                self.enqueue(key, delay=max(1.0, min(self.resync_seconds, 5.0)))  # standby: look again later
+                continue
             self._active.add(key)
             start = time.monotonic()
             ok = False

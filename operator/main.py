@@ -26,6 +26,7 @@ from .builders.names import LABEL_FLEET, MANAGED_BY
 from .cache import ObjectCache
 from .controller import FLEET, REFS, Controller, Key
 from .kube import Kube
+from .peering import PeeringGate
 from .reconciler import Reconciler
 from .resolve import references
 
@@ -56,7 +57,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     reconciler = Reconciler(Kube(), OperatorSettings(image=opts.image, image_pull_policy=opts.image_pull_policy,
                                                      otlp_endpoint=opts.otlp_endpoint or None),
                             cache=ObjectCache())
-    memo.controller = Controller(reconciler, workers=opts.workers, resync_seconds=opts.resync_seconds)
+    gate = None
+    if opts.peering:
+        gate = PeeringGate(reconciler.kube, opts.peering, opts.identity, opts.priority).active
+    memo.controller = Controller(reconciler, workers=opts.workers, resync_seconds=opts.resync_seconds, gate=gate)
     memo.cache = reconciler.cache
     memo.controller.start()
 

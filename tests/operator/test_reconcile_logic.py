@@ -136,3 +136,18 @@ def test_object_cache_indexes_children_by_fleet_and_forgets_deleted_ones():
     cache.remove("Deployment", "ml", "chat-router")
     assert [o["kind"] for o in cache.children("ml", "chat")] == ["ConfigMap"]
     assert cache.children("other", "chat") == [] and cache.get("ModelVariant", "ml", "base") is not None
+
+
+def test_peering_gate_follows_kopfs_rule():
+    import datetime as dt
+
+    from kvfleet.operator.peering import should_run
+
+    now = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+    fresh, stale = "2026-01-01T11:59:50+00:00", "2026-01-01T11:50:00+00:00"
+    me = {"me": {"priority": 5, "lifetime": 60, "lastseen": fresh}}
+    assert should_run(me, "me", 5, now)
+    assert not should_run({**me, "other": {"priority": 10, "lifetime": 60, "lastseen": fresh}}, "me", 5, now)
+    assert not should_run({**me, "twin": {"priority": 5, "lifetime": 60, "lastseen": fresh}}, "me", 5, now)
+    assert should_run({**me, "low": {"priority": 1, "lifetime": 60, "lastseen": fresh}}, "me", 5, now)
+    assert should_run({**me, "dead": {"priority": 10, "lifetime": 60, "lastseen": stale}}, "me", 5, now)
