@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run kopf until SIGTERM/SIGINT."""
     args = parse_args(argv)
+    if args.peering and args.namespace and not args.all_namespaces:
+        print("kvfleet operator: --peering needs --all-namespaces (it coordinates through a ClusterKopfPeering)",
+              file=sys.stderr)
+        return 2
     import kopf
 
     from . import main as handlers  # noqa: F401 - registers the handlers
