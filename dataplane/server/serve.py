@@ -17,6 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+from kvfleet.dataplane.config import EngineConfig, SLOClassConfig
+
 log = logging.getLogger("kvfleet.serve")
 
 SMOLLM2_ALIAS = "smollm2"
@@ -59,10 +61,8 @@ def resolve_model_dir(model: str) -> tuple[Path, str]:
     return path, path.resolve().name
 
 
-def parse_slo_class(spec: str) -> object:
+def parse_slo_class(spec: str) -> SLOClassConfig:
     """NAME:TTFT_MS:TPOT_MS[:PRIORITY] -> SLOClassConfig."""
-    from kvfleet.dataplane.config import SLOClassConfig
-
     parts = spec.split(":")
     if len(parts) not in (3, 4):
         raise SystemExit(f"kvfleet serve: --slo-class {spec!r}: expected NAME:TTFT_MS:TPOT_MS[:PRIORITY]")
@@ -70,9 +70,7 @@ def parse_slo_class(spec: str) -> object:
     return SLOClassConfig(parts[0], float(parts[1]), float(parts[2]), priority=priority)
 
 
-def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> object:
-    from kvfleet.dataplane.config import EngineConfig
-
+def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> EngineConfig:
     classes = tuple(parse_slo_class(s) for s in args.slo_class)
     return EngineConfig(
         model_dir=str(model_dir),
@@ -85,35 +83,32 @@ def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> obj
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
-        slo_classes=classes,  # type: ignore[arg-type]
-        default_slo_class=classes[0].name if classes else None,  # type: ignore[attr-defined]
+        slo_classes=classes,
+        default_slo_class=classes[0].name if classes else None,
     )
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Load, serve until a signal, shut down."""
-    import torch
+async def run_server(config: EngineConfig, served_model_names: list[str], host: str, port: int) -> None:
+    """Load the engine for `config`, serve the OpenAI API on host:port until SIGTERM/SIGINT, shut down.
+
+    `kvfleet serve` and the colocated `engine` role both run through here.
+    """
     from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
     from kvfleet.dataplane.model.tokenizer import Tokenizer
     from kvfleet.dataplane.server.app import build_app, start_server
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_dir, default_name = resolve_model_dir(args.model)
-    names = args.served_model_name or [default_name]
-    config = build_config(args, model_dir, names[0])
-    log.info("loading %s", model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    engine = AsyncLLMEngine.from_config(config)  # type: ignore[arg-type]
-    slo_names = [c.name for c in config.slo_classes] or None  # type: ignore[attr-defined]
-    app = build_app(engine, tokenizer, names, variant=names[0], slo_classes=slo_names)
-    runner, url = await start_server(app, args.host, args.port)
+    log.info("loading %s", config.model_dir)
+    tokenizer = Tokenizer.from_dir(config.model_dir)
+    engine = AsyncLLMEngine.from_config(config)
+    slo_names = [c.name for c in config.slo_classes] or None
+    app = build_app(engine, tokenizer, served_model_names, variant=config.variant, slo_classes=slo_names)
+    runner, url = await start_server(app, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s as %s at %s (max_model_len %d, device %s)", model_dir, ", ".join(names), url,
-             engine.max_model_len, engine.engine.device)
+    log.info("serving %s as %s at %s (max_model_len %d, device %s)", config.model_dir,
+             ", ".join(served_model_names), url, engine.max_model_len, engine.engine.device)
     print(f"kvfleet serve: listening on {url}", flush=True)
     try:
         await stop.wait()
@@ -121,6 +116,17 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("shutting down")
         await runner.cleanup()  # closes connections, then the app's cleanup stops the engine
         log.info("stopped")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """`kvfleet serve`: build the EngineConfig from flags and run the server."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_dir, default_name = resolve_model_dir(args.model)
+    names = args.served_model_name or [default_name]
+    await run_server(build_config(args, model_dir, names[0]), names, args.host, args.port)
 
 
 def main(argv: list[str]) -> int:

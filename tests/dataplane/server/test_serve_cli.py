@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import openai
 import pytest
+from process_testlib import serving_process
 
 
-@contextmanager
-def kvfleet_serve(*args: str, start_timeout: float = 300) -> Iterator[str]:
+def kvfleet_serve(*args: str, start_timeout: float = 300) -> AbstractContextManager[str]:
     """Run `kvfleet serve ARGS --port 0`; yield its base URL; SIGTERM it and require a clean exit."""
-    proc = subprocess.Popen([sys.executable, "-m", "kvfleet", "serve", *args, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + start_timeout
-        url = None
-        assert proc.stdout is not None
-        while url is None:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "kvfleet serve exited early:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "kvfleet serve did not start:\n" + "".join(lines)
-            lines.append(line)
-            m = re.search(r"listening on (http://\S+)", line)
-            url = m.group(1) if m else None
-        yield url
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, "".join(lines) + out
-        assert "stopped" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return serving_process([sys.executable, "-m", "kvfleet", "serve", *args, "--port", "0"], start_timeout)
 
 
 def test_serve_tiny_model_and_stop_on_sigterm(tiny_dir: Path):

@@ -1,0 +1,49 @@
+"""The colocated engine role as a pod runs it: an operator-rendered config directory, a real port."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import openai
+from kvfleet.dataplane.config import EngineConfig
+from kvfleet.dataplane.roles.engine import resolve_model_dir
+from process_testlib import serving_process
+
+
+def _config_dir(tmp_path: Path, model_dir: str, variant: dict) -> Path:
+    config_dir = tmp_path / "etc-kvfleet"
+    config_dir.mkdir()
+    config = EngineConfig(model_dir=model_dir, variant="tiny-chat", dtype="float32", max_num_seqs=4,
+                          kv_cache_bytes=4 * 2**20)
+    (config_dir / "engine.json").write_text(config.to_json())
+    (config_dir / "variant.json").write_text(json.dumps(variant))
+    return config_dir
+
+
+def test_engine_role_materialises_a_builtin_model_and_serves_it(tmp_path: Path):
+    variant = {"name": "tiny-chat", "servedModelName": "tiny", "spec": {"base": {"builtin": "tiny-llama"}}}
+    # As rendered for a pod: the builtin's path inside the image does not exist on this machine.
+    config_dir = _config_dir(tmp_path, "/var/cache/kvfleet/models/tiny-llama", variant)
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "kvfleet.dataplane.roles.engine", "--config", str(config_dir / "engine.json"),
+            "--host", "127.0.0.1", "--port", "0", "--threads", "1"]
+    with serving_process(argv, env={"KVFLEET_CACHE": str(cache)}) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 4
+    assert (cache / "models" / "tiny-llama-seed0" / "config.json").is_file()
+
+
+def test_configured_model_dir_wins_over_the_builtin(tiny_model_dir: Path):
+    assert resolve_model_dir(str(tiny_model_dir), {"spec": {"base": {"builtin": "tiny-llama"}}}) == tiny_model_dir
+
+
+def test_missing_weights_without_a_builtin_is_a_clear_error(tmp_path: Path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="no config.json"):
+        resolve_model_dir(str(tmp_path / "nothing"), {"spec": {"base": {"hostPath": "/models/x"}}})
