@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from kvfleet.dataplane.config import ConfigError
@@ -126,11 +127,11 @@ class Reconciler:
         cache, warm = self.cache, (namespace, name) in self._warm
         if cache is not None:
             hint = [r for r in hint if cache.get(r[0], namespace, r[1]) is None]
-        reads: list[Callable[[], Any]] = [lambda: kube.get("InferenceFleet", namespace, name)]
+        reads: list[Callable[[], Any]] = [partial(kube.get, "InferenceFleet", namespace, name)]
         if cache is None or not warm:
-            reads += [lambda k=kind: kube.list(k, namespace, selector, metadata_only=k in ("ConfigMap", "Service"))
-                      for kind in CHILD_KINDS]
-        reads += [lambda r=ref: kube.get(r[0], namespace, r[1]) for ref in hint]
+            reads += [partial(kube.list, k, namespace, selector, metadata_only=k in ("ConfigMap", "Service"))
+                      for k in CHILD_KINDS]
+        reads += [partial(kube.get, r[0], namespace, r[1]) for r in hint]
         results = self._all(lambda read: read(), reads)
         fleet, results = results[0], results[1:]
         if cache is None or not warm:

@@ -50,7 +50,8 @@ def condition(type_: str, status: bool, reason: str, message: str, generation: i
     for old in previous:
         if old.get("type") == type_ and old.get("status") == value and old.get("lastTransitionTime"):
             since = old["lastTransitionTime"]
-    out = {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": since}
+    out: dict[str, Any] = {"type": type_, "status": value, "reason": reason, "message": message,
+                           "lastTransitionTime": since}
     if generation is not None:
         out["observedGeneration"] = generation
     return out

@@ -38,7 +38,10 @@ ROUTER_CONTAINER_PORT = 8000
 
 def weights_dir(variant: ModelVariant, which: str = "base") -> str:
     """Where a variant's weights are inside the pod: a mounted volume, or the image's builtin cache."""
-    source = variant.spec.base if which == "base" else variant.spec.fine_tune.weights  # type: ignore[union-attr]
+    if which == "base" or variant.spec.fine_tune is None:
+        source = variant.spec.base
+    else:
+        source = variant.spec.fine_tune.weights
     if source.builtin:
         return f"{CACHE_DIR}/models/{source.builtin}"
     return f"{MODELS_DIR}/{variant.metadata.name}/{which}"
