@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,10 +18,15 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
-        check=True,
-    )
+    had_build_dir = (ROOT / "build").exists()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+            check=True,
+        )
+    finally:
+        if not had_build_dir:  # setuptools stages the wheel in ./build; leave the checkout as it was
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     return next(out.glob("kvfleet-*.whl"))
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import Condition, KubeModel, Resource, Rule
+from .common import KubeModel, ReferencedStatus, Resource, Rule
 
 KVDType = Literal["none", "fp8", "int8", "int4"]
 Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
@@ -208,19 +208,11 @@ class CachePolicySpec(KubeModel):
     )
 
 
-class CachePolicyStatus(KubeModel):
-    """What the operator observed about a CachePolicy."""
-
-    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
-    conditions: list[Condition] = Field(default_factory=list, description="Available / Degraded conditions.")
-    used_by_fleets: list[str] = Field(default_factory=list, description="InferenceFleets using this policy.")
-
-
 class CachePolicy(Resource):
     """The whole CachePolicy object."""
 
     kind: Literal["CachePolicy"] = "CachePolicy"
     spec: CachePolicySpec = Field(default_factory=CachePolicySpec, description="Desired state.")
-    status: CachePolicyStatus | None = Field(
+    status: ReferencedStatus | None = Field(
         default=None, description="Observed state, written by the operator."
     )

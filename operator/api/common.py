@@ -128,6 +128,16 @@ class Condition(KubeModel):
     )
 
 
+class ReferencedStatus(KubeModel):
+    """Status of a resource that fleets reference (ModelVariant, SLOClass, CachePolicy)."""
+
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Available / Degraded conditions.")
+    used_by_fleets: list[str] = Field(
+        default_factory=list, description="InferenceFleets in this namespace that reference this object."
+    )
+
+
 class Toleration(KubeModel):
     """A pod toleration (core/v1 Toleration)."""
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import Condition, KubeModel, Name, Resource, Rule
+from .common import KubeModel, Name, ReferencedStatus, Resource, Rule
 
 
 class WeightsSource(KubeModel):
@@ -130,22 +130,12 @@ class ModelVariantSpec(KubeModel):
     )
 
 
-class ModelVariantStatus(KubeModel):
-    """What the operator observed about a ModelVariant."""
-
-    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
-    conditions: list[Condition] = Field(default_factory=list, description="Available / Degraded conditions.")
-    used_by_fleets: list[str] = Field(
-        default_factory=list, description="InferenceFleets that reference this variant."
-    )
-
-
 class ModelVariant(Resource):
     """The whole ModelVariant object."""
 
     kind: Literal["ModelVariant"] = "ModelVariant"
     spec: ModelVariantSpec = Field(description="Desired state.")
-    status: ModelVariantStatus | None = Field(
+    status: ReferencedStatus | None = Field(
         default=None, description="Observed state, written by the operator."
     )
 

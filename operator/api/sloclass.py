@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import Condition, KubeModel, Resource, Rule
+from .common import KubeModel, ReferencedStatus, Resource, Rule
 
 
 class KVPinning(KubeModel):
@@ -79,19 +79,11 @@ class SLOClassSpec(KubeModel):
     )
 
 
-class SLOClassStatus(KubeModel):
-    """What the operator observed about an SLOClass."""
-
-    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
-    conditions: list[Condition] = Field(default_factory=list, description="Available / Degraded conditions.")
-    used_by_fleets: list[str] = Field(default_factory=list, description="InferenceFleets serving this class.")
-
-
 class SLOClass(Resource):
     """The whole SLOClass object."""
 
     kind: Literal["SLOClass"] = "SLOClass"
     spec: SLOClassSpec = Field(description="Desired state.")
-    status: SLOClassStatus | None = Field(
+    status: ReferencedStatus | None = Field(
         default=None, description="Observed state, written by the operator."
     )
