@@ -20,6 +20,7 @@ from .builders import DEFAULT_IMAGE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (flags fall back to KVFLEET_* environment variables, as the chart sets them)."""
     p = argparse.ArgumentParser(prog="kvfleet operator", description="Run the kvfleet operator (kopf).")
     p.add_argument("-n", "--namespace", action="append", default=[],
                    help="watch this namespace (repeatable); default: all namespaces")

@@ -56,6 +56,7 @@ class ObjectCache:
                 self._by_fleet.get((namespace, fleet), set()).discard(key)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The latest body seen, or None."""
         with self._lock:
             return self._objects.get((kind, namespace, name))
 

@@ -12,6 +12,7 @@ Key = tuple[str, str]  # (kind, name)
 
 
 def key(obj: Mapping[str, Any]) -> Key:
+    """(kind, name): how desired and observed children are matched."""
     return (str(obj["kind"]), str(obj["metadata"]["name"]))
 
 

@@ -99,6 +99,7 @@ class Controller:
         self._tasks.append(asyncio.create_task(self._resync(), name="kvfleet-resync"))
 
     async def stop(self) -> None:
+        """Cancel the workers, timers and resync loop (in-flight reconciles finish in their threads)."""
         for handle in self._timers.values():
             handle.cancel()
         for task in self._tasks:

@@ -23,6 +23,8 @@ KVFLEET = f"{GROUP}/{VERSION}"
 
 @dataclass(frozen=True)
 class KindInfo:
+    """Where a kind lives in the REST API."""
+
     api_version: str
     plural: str
     namespaced: bool = True
@@ -124,4 +126,5 @@ class Kube:
         return items  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        """Release the connection pool."""
         self._api.close()

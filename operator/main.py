@@ -52,6 +52,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Configure kopf, build the Reconciler (with its read cache) and start the Controller."""
     configure(settings)
     opts = memo.options
     reconciler = Reconciler(Kube(), OperatorSettings(image=opts.image, image_pull_policy=opts.image_pull_policy,
@@ -67,6 +68,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the Controller when kopf stops."""
     await memo.controller.stop()
 
 
@@ -93,12 +95,14 @@ def fleet_refs(namespace: str, name: str, spec: Any, **_: Any) -> dict[tuple[str
 @kopf.on.create(*FLEETS)
 @kopf.on.update(*FLEETS)
 async def fleet_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A fleet was created, its spec/labels/annotations changed, or the operator (re)started."""
     memo.controller.enqueue(Key(FLEET, namespace, name))
     memo.controller.enqueue(Key(REFS, namespace))
 
 
 @kopf.on.event(*FLEETS, when=lambda type, **_: type == "DELETED")
 async def fleet_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A fleet is gone: stop resyncing it and drop it from usedByFleets."""
     memo.controller.forget(Key(FLEET, namespace, name))
     memo.controller.enqueue(Key(REFS, namespace))
 

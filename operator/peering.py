@@ -47,6 +47,7 @@ class PeeringGate:
         self._active = True
 
     def active(self) -> bool:
+        """Whether this replica may reconcile now (True when there is no peering object)."""
         with self._lock:
             if time.monotonic() - self._checked < self.ttl:
                 return self._active

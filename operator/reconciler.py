@@ -48,6 +48,7 @@ def _marker(obj: Mapping[str, Any]) -> str:
 
 
 def now() -> str:
+    """RFC 3339 UTC time for condition transitions and Events."""
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

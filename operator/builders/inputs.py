@@ -43,14 +43,17 @@ class FleetInputs:
 
     @property
     def name(self) -> str:
+        """The fleet's name."""
         return str(self.fleet_body["metadata"]["name"])
 
     @property
     def namespace(self) -> str:
+        """The fleet's namespace (every child lives there)."""
         return str(self.fleet_body["metadata"].get("namespace") or "default")
 
     @property
     def image(self) -> str:
+        """The image of every role: the fleet's spec.image, else the operator's --image."""
         return self.fleet.spec.image or self.settings.image
 
     def engine_roles(self) -> dict[str, RoleSpec]:
@@ -64,6 +67,7 @@ class FleetInputs:
 
     @property
     def pool_enabled(self) -> bool:
+        """Whether the cache policy runs the memory pool role."""
         return self.cache_policy.pool.enabled
 
 
