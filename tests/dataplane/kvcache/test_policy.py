@@ -183,3 +183,12 @@ def test_policy_spec_from_resource_yaml_and_engine_config_agree() -> None:
     split = PolicySpec.from_config(CachePolicyConfig(key_quantization="int8", value_quantization="int4"))
     kc, vc = split.quant.codecs(3, 64, torch.float32)
     assert (kc.dtype, vc.dtype) == ("int8", "int4")
+
+
+def test_pyramid_budgets_shrink_with_depth() -> None:
+    spec = PolicySpec(eviction=EvictionSpec("keydiff", budget_tokens=20, window_tokens=4, sink_tokens=2,
+                                            pyramid=True))
+    attn = PolicyAttention(spec, L, H, D)
+    _run(attn, _steps(60, 2))
+    kept = [len(attn.layers[layer]) for layer in range(L)]
+    assert kept == [30, 20, 10]  # (1 + 0.5), 1, (1 - 0.5) x budget
