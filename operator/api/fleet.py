@@ -207,6 +207,11 @@ class InferenceFleetSpec(KubeModel):
     image: str | None = Field(
         default=None, max_length=512, description="Override the kvfleet image for all roles."
     )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra annotations on every pod of the fleet (e.g. for a service mesh or a scraper).",
+    )
 
     __rules__ = (
         Rule(

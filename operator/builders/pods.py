@@ -184,7 +184,7 @@ def pod_template(
         "metadata": {
             "labels": labels(inputs.name, role, vname, inputs.settings.version),
             # A changed policy/config changes the hash, and so the template: the pods roll.
-            "annotations": {ANNOTATION_CONFIG_HASH: config_hash},
+            "annotations": {**inputs.fleet.spec.pod_annotations, ANNOTATION_CONFIG_HASH: config_hash},
         },
         "spec": {
             "automountServiceAccountToken": False,

@@ -200,3 +200,14 @@ def test_kv_policy_reaches_the_engine_config():
     data = by_name(desired_objects(inputs(fleet)))[("ConfigMap", "chat-smollm2-base-config")]["data"]
     policy = EngineConfig.from_json(data["decode.engine.json"]).cache_policy
     assert (policy.key_quantization, policy.eviction, policy.eviction_budget_ratio) == ("int4", "keydiff", 0.5)
+
+
+def test_pod_annotations_from_the_spec_reach_every_pod_but_never_the_config_hash():
+    fleet = chat_fleet()
+    fleet["spec"]["podAnnotations"] = {"kvfleet.io/run-locally": "true", ANNOTATION_CONFIG_HASH: "forged"}
+    workloads = [o for o in desired_objects(inputs(fleet)) if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(workloads) >= 4
+    for obj in workloads:
+        annotations = obj["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["kvfleet.io/run-locally"] == "true"
+        assert annotations[ANNOTATION_CONFIG_HASH] not in ("forged", "")
