@@ -226,9 +226,16 @@ class PodRunner:
 
     @staticmethod
     def _rewrite(text: str, mounts: dict[str, Path]) -> str:
-        for mount_path in sorted(mounts, key=len, reverse=True):
-            text = re.sub(re.escape(mount_path.rstrip("/")) + r"(?=/|$|[^\w.-])", str(mounts[mount_path]), text)
-        return text
+        """Replace each mountPath that starts a path in `text` by its local directory, in ONE pass.
+
+        One pass matters: a local directory may itself contain a mountPath (e.g. `/tmp`).
+        """
+        if not mounts:
+            return text
+        local = {m.rstrip("/") or "/": str(p) for m, p in mounts.items()}
+        alternatives = "|".join(re.escape(m) for m in sorted(local, key=len, reverse=True))
+        pattern = r"(?<![\w./-])(" + alternatives + r")(?=/|$|[^\w.-])"
+        return re.sub(pattern, lambda m: local[m.group(1)], text)
 
     def _read_map(self, kind: str, namespace: str, name: str, optional: bool = False) -> dict[str, str]:
         try:

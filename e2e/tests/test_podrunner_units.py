@@ -32,3 +32,12 @@ def test_mount_paths_are_rewritten_on_path_boundaries_only():
     assert rewrite("/etc/kvfleet/certs/ca.crt", mounts) == "/tmp/pod/volumes/certs/ca.crt"
     assert rewrite("/etc/kvfleet", mounts) == "/tmp/pod/volumes/config"
     assert rewrite("/etc/kvfleet-other/x", mounts) == "/etc/kvfleet-other/x"
+
+
+def test_a_local_directory_containing_a_mount_path_is_not_rewritten_again():
+    # /tmp is itself a mountPath (an emptyDir) and every local volume lives under /tmp.
+    mounts = {"/tmp": Path("/tmp/pod/volumes/tmp"), "/etc/kvfleet/engine.json": Path("/tmp/pod/volumes/config/e.json")}
+    rewrite = PodRunner._rewrite
+    assert rewrite("--config /etc/kvfleet/engine.json", mounts) == "--config /tmp/pod/volumes/config/e.json"
+    assert rewrite("/tmp/scratch", mounts) == "/tmp/pod/volumes/tmp/scratch"
+    assert rewrite("a/tmp/b", mounts) == "a/tmp/b"  # not a path start
