@@ -133,8 +133,9 @@ def run_vllm(python: str, model_dir: str, work: Workload, dtype: str, max_num_se
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "VLLM_CPU_KVCACHE_SPACE": "4"}
         try:
+            # NOTE: cwd outside the repo: its `operator/` folder would shadow the standard library's.
             proc = subprocess.run([python, str(runner), str(cfg)], capture_output=True, text=True,
-                                  timeout=3600, env=env)
+                                  timeout=3600, env=env, cwd=tmp)
         except (OSError, subprocess.TimeoutExpired) as e:
             return {"status": "failed", "detail": repr(e)}
     version = subprocess.run([python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
