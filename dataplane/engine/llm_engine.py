@@ -29,7 +29,8 @@ from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
-from kvfleet.dataplane.kvcache.policy import make_paged_cache, paged_bytes_per_block
+from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor, check_paged_eviction
+from kvfleet.dataplane.kvcache.policy import PolicySpec, make_paged_cache, paged_bytes_per_block
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,21 +60,21 @@ class LLMEngine:
         num_blocks = self._num_blocks(mc, dtype)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
+        spec = PolicySpec.from_config(config.cache_policy)
+        check_paged_eviction(spec.eviction)  # before allocating anything: h2o/snapkv/pyramid are rejected
         kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
                               mc.num_key_value_heads, mc.head_dim, dtype, self.device)
-        self.scheduler = Scheduler(BlockManager(num_blocks, bs, config.enable_prefix_caching),
-                                   config.max_num_seqs, config.max_num_batched_tokens,
+        bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0)
+        # token eviction: one kept-token set per sequence, compacted after each step
+        self.evictor = PagedEvictor(spec.eviction, kv, bm) if spec.eviction.enabled else None
         self.runner = ModelRunner(model, kv, self.device)
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         cp = config.cache_policy
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
-        if cp.eviction != "none":
-            # NOTE: quantized blocks are applied (kvcache/quant.PagedQuantKV); eviction needs
-            # per-head block tables and is applied per sequence by kvcache/policy.PolicyAttention.
-            log.warning("cache_policy eviction=%s is not applied by the paged engine yet", cp.eviction)
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -176,6 +177,10 @@ class LLMEngine:
                                              seq.num_prompt_tokens, seq.num_cached_prompt_tokens))
             else:
                 outputs.append(self._increment(seq, False, None))
+        if self.evictor is not None:
+            for item in out.scheduled:
+                if item.seq.status is SeqStatus.RUNNING:
+                    self.evictor.maybe_compact(item.seq)
         return outputs
 
     def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None, now: float) -> str | None:
@@ -227,6 +232,10 @@ class LLMEngine:
                 if o.request_id in acc:
                     acc[o.request_id].append(o)
         return [_merge(acc[rid]) for rid in ids]
+
+    def eviction_stats(self) -> EvictionStats:
+        """Token-eviction counters (all zero without an eviction policy)."""
+        return self.evictor.stats if self.evictor is not None else EvictionStats()
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()

@@ -95,10 +95,12 @@ class ModelRunner:
         firsts: list[int] = []
         ids: list[int] = []
         max_blocks = 0
+        offs: list[int] = []  # evicted tokens per sequence: logical position - physical slot index
         for it in items:
             n, st = it.num_new_tokens, it.start
             counts.append(n)
-            firsts.append(st)
+            firsts.append(st - it.seq.num_evicted)  # PHYSICAL first slot index
+            offs.append(it.seq.num_evicted)
             ids += it.seq.token_ids[st:st + n] if n > 1 else (it.seq.token_ids[st],)
             max_blocks = max(max_blocks, len(it.seq.block_table))
         flat: list[int] = []
@@ -116,11 +118,13 @@ class ModelRunner:
         ctx = starts + n_new  # context length after this step
         if nd == nb:  # all decodes: one token per sequence
             seq_of_tok = np.arange(nb)
-            pos = starts
+            phys = starts
         else:
             seq_of_tok = np.repeat(np.arange(nb), n_new)  # [T]
-            pos = np.arange(total, dtype=np.int64) - np.repeat(ends - n_new, n_new) + starts[seq_of_tok]
-        slots = tables[seq_of_tok, pos // bs] * bs + pos % bs  # [T]
+            phys = np.arange(total, dtype=np.int64) - np.repeat(ends - n_new, n_new) + starts[seq_of_tok]
+        slots = tables[seq_of_tok, phys // bs] * bs + phys % bs  # [T]
+        # RoPE positions are LOGICAL (tokens seen); attention runs over the physical slots
+        pos = phys + np.array(offs, dtype=np.int64)[seq_of_tok] if any(offs) else phys
 
         # one host buffer -> one device copy, then views
         sample_at = [(int(ends[r]) - 1, r) for r, it in enumerate(items) if it.sample]
@@ -166,7 +170,7 @@ class ModelRunner:
             for r in range(nd, nb):
                 s, n = int(ends[r] - n_new[r]), int(n_new[r])
                 # cached context before this chunk: attend over its blocks; else over the chunk itself
-                block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if items[r].start > 0 else None
+                block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if starts[r] > 0 else None
                 prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
         meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills, batch)
         return input_ids, positions, meta, sample_rows, [r for _, r in sample_at]

@@ -141,6 +141,9 @@ class Scheduler:
         self.bm.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
+        # NOTE: recompute restarts from the full token list; the evicted state is discarded
+        seq.num_evicted = 0
+        seq.kept_positions = None
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         (self.waiting if dest is None else dest).append(seq)
@@ -173,8 +176,9 @@ class Scheduler:
                 continue  # preempted as a victim earlier in this loop
             start = seq.num_computed_tokens
             n = min(len(seq.token_ids) - start, budget)
-            if len(seq.block_table) * bs < start + n:  # needs new blocks
-                while not self.bm.allocate(seq.block_table, start + n):
+            phys_end = start - seq.num_evicted + n  # slots needed (physical, after eviction)
+            if len(seq.block_table) * bs < phys_end:  # needs new blocks
+                while not self.bm.allocate(seq.block_table, phys_end):
                     victim = self._pick_victim(now)
                     assert victim is not None  # seq itself is a candidate
                     self._preempt(victim)
@@ -219,7 +223,7 @@ class Scheduler:
                 break
             n = min(seq.num_tokens - n_cached, budget)
             seq.num_computed_tokens = n_cached
-            seq.num_cached_blocks = len(hits)
+            seq.num_cached_blocks = seq.num_hit_blocks = len(hits)
             self.prefix_hit_tokens += n_cached
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = n_cached
@@ -267,7 +271,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted meanwhile
             computed = seq.num_computed_tokens = item.start + item.num_new_tokens
-            if caching and computed // bs > seq.num_cached_blocks:  # a block just filled up
+            # NOTE: an evicted sequence's slots no longer hold the chain's tokens: never publish again
+            if caching and not seq.num_evicted and computed // bs > seq.num_cached_blocks:  # a block just filled up
                 extend_block_hashes(seq.block_hashes, seq.token_ids, computed, bs, seq.extra_key)
                 seq.num_cached_blocks = self.bm.cache_blocks(
                     seq.block_table, seq.block_hashes, computed, seq.num_cached_blocks

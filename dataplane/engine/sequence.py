@@ -47,6 +47,11 @@ class Sequence:
     scheduled_step: int = -1  # last scheduler step that scheduled this sequence
     num_emitted: int = 0  # output tokens already handed to the caller
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # token eviction (kvcache/paged_eviction.py): LOGICAL position (RoPE) of token i is i; its
+    # PHYSICAL slot index is i - num_evicted for tokens computed after the last compaction.
+    num_evicted: int = 0  # tokens dropped from the KV so far (0 = KV is the plain prefix)
+    kept_positions: list[int] | None = None  # logical positions of the slots kept by the last compaction
+    num_hit_blocks: int = 0  # leading blocks taken from the prefix cache at admission (never compacted)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -69,6 +74,11 @@ class Sequence:
     def num_remaining(self) -> int:
         """Tokens whose KV is not computed yet (1 while decoding)."""
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_kv_slots(self) -> int:
+        """PHYSICAL KV length: slots holding computed tokens (== num_computed_tokens without eviction)."""
+        return self.num_computed_tokens - self.num_evicted
 
     def deadline(self) -> float:
         """When the next token is due (monotonic seconds): TTFT before the first token, TPOT after."""

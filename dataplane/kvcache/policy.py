@@ -25,9 +25,10 @@ Engine integration (the paged engine applies a policy per variant):
   - `PolicySpec.kv_bytes_per_token(...)` sizes the cache (blocks per byte budget);
   - `make_paged_cache` / `paged_bytes_per_block`: quantized paged storage (`quant.PagedQuantKV`,
     per-slot scales) that the paged backend reads through the same store/gather calls;
-  - `choose_slots(...)` picks the token slots a sequence keeps in one layer.
-    StreamingLLM keeps the same slots in every head (whole blocks can be freed);
-    H2O/SnapKV/KeyDiff choose per head, which needs per-head block tables.
+  - `choose_slots(...)` picks the token slots a sequence keeps in one layer, per head.
+    The paged engine keeps ONE slot set per sequence (block tables are shared by layers and
+    heads): `paged_eviction.PagedEvictor` applies StreamingLLM and a layer/head-aggregated
+    KeyDiff; H2O/SnapKV (attention weights) and pyramid budgets are evaluated here only.
 """
 
 from __future__ import annotations
