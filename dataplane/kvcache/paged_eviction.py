@@ -140,7 +140,7 @@ class PagedEvictor:
                     for t in _parts(self.kv.k[layer]) + _parts(self.kv.v[layer]):
                         flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
                         flat[dst_s] = flat[src_s]  # NOTE: the right side is gathered first, overlap is safe
-            for i in sorted({int(s) // self.bs for s in dst[moved]}):
+            for i in torch.unique(dst[moved] // self.bs).tolist():  # the blocks written
                 self._unregister(seq.block_table[i])
         positions = self.slot_positions(seq)
         seq.kept_positions = [positions[i] for i in keep.tolist()]

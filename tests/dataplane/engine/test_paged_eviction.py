@@ -213,3 +213,16 @@ def test_eviction_with_quantized_kv(tiny):
     out = engine.generate([_prompt(tiny, 30)], _greedy(30))[0]
     assert len(out.new_token_ids) == 30 and engine.eviction_stats().blocks_freed > 0
     assert engine.scheduler.bm.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("policy", ["streaming-llm", "keydiff"])
+def test_batched_prefill_path_equals_loop_path_under_eviction(tiny, policy):
+    """Chunked prefill after compaction: both prefill attention paths see the same physical context."""
+    prompts = [_prompt(tiny, n, seed=n) for n in (27, 41, 33)]
+    outs = []
+    for batched in (False, True):
+        engine = _engine(tiny, _policy(policy, budget=20, window=8, sinks=4), max_num_batched_tokens=12)
+        engine.runner.batch_prefill = batched
+        outs.append([o.new_token_ids for o in engine.generate(prompts, _greedy(20))])
+        assert engine.eviction_stats().compactions > 0 and engine.scheduler.bm.num_used_blocks == 0
+    assert outs[0] == outs[1]
