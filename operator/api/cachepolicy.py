@@ -101,7 +101,10 @@ class Eviction(KubeModel):
         default="none",
         description="none; streaming-llm (sinks + recent window); h2o (heavy hitters by accumulated attention "
         "+ window); snapkv (prompt positions scored by the last observationWindow queries, after prefill); "
-        "keydiff (keys least similar to the mean key).",
+        "keydiff (keys least similar to the mean key). The serving engine applies streaming-llm and keydiff "
+        "(one kept-token set per sequence shared by all layers and KV heads; prefix blocks shared with other "
+        "requests are never evicted) and rejects h2o, snapkv and pyramid at startup; `kvfleet eval-cache` "
+        "evaluates all four.",
     )
     budget_tokens: int | None = Field(default=None, ge=16, description="Tokens kept per sequence and layer.")
     budget_ratio: float | None = Field(

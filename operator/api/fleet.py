@@ -29,6 +29,11 @@ class RoleSpec(KubeModel):
     max_num_batched_tokens: int = Field(
         default=2048, ge=16, le=1048576, description="Token budget of one engine step (prefill chunk size)."
     )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra annotations on this role's pods, on top of the fleet's podAnnotations.",
+    )
 
     __rules__ = (
         Rule(

@@ -143,8 +143,12 @@ def pod_template(
     variant: ModelVariant | None = None,
     config_file: str | None = None,
     grace_seconds: int = 30,
+    role_annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The pod template of one role: `python -m kvfleet.dataplane.roles.<role> --config ...`."""
+    """The pod template of one role: `python -m kvfleet.dataplane.roles.<role> --config ...`.
+
+    Pod annotations: the fleet's podAnnotations, then the role's own, then the config hash (never overridden).
+    """
     vname = variant.metadata.name if variant else None
     config_file = config_file or "engine.json"
     volumes: list[dict[str, Any]] = [
@@ -184,7 +188,11 @@ def pod_template(
         "metadata": {
             "labels": labels(inputs.name, role, vname, inputs.settings.version),
             # A changed policy/config changes the hash, and so the template: the pods roll.
-            "annotations": {**inputs.fleet.spec.pod_annotations, ANNOTATION_CONFIG_HASH: config_hash},
+            "annotations": {
+                **inputs.fleet.spec.pod_annotations,
+                **(role_annotations or {}),
+                ANNOTATION_CONFIG_HASH: config_hash,
+            },
         },
         "spec": {
             "automountServiceAccountToken": False,

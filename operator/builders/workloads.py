@@ -77,6 +77,7 @@ def engine_deployment(inputs: FleetInputs, variant: ModelVariant, role: str,
         spec_placement=spec.placement,
         variant=variant,
         grace_seconds=inputs.fleet.spec.autoscaling.drain_seconds + 5,
+        role_annotations=spec.pod_annotations,
     )
     replicas = desired_replicas(spec, inputs.planned.get(f"{vname}/{role}"))
     return _deployment(inputs, child_name(inputs.name, vname, role), role, replicas, template, selector, vname)

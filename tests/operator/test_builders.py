@@ -211,3 +211,14 @@ def test_pod_annotations_from_the_spec_reach_every_pod_but_never_the_config_hash
         annotations = obj["spec"]["template"]["metadata"]["annotations"]
         assert annotations["kvfleet.io/run-locally"] == "true"
         assert annotations[ANNOTATION_CONFIG_HASH] not in ("forged", "")
+
+
+def test_role_pod_annotations_apply_to_that_role_only():
+    fleet = chat_fleet()
+    fleet["spec"]["podAnnotations"] = {"team": "ml", "kvfleet.io/run-locally": "false"}
+    fleet["spec"]["topology"]["decode"]["podAnnotations"] = {"kvfleet.io/run-locally": "true"}
+    objs = by_name(desired_objects(inputs(fleet)))
+    decode = objs[("Deployment", "chat-smollm2-base-decode")]["spec"]["template"]["metadata"]["annotations"]
+    prefill = objs[("Deployment", "chat-smollm2-base-prefill")]["spec"]["template"]["metadata"]["annotations"]
+    assert decode["kvfleet.io/run-locally"] == "true" and decode["team"] == "ml"
+    assert prefill["kvfleet.io/run-locally"] == "false" and prefill["team"] == "ml"
