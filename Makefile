@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export KVFLEET_CACHE ?= $(HOME)/.cache/kvfleet
 
-.PHONY: help venv test test-fast lint crds crds-check binaries cluster-up cluster-down e2e-kind demo bench
+.PHONY: help venv test test-fast lint crds binaries demo
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -89,3 +89,6 @@ bench-kv: venv ## KV cache policy grid (codecs x eviction) on SmolLM2-135M; writ
 .PHONY: bench-engine
 bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet serve latency at 1/4/16; writes bench/results/engine.* (VLLM_PYTHON=venv/bin/python adds vLLM)
 	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)
+
+demo: venv binaries ## the main job: real model + local control plane + operator (chart RBAC) + sample fleets + requests + a scale-up
+	$(PY) -m e2e.demo

