@@ -13,7 +13,12 @@ Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
 
 
 class Quantization(KubeModel):
-    """KV quantization: keys per-channel (KIVI/KVQuant), values per-token, recent and sink tokens kept exact."""
+    """KV quantization: keys per-channel (KIVI/KVQuant), values per-token, recent and sink tokens kept exact.
+
+    The serving engine's paged cache applies dtype and groupSize with per-slot scales; residualTokens,
+    sinkTokens, keysPreRope and per-channel key groups along tokens are applied by `kvfleet eval-cache`
+    only for now (the engine logs which it ignores).
+    """
 
     dtype: KVDType = Field(
         default="none",
@@ -189,7 +194,12 @@ class CachePolicySpec(KubeModel):
     block_size_tokens: Literal[8, 16, 32, 64, 128] = Field(
         default=16, description="Tokens per paged KV block."
     )
-    quantization: Quantization = Field(default_factory=Quantization, description="How KV is stored.")
+    quantization: Quantization = Field(
+        default_factory=Quantization,
+        description="How KV is stored. The serving engine's paged cache applies dtype and groupSize with "
+        "per-slot scales; residualTokens, sinkTokens, keysPreRope and per-channel key groups along tokens "
+        "are applied by `kvfleet eval-cache` only for now (the engine logs which it ignores).",
+    )
     eviction: Eviction = Field(default_factory=Eviction, description="What KV is dropped under a budget.")
     prefix_cache: PrefixCache = Field(default_factory=PrefixCache, description="Prefix reuse.")
     pool: MemoryPool = Field(default_factory=MemoryPool, description="Shared KV memory pool offload.")
