@@ -7,6 +7,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export KVFLEET_CACHE ?= $(HOME)/.cache/kvfleet
+# NOTE: the folder `operator/` shadows the standard library's `operator` for `python -m ...` run from
+# the repo root (cwd is put first on sys.path), which breaks even `python -m pip` in a fresh venv.
+# PYTHONSAFEPATH (Python 3.11+) keeps cwd off sys.path; every command below and its children inherit it.
+export PYTHONSAFEPATH := 1
 
 .PHONY: help venv test test-fast lint crds binaries demo
 
