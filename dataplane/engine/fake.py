@@ -6,7 +6,7 @@ that works against it has been tested on everything except the numbers:
 - Output is deterministic and derived from the prompt: it echoes the prompt's
   tokens cyclically (starting at an offset taken from `seed` when one is given),
   so any tokenizer can decode it and a test can predict every token.
-- `max_tokens`, `stop_token_ids` (unless `ignore_eos`) and `max_model_len`
+- `max_tokens`, `stop_token_ids`, eos (unless `ignore_eos`, which spares only eos, as the real engine) and `max_model_len`
   end a request with reasons "length" / "stop" / "length".
 - At most `max_num_seqs` requests run at once; the rest wait (and count as
   waiting in `stats()`).
@@ -178,7 +178,7 @@ class FakeEngine(AsyncEngine):
             state.num_output_tokens += 1
             self._generation_tokens += 1
             reason: FinishReason | None = None
-            if token in stop_ids and not sampling.ignore_eos:
+            if token in stop_ids:
                 reason = "stop"
             elif step + 1 == budget:
                 reason = "length"

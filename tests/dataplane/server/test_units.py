@@ -94,3 +94,20 @@ def test_fake_engine_counts_prefix_hits():
         assert engine.stats().prefix_cache_hit_tokens == 8
 
     asyncio.run(main())
+
+
+def test_fake_engine_ignore_eos_spares_only_eos_like_the_real_engine():
+    """The fake honours the engine's contract: ignore_eos never disables the request's stop ids."""
+    import asyncio
+
+    from kvfleet.dataplane.engine.api import GenerationRequest, SamplingParams
+    from kvfleet.dataplane.engine.fake import FakeEngine
+
+    async def run() -> list:
+        engine = FakeEngine(eos_token_ids=[6])
+        sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(7,))
+        return [out async for out in engine.generate(GenerationRequest("r", [5, 6, 7, 8], sampling))]
+
+    outs = asyncio.run(run())
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert outs[-1].finish_reason == "stop" and tokens[-1] == 7 and 6 in tokens
