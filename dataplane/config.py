@@ -22,6 +22,9 @@ EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")  # kvcach
 GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
 
 
+SERVING_EVICTION_POLICIES = ("streaming-llm", "keydiff")  # what the paged engine applies
+
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
 
@@ -104,6 +107,21 @@ class CachePolicyConfig:
                    or self.eviction_budget_tokens > self.eviction_sink_tokens + self.eviction_window_tokens,
                    "cache_policy.eviction_budget_tokens must exceed eviction_sink_tokens + eviction_window_tokens")
         _check(self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1, "cache_policy.pooling_kernel must be odd")
+
+    def check_servable(self) -> None:
+        """Raise ConfigError, naming the field, for a policy the paged serving engine cannot apply.
+
+        Torch-free, so the operator refuses such a fleet (Degraded, InvalidConfig) instead of
+        rendering pods that would crash at startup. NOTE: h2o/snapkv need attention probabilities
+        and `pyramid` needs per-layer block tables; `kvfleet eval-cache` evaluates all of them.
+        """
+        if self.eviction == "none":
+            return
+        _check(self.eviction in SERVING_EVICTION_POLICIES,
+               f"cache_policy.eviction: {self.eviction!r} needs attention weights; the paged engine supports "
+               f"{' and '.join(SERVING_EVICTION_POLICIES)} (PolicyAttention evaluates all four)")
+        _check(not self.pyramid, "cache_policy.pyramid: per-layer budgets need per-layer block tables; the paged "
+               "engine keeps one token set per sequence (PolicyAttention evaluates pyramid budgets)")
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> CachePolicyConfig:

@@ -29,7 +29,7 @@ from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
-from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor, check_paged_eviction
+from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
 from kvfleet.dataplane.kvcache.policy import PolicySpec, make_paged_cache, paged_bytes_per_block
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class LLMEngine:
         num_blocks = self._num_blocks(mc, dtype)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
+        config.cache_policy.check_servable()  # before allocating anything: h2o/snapkv/pyramid are rejected
         spec = PolicySpec.from_config(config.cache_policy)
-        check_paged_eviction(spec.eviction)  # before allocating anything: h2o/snapkv/pyramid are rejected
         kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
                               mc.num_key_value_heads, mc.head_dim, dtype, self.device)
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)

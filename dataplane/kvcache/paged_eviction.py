@@ -19,7 +19,7 @@ The LOGICAL position of the next token stays `num_computed_tokens` (keys carry R
 keep their positions); `Sequence.num_evicted` is the difference between the two.
 
 NOTE: h2o/snapkv need attention probabilities and `pyramid` needs per-layer block tables;
-`check_paged_eviction` rejects them (PolicyAttention evaluates all of them).
+`CachePolicyConfig.check_servable` rejects them (PolicyAttention evaluates all of them).
 """
 
 from __future__ import annotations
@@ -32,20 +32,6 @@ import torch
 from ..engine.sequence import Sequence
 from .blocks import BlockManager
 from .eviction import EvictionSpec, keydiff_scores, protected_mask, select_keep, streaming_scores
-
-PAGED_EVICTION_POLICIES = ("streaming-llm", "keydiff")
-
-
-def check_paged_eviction(spec: EvictionSpec) -> None:
-    """Raise ValueError, naming the field, for an eviction spec the paged engine cannot apply."""
-    if not spec.enabled:
-        return
-    if spec.policy not in PAGED_EVICTION_POLICIES:
-        raise ValueError(f"cache_policy.eviction: {spec.policy!r} needs attention weights; the paged engine "
-                         f"supports {' and '.join(PAGED_EVICTION_POLICIES)} (PolicyAttention evaluates all four)")
-    if spec.pyramid:
-        raise ValueError("cache_policy.pyramid: per-layer budgets need per-layer block tables; the paged "
-                         "engine keeps one token set per sequence (PolicyAttention evaluates pyramid budgets)")
 
 
 @dataclass
@@ -66,7 +52,6 @@ class PagedEvictor:
     """Chooses and compacts each sequence's kept slots in a paged KV cache (`PagedKVCache` or `PagedQuantKV`)."""
 
     def __init__(self, spec: EvictionSpec, kv: Any, bm: BlockManager) -> None:
-        check_paged_eviction(spec)
         self.spec, self.kv, self.bm = spec, kv, bm
         self.bs = bm.block_size
         self.stats = EvictionStats()

@@ -49,7 +49,9 @@ def weights_dir(variant: ModelVariant, which: str = "base") -> str:
 
 def _cache_policy_config(inputs: FleetInputs) -> dpconfig.CachePolicyConfig:
     """The KV policy as the engine reads it (the dataplane converts the resource's spec itself)."""
-    return dpconfig.CachePolicyConfig.from_spec(inputs.cache_policy.to_k8s())
+    policy = dpconfig.CachePolicyConfig.from_spec(inputs.cache_policy.to_k8s())
+    policy.check_servable()  # an eviction the serving engine cannot apply fails here, not in the pods
+    return policy
 
 
 def engine_config(inputs: FleetInputs, variant: ModelVariant, role: str) -> dpconfig.EngineConfig:

@@ -222,3 +222,18 @@ def test_role_pod_annotations_apply_to_that_role_only():
     prefill = objs[("Deployment", "chat-smollm2-base-prefill")]["spec"]["template"]["metadata"]["annotations"]
     assert decode["kvfleet.io/run-locally"] == "true" and decode["team"] == "ml"
     assert prefill["kvfleet.io/run-locally"] == "false" and prefill["team"] == "ml"
+
+
+@pytest.mark.parametrize("eviction", [{"policy": "h2o", "budgetRatio": 0.5},
+                                      {"policy": "keydiff", "budgetRatio": 0.5, "pyramid": True}])
+def test_a_policy_the_serving_engine_cannot_apply_fails_the_build_with_the_field(eviction):
+    from kvfleet.dataplane.config import ConfigError
+
+    objects = objects_by_key()
+    objects[("CachePolicy", "int8-shared")]["spec"]["eviction"] = eviction
+    objects[("CachePolicy", "int8-shared")]["spec"]["prefixCache"] = {"scope": "variant"}
+    with pytest.raises(ConfigError, match=r"cache_policy\.(eviction|pyramid)"):
+        desired_objects(inputs(objects=objects))
+    eviction = {**eviction, "policy": "streaming-llm", "pyramid": False}
+    objects[("CachePolicy", "int8-shared")]["spec"]["eviction"] = eviction
+    assert desired_objects(inputs(objects=objects))
