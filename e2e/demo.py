@@ -20,36 +20,24 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from e2e.cluster import REPO, LocalCluster, find_bin_dir
-from e2e.nodes import create_gpu_nodes, wait_nodes_ready
+from e2e.harness import serving_pod_ips, token_kubeconfig, wait_for
+from e2e.nodes import GPU_TOLERATION, create_gpu_nodes, wait_nodes_ready
 from e2e.podrunner import PodRunner
 
 NAMESPACE = "kvfleet-demo"
 SYSTEM_NS = "kvfleet-system"
 RELEASE = "kvfleet"
 DEMO_FLEET = "smollm2-live"
-KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 
 
 def step(msg: str) -> None:
     print(f"\n\033[1m==> {msg}\033[0m", flush=True)
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 180, every_s: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class Demo:
@@ -82,26 +70,12 @@ class Demo:
     def token_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig authenticating as the chart's ServiceAccount (a bound token)."""
         token = self.kubectl("create", "token", RELEASE, "-n", SYSTEM_NS, "--duration=2h").strip()
-        admin = yaml.safe_load(self.cluster.kubeconfig.read_text())
-        admin["users"] = [{"name": "operator-sa", "user": {"token": token}}]
-        admin["contexts"][0]["context"]["user"] = "operator-sa"
-        path.write_text(yaml.safe_dump(admin))
-        return path
+        return token_kubeconfig(self.cluster.kubeconfig, token, path)
 
     def serving_engine_pods(self, fleet: str) -> list[str]:
-        """IPs of the fleet's live engine pods whose server answers /health (checked directly: KWOK's
-        own pod stage may report Ready before the local process listens)."""
+        """IPs of the fleet's engine pods whose server answers /health."""
         pods = self.get("pods", "-n", NAMESPACE, "-l", f"kvfleet.io/fleet={fleet},kvfleet.io/role=engine")
-        ips = [p["status"].get("podIP") for p in pods["items"] if p["metadata"].get("deletionTimestamp") is None]
-        return sorted(ip for ip in ips if ip and healthy(f"http://{ip}:8080/health"))
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+        return serving_pod_ips(pods["items"])
 
 
 def demo_fleet(replicas: int) -> dict[str, Any]:
@@ -115,7 +89,7 @@ def demo_fleet(replicas: int) -> dict[str, Any]:
             "sloClasses": ["interactive", "batch"],
             "defaultSloClass": "interactive",
             # The router role has no process yet (a later issue): only the engine pods run locally.
-            "router": {"placement": {"tolerations": [KWOK_TOLERATION]}},
+            "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
             "topology": {
                 "mode": "colocated",
                 "engine": {
@@ -123,7 +97,7 @@ def demo_fleet(replicas: int) -> dict[str, Any]:
                     "maxReplicas": 2,
                     "replicas": replicas,
                     "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
-                    "placement": {"tolerations": [KWOK_TOLERATION]},
+                    "placement": {"tolerations": [GPU_TOLERATION]},
                     "maxNumSeqs": 16,
                     "podAnnotations": {"kvfleet.io/run-locally": "true"},
                 },
@@ -199,7 +173,7 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
     demo.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(adapters_volume()))
     for name in ("01-modelvariants.yaml", "02-sloclasses.yaml", "03-cachepolicy.yaml", "04-fleet.yaml"):
         demo.kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / name), show=True)
-    wait_for("fleet chat Available", lambda: demo.condition("fleet", "chat", "Available") == "True")
+    wait_for("fleet chat Available", lambda: demo.condition("fleet", "chat", "Available") == "True", 180)
     demo.kubectl("get", "kvfleet", "-n", NAMESPACE, show=True)
     demo.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", show=True)
 
@@ -222,12 +196,13 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
         step("scale up: engine replicas 1 -> 2")
         demo.kubectl("patch", "fleet", DEMO_FLEET, "-n", NAMESPACE, "--type=merge", "-p",
                      json.dumps({"spec": {"topology": {"engine": {"replicas": 2}}}}), show=True)
-        ips = wait_for("2 ready engine pods", lambda: (lambda r: r if len(r) == 2 else None)(
-            demo.serving_engine_pods(DEMO_FLEET)), 300)
+        ips = wait_for("2 ready engine pods", lambda: r if len(r := demo.serving_engine_pods(DEMO_FLEET)) == 2 else None,
+                       300)
         for ip in ips:
             text, ttft, total, tokens = chat(ip, "Name three colours.")
             print(f"[{ip}] -> {text.strip()[:120]!r}... ({tokens} tokens, TTFT {ttft * 1000:.0f} ms)")
-        wait_for(f"fleet {DEMO_FLEET} Available", lambda: demo.condition("fleet", DEMO_FLEET, "Available") == "True")
+        wait_for(f"fleet {DEMO_FLEET} Available", lambda: demo.condition("fleet", DEMO_FLEET, "Available") == "True",
+                 180)
         demo.kubectl("get", "fleet", "-n", NAMESPACE, "-o", "wide", show=True)
 
 

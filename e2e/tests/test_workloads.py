@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
+from e2e.harness import wait_for
 from e2e.nodes import GPU_PRODUCT, GPU_TOLERATION
 
 pytestmark = pytest.mark.k8s
@@ -27,15 +26,6 @@ def gpu_deployment(name: str, replicas: int, gpus: int = 1) -> dict:
     }
 
 
-def wait_for(predicate, timeout_s: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_gpu_deployment_runs_on_gpu_nodes_and_is_garbage_collected(cluster, namespace):
     cluster.apps.create_namespaced_deployment(namespace, gpu_deployment("engine", 3))
 
@@ -44,7 +34,7 @@ def test_gpu_deployment_runs_on_gpu_nodes_and_is_garbage_collected(cluster, name
         ok = [p for p in pods if p.status.phase == "Running" and p.status.pod_ip]
         return ok if len(ok) == 3 else None
 
-    pods = wait_for(running, what="3 Running pods")
+    pods = wait_for("3 Running pods", running, 60)
     for pod in pods:
         node = cluster.core.read_node(pod.spec.node_name)
         assert node.metadata.labels["nvidia.com/gpu.product"] == GPU_PRODUCT
@@ -56,8 +46,8 @@ def test_gpu_deployment_runs_on_gpu_nodes_and_is_garbage_collected(cluster, name
         assert all(p.status.pod_ip.startswith(cluster.local.pod_cidr.split(".0.0/")[0] + ".") for p in pods)
 
     cluster.apps.delete_namespaced_deployment("engine", namespace)
-    wait_for(lambda: not cluster.core.list_namespaced_pod(namespace, label_selector="app=engine").items,
-             what="pods garbage-collected")
+    wait_for("pods garbage-collected",
+             lambda: not cluster.core.list_namespaced_pod(namespace, label_selector="app=engine").items, 60)
     assert not cluster.apps.list_namespaced_replica_set(namespace).items
 
 
@@ -70,4 +60,4 @@ def test_gpu_capacity_is_enforced_by_the_scheduler(cluster, namespace):
         conds = [c for p in pods for c in (p.status.conditions or []) if c.type == "PodScheduled"]
         return conds and conds[0].status == "False" and "nvidia.com/gpu" in (conds[0].message or "")
 
-    wait_for(unschedulable, what="PodScheduled=False for lack of GPUs")
+    wait_for("PodScheduled=False for lack of GPUs", unschedulable, 60)

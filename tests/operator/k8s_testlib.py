@@ -9,9 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +19,10 @@ from kubernetes import config as k8s_config
 from kvfleet.operator.kube import Kube
 from op_testlib import EXAMPLES, ROOT, example_docs
 
-TOLERATE_KWOK = [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]
+from e2e.harness import wait_for  # noqa: F401 - re-exported for the tests
+from e2e.nodes import GPU_TOLERATION
 
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0, interval: float = 0.3) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except AssertionError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+TOLERATE_KWOK = [GPU_TOLERATION]
 
 
 def kube_for(kubeconfig: Path | str) -> Kube:

@@ -8,13 +8,13 @@ it makes is authorized by exactly the chart's (Cluster)Role.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import yaml
 from k8s_testlib import OperatorProcess, apply_doc, condition, fleet_manifest, wait_for
 from op_testlib import ROOT
+
+from e2e import harness
 
 pytestmark = pytest.mark.k8s
 
@@ -25,15 +25,7 @@ RELEASE = "kvfleet"
 def token_kubeconfig(cluster, namespace: str, sa: str, path: Path) -> Path:
     """A kubeconfig that authenticates as the ServiceAccount (a bound token from `kubectl create token`)."""
     token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
-    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    server = admin["clusters"][0]["cluster"]
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": server}],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}],
-    }))
-    return path
+    return harness.token_kubeconfig(cluster.kubeconfig, token, path)
 
 
 def release_objects(cluster, namespace: str) -> list[str]:

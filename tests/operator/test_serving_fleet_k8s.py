@@ -4,30 +4,20 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import openai
 import pytest
 from k8s_testlib import apply_doc, wait_for
 
+from e2e.harness import serving_pod_ips
+from e2e.nodes import GPU_TOLERATION
+
 pytestmark = pytest.mark.k8s
-
-KWOK = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
-
 
 def _serving_ips(cluster, namespace: str, fleet: str) -> list[str]:
     pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json", "-l",
                                       f"kvfleet.io/fleet={fleet},kvfleet.io/role=engine").stdout)["items"]
-    ips = [p["status"].get("podIP") for p in pods if not p["metadata"].get("deletionTimestamp")]
-    out = []
-    for ip in filter(None, ips):
-        try:
-            with urllib.request.urlopen(f"http://{ip}:8080/health", timeout=2) as r:
-                if r.status == 200:
-                    out.append(ip)
-        except OSError:
-            pass
-    return sorted(out)
+    return serving_pod_ips(pods)
 
 
 def test_colocated_fleet_of_a_builtin_model_serves_openai_requests_and_scales(operator_env, podrunner):
@@ -41,11 +31,11 @@ def test_colocated_fleet_of_a_builtin_model_serves_openai_requests_and_scales(op
         "spec": {
             "variants": [{"name": "tiny"}],
             "sloClasses": ["interactive"],
-            "router": {"placement": {"tolerations": [KWOK]}},
+            "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
             "topology": {"mode": "colocated", "engine": {
                 "minReplicas": 1, "maxReplicas": 2, "replicas": 1, "maxNumSeqs": 4,
                 "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
-                "placement": {"tolerations": [KWOK]},
+                "placement": {"tolerations": [GPU_TOLERATION]},
                 "podAnnotations": {"kvfleet.io/run-locally": "true"},
             }},
         },
@@ -61,7 +51,7 @@ def test_colocated_fleet_of_a_builtin_model_serves_openai_requests_and_scales(op
     fleet["spec"]["topology"]["engine"]["replicas"] = 2
     apply_doc(env.cluster, env.namespace, fleet)
     ips = wait_for("two engine pods serving",
-                   lambda: (lambda r: r if len(r) == 2 else None)(_serving_ips(env.cluster, env.namespace, "live")),
+                   lambda: r if len(r := _serving_ips(env.cluster, env.namespace, "live")) == 2 else None,
                    timeout=240)
     for ip in ips:
         c = openai.OpenAI(base_url=f"http://{ip}:8080/v1", api_key="x", max_retries=0, timeout=60)
