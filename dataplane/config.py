@@ -108,12 +108,27 @@ class CachePolicyConfig:
                    "cache_policy.eviction_budget_tokens must exceed eviction_sink_tokens + eviction_window_tokens")
         _check(self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1, "cache_policy.pooling_kernel must be odd")
 
+    def token_grouped(self, kind: str) -> bool:
+        """Whether keys/values (`kind` "key"/"value") get scales shared by a group of tokens.
+
+        The defaults (granularity unset): int keys per-channel and fp8 per-head (grouped), int values
+        per-token; with an eviction policy everything unset is per-token.
+        """
+        dtype = self.key_quantization if kind == "key" else self.value_quantization
+        gran = self.key_granularity if kind == "key" else self.value_granularity
+        if dtype in ("none", "fp16", "bf16"):
+            return False
+        if gran is None:
+            gran = "per-token" if self.eviction != "none" else \
+                ("per-head" if dtype == "fp8" else ("per-channel" if kind == "key" else "per-token"))
+        return gran != "per-token"
+
     def check_servable(self) -> None:
         """Raise ConfigError, naming the field, for a policy the paged serving engine cannot apply.
 
         Torch-free, so the operator refuses such a fleet (Degraded, InvalidConfig) instead of
-        rendering pods that would crash at startup. NOTE: h2o/snapkv need attention probabilities
-        and `pyramid` needs per-layer block tables; `kvfleet eval-cache` evaluates all of them.
+        rendering pods that would crash at startup. NOTE: `pyramid` needs per-layer block tables;
+        `kvfleet eval-cache` evaluates it.
         """
         if self.eviction == "none":
             return
@@ -122,6 +137,24 @@ class CachePolicyConfig:
                f"{' and '.join(SERVING_EVICTION_POLICIES)} (PolicyAttention evaluates all four)")
         _check(not self.pyramid, "cache_policy.pyramid: per-layer budgets need per-layer block tables; the paged "
                "engine keeps one token set per sequence (PolicyAttention evaluates pyramid budgets)")
+        for kind in ("key", "value"):
+            _check(not self.token_grouped(kind),
+                   f"cache_policy.{kind}_granularity: scales shared by a group of tokens cannot follow tokens that "
+                   "eviction compacts; use per-token (the default when an eviction policy is set)")
+        _check(self.quant_sink_tokens <= self.eviction_sink_tokens,
+               f"cache_policy.quant_sink_tokens {self.quant_sink_tokens} must not exceed eviction_sink_tokens "
+               f"{self.eviction_sink_tokens}: full-precision sinks are never evicted")
+        _check(self.residual_tokens <= self.eviction_window_tokens,
+               f"cache_policy.residual_tokens {self.residual_tokens} must not exceed eviction_window_tokens "
+               f"{self.eviction_window_tokens}: the full-precision tail is never evicted")
+
+    def check_block_size(self, block_size: int) -> None:
+        """Token-grouped scales cover whole sub-blocks or whole runs of blocks: the sizes must divide."""
+        if self.token_grouped("key") or self.token_grouped("value"):
+            g = self.group_size
+            _check(block_size % g == 0 or g % block_size == 0,
+                   f"cache_policy.group_size {g} and block_size {block_size} must divide one another "
+                   "(token-grouped scales)")
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> CachePolicyConfig:
@@ -175,6 +208,7 @@ class EngineConfig:
         )
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                f"block_size must be a power of two, got {self.block_size}")
+        self.cache_policy.check_block_size(self.block_size)
         _check(not (self.num_kv_blocks is not None and self.kv_cache_bytes is not None),
                "give num_kv_blocks or kv_cache_bytes, not both")
         _check(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be > 0")

@@ -30,7 +30,8 @@ from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
-from kvfleet.dataplane.kvcache.policy import PolicySpec, make_paged_cache, paged_bytes_per_block
+from kvfleet.dataplane.kvcache.paged_quant import make_paged_cache, paged_bytes_per_block, paged_lane_bytes
+from kvfleet.dataplane.kvcache.policy import PolicySpec
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,16 +63,22 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
         config.cache_policy.check_servable()  # before allocating anything: h2o/snapkv/pyramid are rejected
         spec = PolicySpec.from_config(config.cache_policy)
+        rotary = getattr(model, "rotary", None)
         kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
-                              mc.num_key_value_heads, mc.head_dim, dtype, self.device)
+                              mc.num_key_value_heads, mc.head_dim, dtype, self.device,
+                              num_lanes=config.max_num_seqs,
+                              rope=(lambda p: rotary.cos_sin(p, dtype)) if rotary is not None else None)
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        cp = config.cache_policy
+        grouped = cp.token_grouped("key") or cp.token_grouped("value")
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
-                                   starvation_s=config.starvation_ms / 1000.0)
+                                   starvation_s=config.starvation_ms / 1000.0,
+                                   # a prefix hit never splits a token group that spans blocks
+                                   hit_align_blocks=max(1, cp.group_size // bs) if grouped else 1)
         # token eviction: one kept-token set per sequence, compacted after each step
         self.evictor = PagedEvictor(spec.eviction, kv, bm) if spec.eviction.enabled else None
         self.runner = ModelRunner(model, kv, self.device)
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
-        cp = config.cache_policy
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
@@ -102,9 +109,12 @@ class LLMEngine:
         else:
             want = min(cfg.max_num_seqs * self.max_model_len, max(DEFAULT_CPU_KV_TOKENS, self.max_model_len))
             budget = math.ceil(want / cfg.block_size) * per_block
-        n = budget // per_block
+        lanes = paged_lane_bytes(cfg.cache_policy, mc.num_hidden_layers, cfg.max_num_seqs, mc.num_key_value_heads,
+                                 mc.head_dim, dtype)
+        n = (budget - lanes) // per_block  # full-precision lanes come out of the same budget
         if n < 1:
-            raise ValueError(f"KV budget {budget} B is smaller than one block ({per_block} B)")
+            raise ValueError(f"KV budget {budget} B is smaller than one block ({per_block} B) plus the "
+                             f"full-precision lanes ({lanes} B)")
         return n
 
     # -- requests ------------------------------------------------------------

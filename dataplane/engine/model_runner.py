@@ -29,25 +29,33 @@ from kvfleet.dataplane.kvcache.paged import (
     PrefillBatch,
     PrefillChunk,
 )
+from kvfleet.dataplane.kvcache.paged_layout import LaneTable, policy_step
+from kvfleet.dataplane.kvcache.paged_quant import PagedQuantKV
 
 
 class ModelRunner:
     """Owns the model, the KV tensors and the per-request RNGs."""
 
-    def __init__(self, model: Any, kv_cache: PagedKVCache, device: torch.device,
+    def __init__(self, model: Any, kv_cache: PagedKVCache | PagedQuantKV, device: torch.device,
                  batch_prefill: bool | None = None) -> None:
-        """batch_prefill: attend all prefill chunks in one padded SDPA (None = on CUDA only)."""
+        """batch_prefill: attend all prefill chunks in one padded SDPA (None = on CUDA only; never
+        with a quantized cache, whose reads overlay full-precision rows per sequence)."""
         self.model = model
         self.kv = kv_cache
-        self.attn = PagedAttention(kv_cache)
+        self.attn = PagedAttention(kv_cache)  # type: ignore[arg-type]
+        self.quantized = isinstance(kv_cache, PagedQuantKV)
+        lanes = kv_cache.lanes if isinstance(kv_cache, PagedQuantKV) else None
+        self.lanes = LaneTable(lanes.num_lanes if lanes is not None else 0)
         self.device = device
         self.block_size = kv_cache.block_size
         self._generators: dict[str, torch.Generator] = {}
         self.batch_prefill = device.type == "cuda" if batch_prefill is None else batch_prefill
+        self.batch_prefill = self.batch_prefill and not self.quantized
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its RNG) once the request is finished."""
         self._generators.pop(request_id, None)
+        self.lanes.release(request_id)
 
     def _generator(self, item: ScheduledSeq) -> torch.Generator | None:
         sp = item.seq.request.sampling
@@ -173,4 +181,10 @@ class ModelRunner:
                 block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if starts[r] > 0 else None
                 prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
         meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills, batch)
+        if self.quantized:
+            assert isinstance(self.kv, PagedQuantKV)
+            lanes = [self.lanes.lane(it.seq) for it in items] if self.kv.lanes is not None else [0] * nb
+            meta.policy = policy_step(self.kv, items, lanes, ends - n_new, tables, positions, nd,
+                                      dec_bt.shape[1] * bs if dec_bt is not None else 0,
+                                      [bool(starts[r] > 0) for r in range(nd, nb)], self.device)
         return input_ids, positions, meta, sample_rows, [r for _, r in sample_at]

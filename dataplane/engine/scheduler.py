@@ -70,12 +70,16 @@ class Scheduler:
         max_num_batched_tokens: int,
         starvation_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        hit_align_blocks: int = 1,
     ) -> None:
+        """hit_align_blocks: prefix hits are taken in multiples of this many blocks (a quantized
+        cache whose scale groups span blocks must never share half a group)."""
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.starvation_s = starvation_s
         self.clock = clock
+        self.hit_align_blocks = hit_align_blocks
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._aborted: list[str] = []
@@ -260,7 +264,8 @@ class Scheduler:
         bs = self.bm.block_size
         extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_tokens, bs, seq.extra_key)
         # NOTE: never hit the last token: it must be recomputed to get logits.
-        return self.bm.match_prefix(seq.block_hashes, (seq.num_tokens - 1) // bs)
+        hits = self.bm.match_prefix(seq.block_hashes, (seq.num_tokens - 1) // bs)
+        return hits[:len(hits) - len(hits) % self.hit_align_blocks]
 
     def commit(self, out: SchedulerOutput) -> None:
         """The runner computed the step: advance sequences and cache their newly full blocks."""

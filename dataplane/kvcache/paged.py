@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
 
+from .paged_quant import PolicyStep
+
 
 class PagedKVCache:
     """The KV tensors of all layers, indexed by block id."""
@@ -96,6 +98,7 @@ class PagedMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, M * bs] bool, True = visible
     prefills: list[PrefillChunk]
     prefill_batch: PrefillBatch | None = None  # set: attend all prefills at once instead of looping
+    policy: PolicyStep | None = None  # set for a quantized cache (`paged_quant.PagedQuantKV`)
 
 
 class PagedAttention(AttentionBackend):
@@ -111,28 +114,53 @@ class PagedAttention(AttentionBackend):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         assert meta is not None, "PagedAttention.set_metadata() not called for this step"
-        self.cache.store(layer, meta.slot_mapping, k, v)
+        pol = meta.policy
+        if pol is None:
+            self.cache.store(layer, meta.slot_mapping, k, v)
+            return self._attend(layer, q, k, v, meta)
+        k_stored = self.cache.store_step(layer, meta.slot_mapping, k, v, pol)
+        out = self._attend(layer, q, k, v, meta)
+        self.cache.write_lanes(layer, k_stored, v, pol)  # after the reads: they overlay the ring's old rows
+        return out
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: PagedMetadata) -> torch.Tensor:
+        pol = meta.policy
         outs: list[torch.Tensor] = []
         nd = meta.num_decodes
         if nd:
-            outs.append(self._decode(layer, q[:nd], meta))
+            outs.append(self._decode(layer, q[:nd], k[:nd], v[:nd], meta))
         if meta.prefill_batch is not None:
             outs.append(self._prefill_batched(layer, q, meta.prefill_batch))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
-        for p in meta.prefills:
+        for i, p in enumerate(meta.prefills):
             qs = q[p.q_start:p.q_start + p.q_len]  # [Tq, Hq, D]
+            ks, vs = k[p.q_start:p.q_start + p.q_len], v[p.q_start:p.q_start + p.q_len]
             if p.block_ids is None:  # whole context is this chunk: no gather
-                kc, vc = k[p.q_start:p.q_start + p.q_len], v[p.q_start:p.q_start + p.q_len]
-            else:
+                kc, vc = ks, vs
+            elif pol is None:
                 kc, vc = self.cache.gather(layer, p.block_ids)
                 kc, vc = kc[:p.context_len], vc[:p.context_len]
+            else:  # quantized: stored rows, full-precision lane rows, and this chunk's own K/V
+                kc, vc = self.cache.read(layer, p.block_ids, pol.prefill_overlays[i], pol.prefill_positions[i])
+                kc, vc = kc[:p.context_len], vc[:p.context_len]
+                kc[p.context_len - p.q_len:], vc[p.context_len - p.q_len:] = ks, vs
             outs.append(causal_attention(qs, kc, vc, q_offset=p.context_len - p.q_len))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _decode(self, layer: int, q: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: PagedMetadata) -> torch.Tensor:
+        """q [Bd, Hq, D], k/v [Bd, Hkv, D] (the decodes' own new tokens) -> [Bd, Hq, D]."""
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         bd, hq, d = q.shape
-        kc, vc = self.cache.gather(layer, meta.decode_block_tables)  # [Bd, L, Hkv, D]
+        pol = meta.policy
+        if pol is None:
+            kc, vc = self.cache.gather(layer, meta.decode_block_tables)  # [Bd, L, Hkv, D]
+        else:  # quantized: + full-precision lane rows, and each decode's own token as computed
+            kc, vc = self.cache.read(layer, meta.decode_block_tables, pol.decode_overlay, pol.decode_positions)
+            assert pol.decode_own is not None
+            kc.view(-1, *kc.shape[2:])[pol.decode_own] = k
+            vc.view(-1, *vc.shape[2:])[pol.decode_own] = v
         hkv = kc.shape[2]
         qg = q.view(bd, hkv, hq // hkv, d)  # [Bd, Hkv, G, D]: head h -> kv head h // G
         out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2),

@@ -18,17 +18,12 @@ and no positions, so `PolicyAttention` counts positions itself (one sequence
 from position 0), un-rotates keys with the model's rope table before encoding
 and re-rotates them at their stored positions on read.
 
-Engine integration (the paged engine applies a policy per variant):
-  - `build_codecs(...)` -> key/value `Codec`; `Codec.encode(block [B, Hkv, D])` /
-    `Codec.decode(encoded)` quantize and dequantize one block (use group_size ==
-    block_size so a per-channel key group is exactly one block);
-  - `PolicySpec.kv_bytes_per_token(...)` sizes the cache (blocks per byte budget);
-  - `make_paged_cache` / `paged_bytes_per_block`: quantized paged storage (`quant.PagedQuantKV`,
-    per-slot scales) that the paged backend reads through the same store/gather calls;
-  - `choose_slots(...)` picks the token slots a sequence keeps in one layer, per head.
-    The paged engine keeps ONE slot set per sequence (block tables are shared by layers and
-    heads): `paged_eviction.PagedEvictor` applies StreamingLLM and a layer/head-aggregated
-    KeyDiff; H2O/SnapKV (attention weights) and pyramid budgets are evaluated here only.
+Engine integration (the paged engine applies a policy per variant): `paged_quant` stores the
+same codecs in paged blocks (token-grouped scales per group of slots, full-precision lanes for
+sinks and the residual tail, pre-RoPE keys) so a sequence reads exactly what `PolicyAttention`
+reads; `paged_eviction.PagedEvictor` keeps ONE slot set per sequence (block tables are shared by
+layers and heads) and applies StreamingLLM and a layer/head-aggregated KeyDiff; H2O/SnapKV
+(attention weights) and pyramid budgets are evaluated here only.
 """
 
 from __future__ import annotations
@@ -43,11 +38,11 @@ import torch
 
 from ..model.attention import AttentionBackend, causal_attention
 from .eviction import EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
-from .quant import KV_DTYPES, Codec, PagedQuantKV, QuantBuffer, default_granularity
+from .quant import KV_DTYPES, Codec, QuantBuffer, default_granularity
 
 log = logging.getLogger(__name__)
 
-# rope(positions [M]) -> (cos [M, D], sin [M, D]) in the rotate-half convention
+# rope(positions [M]) -> (cos, sin) [M, D] or [M, 1, D] in the rotate-half convention
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -73,11 +68,15 @@ class QuantSpec:
         if self.keys_pre_rope and self.dtype in ("none", "fp16", "bf16"):
             raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4)")
 
-    def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype) -> tuple[Codec, Codec]:
-        """(key codec, value codec); raises ValueError on a combination the shapes do not allow."""
+    def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype,
+               evicting: bool = False) -> tuple[Codec, Codec]:
+        """(key codec, value codec); raises ValueError on a combination the shapes do not allow.
+
+        evicting: an eviction policy is on, so unset granularities default to per-token (eviction
+        moves single tokens, which token-grouped scales cannot follow in a paged cache)."""
         vdt = self.value_dtype or self.dtype
-        kg = self.key_granularity or default_granularity(self.dtype, "key")
-        vg = self.value_granularity or default_granularity(vdt, "value")
+        kg = self.key_granularity or default_granularity(self.dtype, "key", evicting)
+        vg = self.value_granularity or default_granularity(vdt, "value", evicting)
         return (Codec(self.dtype, kg, self.group_size, num_kv_heads, head_dim, fp_dtype),
                 Codec(vdt, vg, self.group_size, num_kv_heads, head_dim, fp_dtype))
 
@@ -126,6 +125,10 @@ class PolicySpec:
                                   cfg.observation_window, cfg.pooling_kernel, cfg.pyramid),
             name=name)
 
+    def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype) -> tuple[Codec, Codec]:
+        """(key codec, value codec) of this policy (granularity defaults depend on eviction)."""
+        return self.quant.codecs(num_kv_heads, head_dim, fp_dtype, evicting=self.eviction.enabled)
+
     @property
     def is_noop(self) -> bool:
         return self.quant.dtype == "none" and self.quant.value_dtype in (None, "none") \
@@ -133,7 +136,7 @@ class PolicySpec:
 
     def validate_for(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype = torch.float32) -> None:
         """Reject combinations that cannot work for this model, with a message naming the fields."""
-        kc, vc = self.quant.codecs(num_kv_heads, head_dim, fp_dtype)
+        kc, vc = self.codecs(num_kv_heads, head_dim, fp_dtype)
         ev, q = self.eviction, self.quant
         if ev.enabled and ev.budget_tokens is not None:
             chunk = max(kc.chunk_tokens, vc.chunk_tokens)
@@ -147,7 +150,7 @@ class PolicySpec:
     def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int,
                            fp_dtype: torch.dtype = torch.float32) -> float:
         """Steady-state codec bytes per token (K + V, all layers), before eviction."""
-        kc, vc = self.quant.codecs(num_kv_heads, head_dim, fp_dtype)
+        kc, vc = self.codecs(num_kv_heads, head_dim, fp_dtype)
         return num_layers * (kc.bytes_per_token() + vc.bytes_per_token())
 
 
@@ -155,37 +158,7 @@ def build_codecs(spec: PolicySpec, num_kv_heads: int, head_dim: int,
                  fp_dtype: torch.dtype) -> tuple[Codec, Codec]:
     """Engine hook: the (key, value) codecs a block of this policy is stored with."""
     spec.validate_for(num_kv_heads, head_dim, fp_dtype)
-    return spec.quant.codecs(num_kv_heads, head_dim, fp_dtype)
-
-
-def paged_bytes_per_block(cp: Any, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                          dtype: torch.dtype) -> int:
-    """Engine hook: K+V bytes of one paged block under the engine's `CachePolicyConfig` `cp`."""
-    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
-    kc, vc = build_codecs(PolicySpec.from_config(cp), num_kv_heads, head_dim, dtype)
-    return PagedQuantKV.bytes_per_block(kc, vc, num_layers, block_size)
-
-
-def make_paged_cache(cp: Any, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                     head_dim: int, dtype: torch.dtype, device: torch.device | str) -> Any:
-    """Engine hook: the paged KV storage for `cp` (`PagedKVCache`, or `PagedQuantKV` when quantized).
-
-    NOTE: paged blocks quantize every slot with its own scales (see `quant.paged_codec`);
-    residualTokens/sinkTokens and eviction are applied by `PolicyAttention` only.
-    """
-    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
-        from .paged import PagedKVCache
-
-        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
-    spec = PolicySpec.from_config(cp)
-    kc, vc = build_codecs(spec, num_kv_heads, head_dim, dtype)
-    ignored = [n for n, on in (("residualTokens", spec.quant.residual_tokens), ("sinkTokens", spec.quant.sink_tokens),
-                               ("keysPreRope", spec.quant.keys_pre_rope)) if on]
-    if ignored:
-        log.warning("paged KV stores every slot quantized with post-RoPE keys; %s not applied", ignored)
-    return PagedQuantKV(kc, vc, num_layers, num_blocks, block_size, device)
+    return spec.codecs(num_kv_heads, head_dim, fp_dtype)
 
 
 def choose_slots(state: EvictionState, layer: int, keys: torch.Tensor, pos: torch.Tensor, seen: int,
@@ -300,7 +273,7 @@ class PolicyAttention(AttentionBackend):
         if spec.quant.keys_pre_rope and rope is None:
             raise ValueError("quantization.keysPreRope needs the model's rope table (pass rope=...)")
         self.spec, self.num_layers, self.rope = spec, num_layers, rope
-        self.kc, self.vc = spec.quant.codecs(num_kv_heads, head_dim, dtype)
+        self.kc, self.vc = spec.codecs(num_kv_heads, head_dim, dtype)
         self.fp_store_dtype = None if fp_store_dtype == dtype else fp_store_dtype
         if self.fp_store_dtype is not None:
             cast = {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.fp_store_dtype]

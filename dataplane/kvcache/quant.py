@@ -36,8 +36,10 @@ _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _MIN_SCALE = 1e-4  # keeps fp16 scales normal; error of a constant group is then <= 5e-5
 
 
-def default_granularity(dtype: str, kind: str) -> str:
-    """The usual choice: keys per-channel / values per-token (int), per-head (fp8)."""
+def default_granularity(dtype: str, kind: str, evicting: bool = False) -> str:
+    """The usual choice: keys per-channel / values per-token (int), per-head (fp8); per-token when evicting."""
+    if evicting:
+        return "per-token"
     if dtype == "fp8":
         return "per-head"
     return "per-channel" if kind == "key" else "per-token"
@@ -142,31 +144,35 @@ class Codec:
     # -- encode / decode ----------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> Encoded:
-        """x [n, H, D] (n == group_size for token-grouped codecs) -> Encoded."""
-        n, h, d = x.shape
+        """x [n, H, D] (n == group_size for token-grouped codecs) -> Encoded.
+
+        A leading batch axis encodes many groups at once: x [G, n, H, D] -> codes [G, n, H, Dc],
+        stats [G, *stat_shape] (the paged cache encodes every group completed in a step together).
+        """
+        lead, (n, h, d) = x.shape[:-3], x.shape[-3:]
         if not self.is_quantized:
             return Encoded(x.to(self.storage_dtype), None, None)
         xf = x.float()
         if self.granularity == "per-token":
-            g = xf.view(n, h, d // self.group_size, self.group_size)  # [n, H, D/g, g]
+            g = xf.view(*lead, n, h, d // self.group_size, self.group_size)  # [.., n, H, D/g, g]
             dims: tuple[int, ...] = (-1,)
         else:
             g = xf
-            dims = {"per-channel": (0,), "per-head": (0, 2), "per-tensor": (0, 1, 2)}[self.granularity]
+            dims = {"per-channel": (-3,), "per-head": (-3, -1), "per-tensor": (-3, -2, -1)}[self.granularity]
+        shape = (*lead, *self._stat_shape(n))
         if self.dtype == "fp8":
             amax = g.abs().amax(dim=dims, keepdim=True)
             scale = (amax / FP8_MAX).clamp_min(_MIN_SCALE).to(STAT_DTYPE)
             codes = (g / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            return Encoded(codes.reshape(n, h, d), scale.reshape(self._stat_shape(n)), None)
+            return Encoded(codes.reshape(*lead, n, h, d), scale.reshape(shape), None)
         lo = g.amin(dim=dims, keepdim=True)
         hi = g.amax(dim=dims, keepdim=True)
         scale = ((hi - lo) / self.qmax).clamp_min(_MIN_SCALE).to(STAT_DTYPE)
         zero = lo.to(STAT_DTYPE)
         q = ((g - zero.float()) / scale.float()).round_().clamp_(0, self.qmax).to(torch.uint8)
-        q = q.reshape(n, h, d)
+        q = q.reshape(*lead, n, h, d)
         if self.dtype == "int4":
-            q = q[..., 0::2] | (q[..., 1::2] << 4)  # [n, H, D/2]
-        shape = self._stat_shape(n)
+            q = q[..., 0::2] | (q[..., 1::2] << 4)  # [.., n, H, D/2]
         return Encoded(q, scale.reshape(shape), zero.reshape(shape))
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor | None,
@@ -288,83 +294,3 @@ class QuantBuffer:
             self.scale = None if self.scale is None else rows(self.scale)
             self.zero = None if self.zero is None else rows(self.zero)
         self.codes = rows(self.codes)
-
-
-def paged_codec(codec: Codec) -> Codec:
-    """The token-local version of `codec` for paged blocks: every slot carries its own scales.
-
-    Token-grouped scales need a whole group of tokens before encoding, which a paged
-    cache written one slot at a time does not have: per-channel int keys become
-    per-token (groups of `group_size` channels), fp8 per-head/per-tensor becomes one
-    scale per token per head. `PolicyAttention` keeps the grouped (KIVI) layout.
-    """
-    if not codec.token_grouped:
-        return codec
-    group = codec.head_dim if codec.dtype == "fp8" else codec.group_size
-    if codec.head_dim % group:
-        group = codec.head_dim
-    return Codec(codec.dtype, "per-token", group, codec.num_heads, codec.head_dim, codec.fp_dtype)
-
-
-class PagedQuantKV:
-    """Paged KV storage of codes + per-slot scales; a drop-in for `paged.PagedKVCache`.
-
-    Same interface the paged backend uses: `store(layer, slots, k, v)` encodes the new
-    rows into their slots, `gather(layer, block_ids)` returns dequantized K/V
-    `[..., M * block_size, Hkv, D]`. Per layer: codes `[num_blocks, block_size, Hkv, Dc]`
-    (uint8; fp8 bytes viewed as uint8), scale/zero `[num_blocks, block_size, Hkv, D / g]`.
-    """
-
-    def __init__(self, kc: Codec, vc: Codec, num_layers: int, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu") -> None:
-        self.kc, self.vc = paged_codec(kc), paged_codec(vc)
-        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
-        self.k = [self._alloc(self.kc, device) for _ in range(num_layers)]
-        self.v = [self._alloc(self.vc, device) for _ in range(num_layers)]
-
-    def _alloc(self, c: Codec, device: torch.device | str) -> list[torch.Tensor]:
-        nb, bs, h, d = self.num_blocks, self.block_size, c.num_heads, c.head_dim
-        if not c.is_quantized:
-            return [torch.zeros(nb, bs, h, d, dtype=c.storage_dtype, device=device)]
-        dc = d // 2 if c.dtype == "int4" else d
-        out = [torch.zeros(nb, bs, h, dc, dtype=torch.uint8, device=device),
-               torch.zeros(nb, bs, h, d // c.group_size, dtype=STAT_DTYPE, device=device)]
-        if c.dtype != "fp8":
-            out.append(torch.zeros_like(out[1]))
-        return out
-
-    @staticmethod
-    def bytes_per_block(kc: Codec, vc: Codec, num_layers: int, block_size: int) -> int:
-        """K + V bytes of one block across all layers (what sizing the cache needs)."""
-        per_token = paged_codec(kc).bytes_per_token() + paged_codec(vc).bytes_per_token()
-        return int(num_layers * block_size * per_token)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
-
-    @staticmethod
-    def _write(c: Codec, parts: list[torch.Tensor], slots: torch.Tensor, x: torch.Tensor) -> None:
-        enc = c.encode(x)
-        codes = enc.codes.view(torch.uint8) if enc.codes.dtype == torch.float8_e4m3fn else enc.codes
-        for dst, src in zip(parts, [codes, enc.scale, enc.zero], strict=False):
-            assert src is not None
-            dst.view(-1, *dst.shape[2:]).index_copy_(0, slots, src)
-
-    @staticmethod
-    def _read(c: Codec, parts: list[torch.Tensor], block_ids: torch.Tensor) -> torch.Tensor:
-        rows = [t[block_ids].flatten(-4, -3) for t in parts]  # [..., M * bs, H, X]
-        if not c.is_quantized:
-            return rows[0].to(c.fp_dtype)
-        codes = rows[0].view(torch.float8_e4m3fn) if c.dtype == "fp8" else rows[0]
-        scale = c._expand_row_stat(rows[1])
-        zero = c._expand_row_stat(rows[2]) if len(rows) > 2 else None
-        return c.dequantize(codes, scale, zero)
-
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots [T] int64, k/v [T, Hkv, D] -> encoded into the layer's blocks."""
-        self._write(self.kc, self.k[layer], slots, k)
-        self._write(self.vc, self.v[layer], slots, v)
-
-    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_ids [..., M] int64 -> dequantized k, v [..., M * block_size, Hkv, D]."""
-        return self._read(self.kc, self.k[layer], block_ids), self._read(self.vc, self.v[layer], block_ids)

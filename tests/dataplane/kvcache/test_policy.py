@@ -158,7 +158,8 @@ def test_batched_sequences_never_see_each_other() -> None:
 
 
 def test_invalid_combinations_are_rejected() -> None:
-    too_small = PolicySpec(QuantSpec("int4", group_size=32, residual_tokens=32, sink_tokens=4),
+    # per-channel keys keep up to groupSize - 1 more tokens in the full-precision tail
+    too_small = PolicySpec(QuantSpec("int4", "per-channel", group_size=32, residual_tokens=32, sink_tokens=4),
                            EvictionSpec("h2o", budget_tokens=64, window_tokens=32, sink_tokens=4))
     with pytest.raises(ValueError, match="never evicted"):
         too_small.validate_for(3, 64)

@@ -10,7 +10,7 @@ from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
 from kvfleet.dataplane.engine.api import SamplingParams
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
 from kvfleet.dataplane.kvcache.paged import PagedKVCache
-from kvfleet.dataplane.kvcache.quant import PagedQuantKV
+from kvfleet.dataplane.kvcache.paged_quant import PagedQuantKV
 from kvfleet.dataplane.model.loader import load_model
 from kvfleet.dataplane.model.tiny import write_tiny_llama
 

@@ -1,0 +1,167 @@
+"""Per-step row bookkeeping for a quantized paged cache: which rows go where (numpy, per sequence).
+
+For every scheduled sequence the runner knows its lane, its new tokens (logical positions
+[start, end)), its block table, how many tokens it evicted and how many it took from the prefix
+cache. `policy_step` turns that into a `PolicyStep`:
+
+- lane rows: a new token at position p goes to its lane's sink row (p < sink_tokens) or, when it is
+  among the step's last `ring` tokens, to ring row p % ring (earlier ones would be overwritten in the
+  same step, so they go to scratch);
+- completed groups (token-grouped codecs): every group of g slots whose last slot is written this
+  step, its rows taken from this step's tokens or the lane (ring rows of earlier steps);
+- overlays (reads): the rows `PolicyAttention` holds in full precision before this step (sinks,
+  and the tail of `residual` + an incomplete group); this step's own rows are overlaid by the
+  backend from the K/V it has in hand. Rows taken from the prefix cache have no lane copy and are
+  read as stored. The backend writes the step's lane rows after its reads, so a ring of
+  `residual + group - 1` rows is enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+import torch
+
+from .paged_quant import PagedQuantKV, PolicyStep
+
+
+def tail_tokens(non_sink: int, residual: int, chunk: int) -> int:
+    """Full-precision tail length after `non_sink` tokens (`PolicyAttention`'s `LayerKV.append` rule)."""
+    return non_sink if non_sink < residual + chunk else residual + (non_sink - residual) % chunk
+
+
+class _Lane:
+    """Row arithmetic of one sequence's lane."""
+
+    def __init__(self, cache: PagedQuantKV, lane: int) -> None:
+        lanes = cache.lanes
+        self.sink, self.ring = cache.sink_tokens, cache.ring_tokens
+        self.base = lane * lanes.width if lanes is not None else 0
+        self.scratch = lanes.scratch if lanes is not None else 0
+
+    def rows(self, p: np.ndarray) -> np.ndarray:
+        """Lane row of each position (assumes the row is live: a sink or within the ring)."""
+        ring = self.base + self.sink + (p % self.ring if self.ring else 0)
+        return np.where(p < self.sink, self.base + p, ring)
+
+
+def policy_step(cache: PagedQuantKV, items: Seq[Any], lanes: Seq[int], first_rows: np.ndarray,
+                tables: np.ndarray, positions: torch.Tensor, num_decodes: int, decode_len: int,
+                gathered: Seq[bool], device: torch.device) -> PolicyStep:
+    """items: `ScheduledSeq` in flat order (decodes first); first_rows [B]: flat row of each one's first
+    new token; tables [B, M] block tables; decode_len: slots each decode gathers; gathered: per prefill
+    chunk, whether it reads cached context."""
+    bs, s_tok, ring, chunk = cache.block_size, cache.sink_tokens, cache.ring_tokens, cache.chunk
+    resid = cache.residual_tokens
+    n_lane_rows = cache.lanes.scratch + 1 if cache.lanes is not None else 0
+    lane_rows: list[np.ndarray] = []
+    g_src: list[np.ndarray] = []
+    g_valid: list[np.ndarray] = []
+    g_slots: list[np.ndarray] = []
+    g_stat: list[np.ndarray] = []
+    dec_dst: list[np.ndarray] = []
+    dec_src: list[np.ndarray] = []
+    pf_overlays: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    group = cache.kc.group_size if cache.kc.token_grouped else cache.vc.group_size
+    pre_rope = cache.keys_pre_rope
+    dec_pos: list[np.ndarray] = []
+    pf_pos: list[torch.Tensor | None] = []
+    for i, it in enumerate(items):
+        seq = it.seq
+        start, n = it.start, it.num_new_tokens
+        end, ev = start + n, seq.num_evicted
+        lane = _Lane(cache, lanes[i])
+        new = np.arange(start, end)
+        rows = np.full(n, lane.scratch, dtype=np.int64)
+        live = (new < s_tok) | ((new >= end - ring) if ring else np.zeros(n, dtype=bool))
+        rows[live] = lane.rows(new[live])
+        lane_rows.append(rows)
+        table = tables[i]
+        if cache.grouped:
+            assert ev == 0, "token-grouped scales with eviction are rejected by the config"
+            for e in range((start // group + 1) * group, end + 1, group):
+                r = np.arange(e - group, e)
+                g_src.append(np.where(r >= start, n_lane_rows + first_rows[i] + (r - start), lane.rows(r)))
+                g_valid.append(r >= s_tok)
+                g_slots.append(table[r // bs] * bs + r % bs)
+                if group <= bs:
+                    g_stat.append(np.array([table[(e - 1) // bs] * (bs // group) + ((e - 1) % bs) // group]))
+                else:
+                    g_stat.append(table[(e - group) // bs:(e - group) // bs + group // bs])
+        reads = i < num_decodes or gathered[i - num_decodes]
+        if not reads:
+            pf_overlays.append(None)
+            pf_pos.append(None)
+            continue
+        n_phys = end - ev
+        # rows PolicyAttention holds in full precision before this step (its tokens attend the
+        # past as stored, then their own K/V), minus prefix-cache rows (no lane copy)
+        sinks = np.arange(min(s_tok, start))
+        tail = np.arange(start - tail_tokens(start - min(s_tok, start), resid, chunk), start)
+        pos = np.concatenate([sinks, tail])
+        keep = pos >= seq.num_hit_blocks * bs
+        pos = pos[keep]
+        dst = np.where(pos < s_tok, pos, pos - ev)
+        if pre_rope:
+            slot_pos = np.arange(decode_len if i < num_decodes else n_phys, dtype=np.int64) + ev
+            kept = seq.kept_positions or []
+            slot_pos[:len(kept)] = kept
+            slot_pos[n_phys:] = 0  # padding: masked, any valid position
+        if i < num_decodes:
+            dec_dst.append(i * decode_len + dst)
+            dec_src.append(lane.rows(pos))
+            if pre_rope:
+                dec_pos.append(slot_pos)
+        else:
+            pf_overlays.append((_dev(dst, device), _dev(lane.rows(pos), device)))
+            pf_pos.append(_dev(slot_pos, device) if pre_rope else None)
+    step = PolicyStep(positions=positions, lane_rows=_dev(np.concatenate(lane_rows), device),
+                      prefill_overlays=pf_overlays, prefill_positions=pf_pos)
+    if g_src:
+        step.group_src = _dev(np.stack(g_src), device)
+        step.group_valid = torch.from_numpy(np.stack(g_valid)).to(device)
+        step.group_slots = _dev(np.stack(g_slots), device)
+        step.group_stat_rows = _dev(np.stack(g_stat), device)
+    if num_decodes:
+        step.decode_overlay = (_dev(_cat(dec_dst), device), _dev(_cat(dec_src), device))
+        ctx = np.array([it.start + 1 - it.seq.num_evicted for it in items[:num_decodes]], dtype=np.int64)
+        step.decode_own = _dev(np.arange(num_decodes) * decode_len + ctx - 1, device)
+        if pre_rope:
+            step.decode_positions = _dev(np.stack(dec_pos), device)
+    return step
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+
+class LaneTable:
+    """Which lane each running sequence holds; lanes of sequences no longer running are reused."""
+
+    def __init__(self, num_lanes: int) -> None:
+        self.free = list(range(num_lanes - 1, -1, -1))
+        self.held: dict[str, tuple[int, Any]] = {}  # seq_id -> (lane, Sequence)
+
+    def lane(self, seq: Any) -> int:
+        got = self.held.get(seq.seq_id)
+        if got is not None:
+            return got[0]
+        if not self.free:  # a preempted sequence recomputes everything, so its lane can go
+            for sid, (lane, other) in list(self.held.items()):
+                if other.status.value != "running":
+                    del self.held[sid]
+                    self.free.append(lane)
+        lane = self.free.pop()
+        self.held[seq.seq_id] = (lane, seq)
+        return lane
+
+    def release(self, seq_id: str) -> None:
+        got = self.held.pop(seq_id, None)
+        if got is not None:
+            self.free.append(got[0])

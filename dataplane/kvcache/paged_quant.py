@@ -1,0 +1,339 @@
+"""Quantized paged KV: codes in blocks, scales per slot or per token group, full-precision lanes.
+
+What a read returns equals what `PolicyAttention` reads for one sequence:
+
+    sinks (full precision) | body (codec) | tail (full precision) | this step's own K/V
+
+Storage per layer, for keys and for values with codec `c`:
+
+    codes       [num_blocks, block_size, Hkv, Dc]       uint8 (fp8 bytes viewed as uint8)
+    per-token codecs (`c.token_grouped` False): one scale (and zero) per slot and channel group
+        scale/zero  [num_blocks, block_size, Hkv, D / g]
+    token-grouped codecs (per-channel / per-head / per-tensor over g tokens, KIVI keys):
+        scale/zero  [num_blocks * max(1, block_size / g), Hs, Ds]; the stats row of slot
+        (block b, offset o) is b * (block_size / g) + o // g when g <= block_size, else b (each of
+        the g / block_size blocks of a group holds a copy).
+
+A token group is encoded once its last slot is written, from full-precision rows: this step's
+K/V and the sequence's lane. `FullPrecisionLanes` keeps, per running sequence, its first
+`sink_tokens` tokens and a ring of its last `ring_tokens` tokens at the model dtype; reads overlay
+them on the dequantized rows. Keys are stored before RoPE when `keys_pre_rope` (KVQuant) and rotated
+at their logical positions on read. Which rows to write and overlay each step is computed by
+`paged_layout.policy_step` (per sequence, in numpy) and handed over as a `PolicyStep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .policy import PolicySpec, build_codecs
+from .quant import STAT_DTYPE, Codec
+
+# rope(positions [N]) -> cos, sin [N, 1, D] at the model dtype (model.rotary.cos_sin)
+RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Rotate-half RoPE (inverse = un-rotate). k [N, H, D], cos/sin [N, 1, D]."""
+    half = k.shape[-1] // 2
+    rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return k * cos + rotated * (-sin if inverse else sin)
+
+
+class FullPrecisionLanes:
+    """Per running sequence ("lane"): `sink_tokens` rows, then a ring of `ring_tokens` rows, per layer.
+
+    Row of logical position p in lane l: l * width + p for a sink, l * width + sink + p % ring for
+    the rest; the last row is scratch for tokens that need no copy. k/v [rows, Hkv, D].
+    """
+
+    def __init__(self, num_layers: int, num_lanes: int, sink_tokens: int, ring_tokens: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.num_lanes, self.sink, self.ring = num_lanes, sink_tokens, ring_tokens
+        self.width = sink_tokens + ring_tokens
+        self.scratch = num_lanes * self.width
+        shape = (self.scratch + 1, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_needed(num_layers: int, num_lanes: int, sink_tokens: int, ring_tokens: int, num_kv_heads: int,
+                     head_dim: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * (num_lanes * (sink_tokens + ring_tokens) + 1) * num_kv_heads * head_dim * elem
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class PolicyStep:
+    """Per-step row bookkeeping of a quantized paged cache (all int64 unless noted, on the cache device)."""
+
+    positions: torch.Tensor  # [T] logical position of each new token
+    lane_rows: torch.Tensor  # [T] lane row each new token's full-precision K/V goes to (scratch = none)
+    group_src: torch.Tensor | None = None  # [G, g] rows of cat(lane rows, new tokens) forming each completed group
+    group_valid: torch.Tensor | None = None  # [G, g] bool: not a sink (sinks do not widen a group's scale)
+    group_slots: torch.Tensor | None = None  # [G, g] cache slot of each row
+    group_stat_rows: torch.Tensor | None = None  # [G, c] stats rows to write (c copies when g > block_size)
+    decode_overlay: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows of [Bd * L], lane rows)
+    decode_own: torch.Tensor | None = None  # [Bd] row of [Bd * L] holding each decode's own new token
+    decode_positions: torch.Tensor | None = None  # [Bd, L] logical position of each gathered slot (pre-RoPE)
+    prefill_overlays: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    prefill_positions: list[torch.Tensor | None] = field(default_factory=list)  # [ctx] per chunk (pre-RoPE)
+
+
+class PagedQuantKV:
+    """Quantized paged KV storage; a drop-in for `paged.PagedKVCache` plus full-precision overlays.
+
+    `store(layer, slots, k, v)` / `gather(layer, block_ids)` work as for `PagedKVCache` (per-token
+    codecs only; no lanes). The paged backend uses `store_step` / `read` with a `PolicyStep`.
+    """
+
+    def __init__(self, kc: Codec, vc: Codec, num_layers: int, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", sink_tokens: int = 0, residual_tokens: int = 0,
+                 num_lanes: int = 0, keys_pre_rope: bool = False, rope: RopeFn | None = None) -> None:
+        if keys_pre_rope and rope is None:
+            raise ValueError("keys_pre_rope needs the model's rope table")
+        self.kc, self.vc = kc, vc
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.keys_pre_rope, self.rope = keys_pre_rope, rope
+        for c in (kc, vc):
+            g = c.group_size
+            if c.token_grouped and block_size % g and g % block_size:
+                raise ValueError(f"token-grouped scales: groupSize {g} and block size {block_size} must divide "
+                                 "one another")
+        self.sink_tokens, self.residual_tokens = sink_tokens, residual_tokens
+        self.lanes = None
+        if self.ring_tokens or sink_tokens:
+            self.lanes = FullPrecisionLanes(num_layers, num_lanes, sink_tokens, self.ring_tokens, kc.num_heads,
+                                            kc.head_dim, kc.fp_dtype, device)
+        self.k = [self._alloc(kc, device) for _ in range(num_layers)]
+        self.v = [self._alloc(vc, device) for _ in range(num_layers)]
+
+    # -- shape facts -----------------------------------------------------------
+
+    @property
+    def chunk(self) -> int:
+        """Tokens that must exist before they are encoded: a group if either codec is token-grouped."""
+        return max(self.kc.chunk_tokens, self.vc.chunk_tokens)
+
+    @property
+    def ring_tokens(self) -> int:
+        """Lane ring length: the residual window plus an incomplete group."""
+        return self.residual_tokens + self.chunk - 1
+
+    @property
+    def grouped(self) -> bool:
+        return self.kc.token_grouped or self.vc.token_grouped
+
+    def stat_rows_per_block(self, c: Codec) -> int:
+        return max(1, self.block_size // c.group_size) if c.token_grouped else 0
+
+    def _alloc(self, c: Codec, device: torch.device | str) -> list[torch.Tensor]:
+        nb, bs, h, d = self.num_blocks, self.block_size, c.num_heads, c.head_dim
+        if not c.is_quantized:
+            return [torch.zeros(nb, bs, h, d, dtype=c.storage_dtype, device=device)]
+        dc = d // 2 if c.dtype == "int4" else d
+        codes = torch.zeros(nb, bs, h, dc, dtype=torch.uint8, device=device)
+        if c.token_grouped:
+            _, hs, ds = c._stat_shape(1)
+            stat = torch.zeros(nb * self.stat_rows_per_block(c), hs, ds, dtype=STAT_DTYPE, device=device)
+        else:
+            stat = torch.zeros(nb, bs, h, d // c.group_size, dtype=STAT_DTYPE, device=device)
+        return [codes, stat] + ([torch.zeros_like(stat)] if c.dtype != "fp8" else [])
+
+    @staticmethod
+    def bytes_per_block(kc: Codec, vc: Codec, num_layers: int, block_size: int) -> int:
+        """K + V bytes of one block across all layers, as allocated (lanes not included)."""
+        total = 0
+        for c in (kc, vc):
+            if not c.is_quantized:
+                total += int(c.bytes_per_token() * block_size)
+                continue
+            elem_codes = c.head_dim // 2 if c.dtype == "int4" else c.head_dim
+            n_stats = 1 if c.dtype == "fp8" else 2
+            stat_elem = torch.empty((), dtype=STAT_DTYPE).element_size()
+            if c.token_grouped:
+                _, hs, ds = c._stat_shape(1)
+                rows = max(1, block_size // c.group_size)
+                stats = rows * hs * ds
+            else:
+                stats = block_size * c.num_heads * (c.head_dim // c.group_size)
+            total += block_size * c.num_heads * elem_codes + n_stats * stat_elem * stats
+        return num_layers * total
+
+    def nbytes(self) -> int:
+        """Bytes allocated: blocks plus lanes."""
+        blocks = sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
+        return blocks + (self.lanes.nbytes() if self.lanes is not None else 0)
+
+    def slot_tensors(self, layer: int) -> list[torch.Tensor]:
+        """Tensors indexed [num_blocks, block_size, ...] (what compaction moves with a slot)."""
+        return [t for t in self.k[layer] + self.v[layer] if t.shape[:2] == (self.num_blocks, self.block_size)]
+
+    # -- write -------------------------------------------------------------------
+
+    @staticmethod
+    def _as_bytes(codes: torch.Tensor) -> torch.Tensor:
+        return codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
+
+    def _write_slots(self, c: Codec, parts: list[torch.Tensor], slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Per-slot codec: encode x [T, H, D] into its slots (codes and stats)."""
+        enc = c.encode(x)
+        for dst, src in zip(parts, [self._as_bytes(enc.codes), enc.scale, enc.zero], strict=False):
+            assert src is not None
+            dst.view(-1, *dst.shape[2:]).index_copy_(0, slots, src)
+
+    def _write_groups(self, c: Codec, parts: list[torch.Tensor], x: torch.Tensor, step: PolicyStep) -> None:
+        """Token-grouped codec: x [G, g, H, D] complete groups -> codes into their slots, stats into rows."""
+        assert step.group_valid is not None and step.group_slots is not None and step.group_stat_rows is not None
+        # a sink row (kept in full precision anyway) takes the value of the group's last row
+        x = torch.where(step.group_valid[:, :, None, None], x, x[:, -1:])
+        enc = c.encode(x)  # codes [G, g, H, Dc], stats [G, 1, Hs, Ds]
+        codes = self._as_bytes(enc.codes)
+        parts[0].view(-1, *parts[0].shape[2:]).index_copy_(0, step.group_slots.reshape(-1),
+                                                           codes.reshape(-1, *codes.shape[2:]))
+        copies = step.group_stat_rows.shape[1]
+        rows = step.group_stat_rows.reshape(-1)
+        for dst, src in zip(parts[1:], [enc.scale, enc.zero], strict=False):
+            assert src is not None
+            dst.index_copy_(0, rows, src[:, 0].repeat_interleave(copies, dim=0))
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots [T] int64, k/v [T, Hkv, D] -> encoded into their slots (per-token codecs, no lanes)."""
+        assert not self.grouped and self.lanes is None and not self.keys_pre_rope, "use store_step"
+        self._write_slots(self.kc, self.k[layer], slots, k)
+        self._write_slots(self.vc, self.v[layer], slots, v)
+
+    def store_step(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   step: PolicyStep) -> torch.Tensor:
+        """New tokens' post-RoPE k [T, Hkv, D] and v -> codes (per slot, or per completed group).
+
+        Returns the keys as stored (pre-RoPE when `keys_pre_rope`) for `write_lanes`, which the
+        caller runs after this step's reads (the ring still holds the rows they overlay)."""
+        if self.keys_pre_rope:
+            assert self.rope is not None
+            cos, sin = self.rope(step.positions)
+            k = _rotate(k, cos, sin, inverse=True)
+        for c, parts, x, lane in ((self.kc, self.k[layer], k, self._lane(layer, "k")),
+                                  (self.vc, self.v[layer], v, self._lane(layer, "v"))):
+            if not c.token_grouped:
+                self._write_slots(c, parts, slots, x)
+            elif step.group_src is not None and step.group_src.numel():
+                # groups read lane rows written by earlier steps: before this step overwrites the ring
+                src = x if lane is None else torch.cat([lane, x])
+                self._write_groups(c, parts, src[step.group_src], step)
+        return k
+
+    def write_lanes(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: PolicyStep) -> None:
+        """The step's full-precision rows (k as returned by `store_step`) into their lanes."""
+        if self.lanes is not None:
+            self.lanes.k[layer].index_copy_(0, step.lane_rows, k.to(self.lanes.k[layer].dtype))
+            self.lanes.v[layer].index_copy_(0, step.lane_rows, v.to(self.lanes.v[layer].dtype))
+
+    def _lane(self, layer: int, kind: str) -> torch.Tensor | None:
+        if self.lanes is None:
+            return None
+        return (self.lanes.k if kind == "k" else self.lanes.v)[layer]
+
+    # -- read --------------------------------------------------------------------
+
+    def _dequant(self, c: Codec, parts: list[torch.Tensor], block_ids: torch.Tensor) -> torch.Tensor:
+        """block_ids [..., M] -> [..., M * bs, H, D] at the model dtype."""
+        codes = parts[0][block_ids].flatten(-4, -3)  # [..., M * bs, H, Dc]
+        if not c.is_quantized:
+            return codes.to(c.fp_dtype)
+        if c.dtype == "fp8":
+            codes = codes.view(torch.float8_e4m3fn)
+        if c.token_grouped:
+            per_block = self.stat_rows_per_block(c)
+            sub = torch.arange(self.block_size, device=block_ids.device) // max(1, c.group_size)
+            if c.group_size > self.block_size:
+                sub = torch.zeros_like(sub)
+            rows = (block_ids[..., :, None] * per_block + sub).flatten(-2)  # [..., M * bs]
+            scale, zero = parts[1][rows], (parts[2][rows] if len(parts) > 2 else None)  # [..., M * bs, Hs, Ds]
+        else:
+            scale = c._expand_row_stat(parts[1][block_ids].flatten(-4, -3))
+            zero = c._expand_row_stat(parts[2][block_ids].flatten(-4, -3)) if len(parts) > 2 else None
+        return c.dequantize(codes, scale, zero)
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_ids [..., M] int64 -> dequantized k, v [..., M * block_size, Hkv, D] (no overlays)."""
+        return self._dequant(self.kc, self.k[layer], block_ids), self._dequant(self.vc, self.v[layer], block_ids)
+
+    def read(self, layer: int, block_ids: torch.Tensor, overlay: tuple[torch.Tensor, torch.Tensor] | None,
+             positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gather` + the full-precision lane rows (sinks, tail) + RoPE for pre-RoPE keys.
+
+        overlay: (dst rows of the flattened [prod(...) * M * bs] result, lane rows); positions: logical
+        position of every gathered slot (shape of the result's leading dims), needed for pre-RoPE keys.
+        """
+        k, v = self.gather(layer, block_ids)
+        if overlay is not None and self.lanes is not None and overlay[0].numel():
+            dst, src = overlay
+            h, d = k.shape[-2:]
+            k.view(-1, h, d)[dst] = self.lanes.k[layer][src].to(k.dtype)
+            v.view(-1, h, d)[dst] = self.lanes.v[layer][src].to(v.dtype)
+        if self.keys_pre_rope:
+            assert self.rope is not None and positions is not None
+            cos, sin = self.rope(positions.reshape(-1))
+            h, d = k.shape[-2:]
+            k = _rotate(k.reshape(-1, h, d), cos, sin, inverse=False).view(k.shape)
+        return k, v
+
+
+# -- engine hooks: a CachePolicyConfig -> sizes and storage ---------------------------------
+
+
+def _paged_policy(cp: Any, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple[PolicySpec, Codec, Codec]:
+    cp.check_servable()
+    spec = PolicySpec.from_config(cp)
+    kc, vc = build_codecs(spec, num_kv_heads, head_dim, dtype)
+    return spec, kc, vc
+
+
+def paged_bytes_per_block(cp: Any, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype) -> int:
+    """Engine hook: K+V bytes of one paged block under the engine's `CachePolicyConfig` `cp`."""
+    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+    _, kc, vc = _paged_policy(cp, num_kv_heads, head_dim, dtype)
+    return PagedQuantKV.bytes_per_block(kc, vc, num_layers, block_size)
+
+
+def paged_lane_bytes(cp: Any, num_layers: int, num_lanes: int, num_kv_heads: int, head_dim: int,
+                     dtype: torch.dtype) -> int:
+    """Engine hook: bytes of the full-precision lanes (sinks + residual ring per running sequence)."""
+    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
+        return 0
+    spec, kc, vc = _paged_policy(cp, num_kv_heads, head_dim, dtype)
+    ring = spec.quant.residual_tokens + max(kc.chunk_tokens, vc.chunk_tokens) - 1
+    if not ring and not spec.quant.sink_tokens:
+        return 0
+    return FullPrecisionLanes.bytes_needed(num_layers, num_lanes, spec.quant.sink_tokens, ring, num_kv_heads,
+                                           head_dim, dtype)
+
+
+def make_paged_cache(cp: Any, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                     head_dim: int, dtype: torch.dtype, device: torch.device | str, num_lanes: int = 1,
+                     rope: RopeFn | None = None) -> Any:
+    """Engine hook: the paged KV storage for `cp` (`PagedKVCache`, or `PagedQuantKV` when quantized).
+
+    num_lanes: sequences that can run at once (each holds full-precision sink/residual rows);
+    rope: `model.rotary.cos_sin`-like, needed for keysPreRope.
+    """
+    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
+        from .paged import PagedKVCache
+
+        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    spec, kc, vc = _paged_policy(cp, num_kv_heads, head_dim, dtype)
+    q = spec.quant
+    return PagedQuantKV(kc, vc, num_layers, num_blocks, block_size, device, sink_tokens=q.sink_tokens,
+                        residual_tokens=q.residual_tokens, num_lanes=num_lanes, keys_pre_rope=q.keys_pre_rope,
+                        rope=rope)
