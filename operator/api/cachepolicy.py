@@ -15,9 +15,9 @@ Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
 class Quantization(KubeModel):
     """KV quantization: keys per-channel (KIVI/KVQuant), values per-token, recent and sink tokens kept exact.
 
-    The serving engine's paged cache applies dtype and groupSize with per-slot scales; residualTokens,
-    sinkTokens, keysPreRope and per-channel key groups along tokens are applied by `kvfleet eval-cache`
-    only for now (the engine logs which it ignores).
+    The serving engine applies every field as `kvfleet eval-cache` does (the same tokens come out):
+    token-grouped scales cover groupSize slots of the paged cache, and each running sequence keeps
+    sinkTokens + residualTokens + groupSize - 1 tokens at full precision (counted in the KV budget).
     """
 
     dtype: KVDType = Field(
@@ -26,42 +26,52 @@ class Quantization(KubeModel):
     )
     key_granularity: Granularity | None = Field(
         default=None,
-        description="Scale granularity for keys. fp8: per-tensor or per-head (default per-head); int8/int4: "
-        "per-channel (default; one scale per channel per group of groupSize tokens, KIVI) or per-token.",
+        description="Scale granularity for keys. fp8: per-tensor, per-head (default; one scale per head per "
+        "group of groupSize tokens) or per-token; int8/int4: per-channel (default; one scale per channel per "
+        "group of groupSize tokens, KIVI) or per-token (one scale per token per groupSize channels). With an "
+        "eviction policy the default is per-token, and only per-token is allowed (eviction compacts single "
+        "tokens, which scales shared by a group of tokens cannot follow).",
     )
     value_granularity: Granularity | None = Field(
         default=None,
-        description="Scale granularity for values. fp8: per-tensor or per-head (default per-head); int8/int4: "
-        "per-token (default; one scale per token per group of groupSize channels) or per-channel.",
+        description="Scale granularity for values. fp8: per-tensor, per-head (default) or per-token; "
+        "int8/int4: per-token (default; one scale per token per group of groupSize channels) or per-channel. "
+        "With an eviction policy: per-token only (the default then).",
     )
     group_size: int = Field(
-        default=32, ge=8, le=256, description="Elements sharing one scale for int8/int4 (tokens or channels)."
+        default=32,
+        ge=8,
+        le=256,
+        description="Elements sharing one scale: tokens for per-channel/per-head/per-tensor scales (then "
+        "groupSize and blockSizeTokens divide one another), channels for per-token scales (then it divides "
+        "the model's head dimension).",
     )
     keys_pre_rope: bool = Field(
         default=False,
-        description="Quantize keys before rotary embedding (KVQuant); RoPE is re-applied on read.",
+        description="Quantize keys before rotary embedding (KVQuant); RoPE is re-applied on read at each "
+        "kept token's original position.",
     )
     residual_tokens: int = Field(
         default=0,
         ge=0,
         le=4096,
-        description="Most recent tokens kept in full precision until their group fills.",
+        description="Most recent tokens kept in full precision (per-channel keys: plus the tokens of the "
+        "incomplete group). Tokens a request takes from the prefix cache are read as stored.",
     )
     sink_tokens: int = Field(
-        default=0, ge=0, le=1024, description="First tokens (attention sinks) kept in full precision."
+        default=0,
+        ge=0,
+        le=1024,
+        description="First tokens (attention sinks) kept in full precision; they are left out of their "
+        "group's scale. Tokens a request takes from the prefix cache are read as stored.",
     )
 
     __rules__ = (
         Rule(
-            cel="self.dtype != 'fp8' || ((!has(self.keyGranularity) || self.keyGranularity in ['per-tensor', "
-            "'per-head']) && (!has(self.valueGranularity) || self.valueGranularity in ['per-tensor', 'per-head']))",
-            message="fp8 supports per-tensor or per-head granularity only",
-            check=lambda s: (
-                s.dtype != "fp8"
-                or all(
-                    g in (None, "per-tensor", "per-head") for g in (s.key_granularity, s.value_granularity)
-                )
-            ),
+            cel="self.dtype != 'fp8' || ((!has(self.keyGranularity) || self.keyGranularity != 'per-channel') "
+            "&& (!has(self.valueGranularity) || self.valueGranularity != 'per-channel'))",
+            message="fp8 supports per-tensor, per-head or per-token granularity",
+            check=lambda s: s.dtype != "fp8" or "per-channel" not in (s.key_granularity, s.value_granularity),
         ),
         Rule(
             cel="!(self.dtype in ['int8', 'int4']) || ((!has(self.keyGranularity) || self.keyGranularity in "
@@ -108,8 +118,8 @@ class Eviction(KubeModel):
         "+ window); snapkv (prompt positions scored by the last observationWindow queries, after prefill); "
         "keydiff (keys least similar to the mean key). The serving engine applies streaming-llm and keydiff "
         "(one kept-token set per sequence shared by all layers and KV heads; prefix blocks shared with other "
-        "requests are never evicted) and rejects h2o, snapkv and pyramid at startup; `kvfleet eval-cache` "
-        "evaluates all four.",
+        "requests are never evicted) and refuses h2o, snapkv and pyramid (the fleet turns Degraded, "
+        "InvalidConfig); `kvfleet eval-cache` evaluates all four.",
     )
     budget_tokens: int | None = Field(default=None, ge=16, description="Tokens kept per sequence and layer.")
     budget_ratio: float | None = Field(
@@ -196,9 +206,7 @@ class CachePolicySpec(KubeModel):
     )
     quantization: Quantization = Field(
         default_factory=Quantization,
-        description="How KV is stored. The serving engine's paged cache applies dtype and groupSize with "
-        "per-slot scales; residualTokens, sinkTokens, keysPreRope and per-channel key groups along tokens "
-        "are applied by `kvfleet eval-cache` only for now (the engine logs which it ignores).",
+        description="How KV is stored (the serving engine and `kvfleet eval-cache` apply the same fields).",
     )
     eviction: Eviction = Field(default_factory=Eviction, description="What KV is dropped under a budget.")
     prefix_cache: PrefixCache = Field(default_factory=PrefixCache, description="Prefix reuse.")
@@ -211,6 +219,36 @@ class CachePolicySpec(KubeModel):
     )
 
     __rules__ = (
+        Rule(
+            cel="self.quantization.dtype == 'none' || self.blockSizeTokens % self.quantization.groupSize == 0 "
+            "|| self.quantization.groupSize % self.blockSizeTokens == 0",
+            message="quantization.groupSize and blockSizeTokens must divide one another",
+            check=lambda s: s.quantization.dtype == "none" or s.block_size_tokens % s.quantization.group_size == 0
+            or s.quantization.group_size % s.block_size_tokens == 0,
+            field_path=".quantization.groupSize",
+        ),
+        Rule(
+            cel="self.eviction.policy == 'none' || self.quantization.dtype == 'none' || "
+            "((!has(self.quantization.keyGranularity) || self.quantization.keyGranularity == 'per-token') && "
+            "(!has(self.quantization.valueGranularity) || self.quantization.valueGranularity == 'per-token'))",
+            message="with an eviction policy, quantization scales must be per-token (eviction compacts single "
+            "tokens, which scales shared by a group of tokens cannot follow)",
+            check=lambda s: s.eviction.policy == "none" or s.quantization.dtype == "none"
+            or all(g in (None, "per-token") for g in (s.quantization.key_granularity,
+                                                      s.quantization.value_granularity)),
+            field_path=".quantization",
+        ),
+        Rule(
+            cel="self.eviction.policy == 'none' || (self.quantization.sinkTokens <= self.eviction.sinkTokens && "
+            "self.quantization.residualTokens <= self.eviction.windowTokens)",
+            message="with an eviction policy, quantization.sinkTokens must not exceed eviction.sinkTokens and "
+            "quantization.residualTokens must not exceed eviction.windowTokens (full-precision tokens are never "
+            "evicted)",
+            check=lambda s: s.eviction.policy == "none" or (
+                s.quantization.sink_tokens <= s.eviction.sink_tokens
+                and s.quantization.residual_tokens <= s.eviction.window_tokens),
+            field_path=".quantization",
+        ),
         Rule(
             cel="self.eviction.policy == 'none' || !self.prefixCache.enabled || self.prefixCache.scope == 'variant'",
             message="eviction cannot be combined with family-scope prefix sharing (evicted KV is not shareable)",

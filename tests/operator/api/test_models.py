@@ -83,7 +83,8 @@ def test_camel_case_on_the_wire_snake_case_in_python():
     [
         ({"dtype": "fp8"}, True),
         ({"dtype": "fp8", "keyGranularity": "per-head"}, True),
-        ({"dtype": "fp8", "valueGranularity": "per-token"}, False),
+        ({"dtype": "fp8", "valueGranularity": "per-token"}, True),
+        ({"dtype": "fp8", "valueGranularity": "per-channel"}, False),
         ({"dtype": "int4", "groupSize": 32}, True),
         ({"dtype": "int4", "groupSize": 33}, False),
         ({"dtype": "int8", "keyGranularity": "per-tensor"}, False),
