@@ -105,7 +105,8 @@ def policy_step(cache: PagedQuantKV, items: Seq[Any], lanes: Seq[int], first_row
         pos = pos[keep]
         dst = np.where(pos < s_tok, pos, pos - ev)
         if pre_rope:
-            slot_pos = np.arange(decode_len if i < num_decodes else n_phys, dtype=np.int64) + ev
+            gathered_len = decode_len if i < num_decodes else -(-n_phys // bs) * bs  # whole blocks
+            slot_pos = np.arange(gathered_len, dtype=np.int64) + ev
             kept = seq.kept_positions or []
             slot_pos[:len(kept)] = kept
             slot_pos[n_phys:] = 0  # padding: masked, any valid position

@@ -53,14 +53,19 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def _reference(tiny, prompt: list[int], n: int, cp: CachePolicyConfig) -> list[int]:
-    """Greedy tokens with one `PolicyAttention` (the evaluator's cache) for this sequence."""
+def _reference(tiny, prompt: list[int], n: int, cp: CachePolicyConfig, chunk: int | None = None) -> list[int]:
+    """Greedy tokens with one `PolicyAttention` (the evaluator's cache) for this sequence; the prompt is
+    fed in pieces of `chunk` tokens (chunked prefill) when given."""
     model, mc, _ = tiny
     attn = PolicyAttention(PolicySpec.from_config(cp), mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                            rope=lambda p: model.rotary.cos_sin(p, torch.float32))
     out: list[int] = []
     with torch.inference_mode():
-        ids, pos = torch.tensor(prompt), torch.arange(len(prompt))
+        chunk = chunk or len(prompt)
+        for s in range(0, len(prompt) - chunk, chunk):  # all but the last piece: no token sampled
+            model.forward(torch.tensor(prompt[s:s + chunk]), torch.arange(s, s + chunk), attn)
+        last = (len(prompt) - 1) // chunk * chunk
+        ids, pos = torch.tensor(prompt[last:]), torch.arange(last, len(prompt))
         for _ in range(n):
             tok = int(model.compute_logits(model.forward(ids, pos, attn)[-1:]).argmax(-1))
             out.append(tok)
@@ -78,6 +83,17 @@ def test_engine_equals_policy_attention(tiny, name):
     want = [_reference(tiny, p, 24, cp) for p in prompts]
     assert got == want
     assert engine.scheduler.bm.num_used_blocks == 0 and not engine.runner.lanes.held
+
+
+@pytest.mark.parametrize("name", ["int4-kivi-group-spans-blocks", "int4-per-token-pre-rope",
+                                  "int8-kivi-pre-rope-no-residual", "int4-evicting"])
+def test_chunked_prefill_equals_policy_attention_fed_the_same_chunks(tiny, name):
+    """Later chunks read earlier ones from the cache: stored rows, lane rows, pre-RoPE keys re-rotated."""
+    cp = CASES[name]
+    prompt = _prompt(tiny, 27, seed=5)
+    engine = _engine(tiny, cp, max_num_batched_tokens=6)
+    got = engine.generate([prompt], _greedy(20))[0].new_token_ids
+    assert got == _reference(tiny, prompt, 20, cp, chunk=6)
 
 
 def test_full_precision_rows_change_what_is_read(tiny):
