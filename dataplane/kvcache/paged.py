@@ -50,6 +50,10 @@ class PagedKVCache:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
+    def nbytes(self) -> int:
+        """Bytes allocated by the K and V tensors of all layers."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots [T] int64, k/v [T, Hkv, D] -> written into the layer's cache."""
         hkv, d = k.shape[1], k.shape[2]
