@@ -371,10 +371,11 @@ class PolicyAttention(AttentionBackend):
         fixed = st.fixed_rows()
         ev = self.spec.eviction
         prot = protected_mask(st.pos, seen, ev.sink_tokens, ev.window_tokens) | fixed
-        budget = ev.layer_budget(layer, self.num_layers, seen, min_keep=int(prot.sum(0).max()))
+        n_prot = int(prot.sum(0).max())
+        budget = ev.layer_budget(layer, self.num_layers, seen, min_keep=n_prot)
         if len(st) <= budget:
             return
-        keep = choose_slots(self.evict_state, layer, keys, st.pos, seen, budget, fixed)
+        keep = choose_slots(self.evict_state, layer, keys, st.pos, seen, ev.evict_to(budget, n_prot), fixed)
         st.evict(keep)
         self.evict_state.evicted(layer, keep)
 
