@@ -27,8 +27,9 @@ Engine integration (the paged engine applies a policy per variant):
     per-slot scales) that the paged backend reads through the same store/gather calls;
   - `choose_slots(...)` picks the token slots a sequence keeps in one layer, per head.
     The paged engine keeps ONE slot set per sequence (block tables are shared by layers and
-    heads): `paged_eviction.PagedEvictor` applies StreamingLLM and a layer/head-aggregated
-    KeyDiff; H2O/SnapKV (attention weights) and pyramid budgets are evaluated here only.
+    heads): `paged_eviction.PagedEvictor` applies StreamingLLM and layer/head-aggregated KeyDiff,
+    H2O and SnapKV (`paged_scores.py`); pyramid budgets are evaluated here only. Its hysteresis
+    (`EvictionSpec.slack_tokens`) is honoured here too, so both can be compared token for token.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def make_paged_cache(cp: Any, num_layers: int, num_blocks: int, block_size: int,
     """Engine hook: the paged KV storage for `cp` (`PagedKVCache`, or `PagedQuantKV` when quantized).
 
     NOTE: paged blocks quantize every slot with its own scales (see `quant.paged_codec`);
-    residualTokens/sinkTokens and eviction are applied by `PolicyAttention` only.
+    residualTokens/sinkTokens are applied by `PolicyAttention` only. Eviction (all policies but
+    pyramid) is applied on top by `paged_eviction.PagedEvictor`.
     """
     if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
         from .paged import PagedKVCache
