@@ -181,6 +181,8 @@ class PagedScores:
         return self.windows[seq_id]
 
     def release(self, seq_id: str) -> None:
+        """The sequence is finished: forget its window (after placing the last step's queries)."""
+        self.flush()
         self.windows.pop(seq_id, None)
 
     def nbytes(self) -> int:
