@@ -22,7 +22,7 @@ EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")  # kvcach
 GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
 
 
-SERVING_EVICTION_POLICIES = ("streaming-llm", "keydiff")  # what the paged engine applies
+SERVING_EVICTION_POLICIES = ("streaming-llm", "h2o", "snapkv", "keydiff")  # what the paged engine applies
 
 
 class ConfigError(ValueError):
@@ -127,14 +127,15 @@ class CachePolicyConfig:
         """Raise ConfigError, naming the field, for a policy the paged serving engine cannot apply.
 
         Torch-free, so the operator refuses such a fleet (Degraded, InvalidConfig) instead of
-        rendering pods that would crash at startup. NOTE: `pyramid` needs per-layer block tables;
-        `kvfleet eval-cache` evaluates it.
+        rendering pods that would crash at startup. The paged engine applies all four eviction
+        policies with ONE kept-token set per sequence (scores summed over layers and kv heads);
+        `pyramid` needs per-layer block tables and is rejected (`kvfleet eval-cache` evaluates it).
         """
         if self.eviction == "none":
             return
         _check(self.eviction in SERVING_EVICTION_POLICIES,
-               f"cache_policy.eviction: {self.eviction!r} needs attention weights; the paged engine supports "
-               f"{' and '.join(SERVING_EVICTION_POLICIES)} (PolicyAttention evaluates all four)")
+               f"cache_policy.eviction: {self.eviction!r}: the paged engine supports "
+               f"{', '.join(SERVING_EVICTION_POLICIES)}")
         _check(not self.pyramid, "cache_policy.pyramid: per-layer budgets need per-layer block tables; the paged "
                "engine keeps one token set per sequence (PolicyAttention evaluates pyramid budgets)")
         for kind in ("key", "value"):

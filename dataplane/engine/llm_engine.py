@@ -61,7 +61,7 @@ class LLMEngine:
         num_blocks = self._num_blocks(mc, dtype)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
-        config.cache_policy.check_servable()  # before allocating anything: h2o/snapkv/pyramid are rejected
+        config.cache_policy.check_servable()  # before allocating anything: pyramid is rejected
         spec = PolicySpec.from_config(config.cache_policy)
         rotary = getattr(model, "rotary", None)
         kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
@@ -78,6 +78,7 @@ class LLMEngine:
         # token eviction: one kept-token set per sequence, compacted after each step
         self.evictor = PagedEvictor(spec.eviction, kv, bm) if spec.eviction.enabled else None
         self.runner = ModelRunner(model, kv, self.device)
+        self.runner.scores = self.evictor.scores if self.evictor is not None else None  # h2o/snapkv
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
@@ -223,6 +224,8 @@ class LLMEngine:
     def _final(self, seq: Sequence, reason: str) -> RequestOutput:
         self.seqs.pop(seq.seq_id, None)
         self.runner.release(seq.seq_id)
+        if self.evictor is not None:
+            self.evictor.release(seq.seq_id)
         return self._increment(seq, True, reason)
 
     # -- conveniences ----------------------------------------------------------

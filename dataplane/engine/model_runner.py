@@ -51,6 +51,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self.batch_prefill = device.type == "cuda" if batch_prefill is None else batch_prefill
         self.batch_prefill = self.batch_prefill and not self.quantized
+        self.scores: Any = None  # kvcache/paged_scores.PagedScores when eviction needs attention (h2o, snapkv)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its RNG) once the request is finished."""
@@ -79,6 +80,8 @@ class ModelRunner:
         ordered = [items[i] for i in order]
         input_ids, positions, meta, sample_rows, which = self._prepare(ordered)
         with torch.inference_mode():
+            if self.scores is not None:  # which slots each decode row / prefill chunk attends, per step
+                meta.scores = self.scores.plan(ordered, meta)
             self.attn.set_metadata(meta)
             hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
             self.attn.meta = None

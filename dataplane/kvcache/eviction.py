@@ -39,6 +39,7 @@ class EvictionSpec:
     observation_window: int = 32
     pooling_kernel: int = 7
     pyramid: bool = False
+    slack_tokens: int = 0  # hysteresis: once over budget, evict down to budget - slack (>= protected)
 
     def __post_init__(self) -> None:
         if self.policy not in EVICTION_POLICIES:
@@ -60,6 +61,8 @@ class EvictionSpec:
             raise ValueError(f"poolingKernel must be odd and >= 1, got {self.pooling_kernel}")
         if self.observation_window < 1:
             raise ValueError("observationWindow must be >= 1")
+        if self.slack_tokens < 0:
+            raise ValueError("slackTokens must be >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -75,6 +78,14 @@ class EvictionSpec:
         if self.pyramid and num_layers > 1:
             base *= 1.0 + PYRAMID_SPREAD * (1.0 - 2.0 * layer / (num_layers - 1))
         return max(int(math.ceil(base)), min_keep)
+
+    def evict_to(self, budget: int, min_keep: int) -> int:
+        """Tokens to keep when over `budget`: `budget - slack_tokens`, never below `min_keep`.
+
+        With slack, eviction runs once per `slack_tokens` new tokens instead of every step
+        (the paged engine uses its block size: one compaction per block of new tokens).
+        """
+        return max(budget - self.slack_tokens, min_keep)
 
 
 # -- selection ----------------------------------------------------------------

@@ -24,6 +24,7 @@ and sets a `PagedMetadata` once per step. For every layer the backend
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,7 @@ class PagedMetadata:
     prefills: list[PrefillChunk]
     prefill_batch: PrefillBatch | None = None  # set: attend all prefills at once instead of looping
     policy: PolicyStep | None = None  # set for a quantized cache (`paged_quant.PagedQuantKV`)
+    scores: Any = None  # paged_scores.StepScores when the eviction policy needs attention (h2o, snapkv)
 
 
 class PagedAttention(AttentionBackend):
@@ -119,6 +121,8 @@ class PagedAttention(AttentionBackend):
         meta = self.meta
         assert meta is not None, "PagedAttention.set_metadata() not called for this step"
         pol = meta.policy
+        if meta.scores is not None:  # snapkv: keep the queries of observation windows
+            meta.scores.observe(layer, q)
         if pol is None:
             self.cache.store(layer, meta.slot_mapping, k, v)
             return self._attend(layer, q, k, v, meta)
@@ -149,6 +153,9 @@ class PagedAttention(AttentionBackend):
                 kc, vc = self.cache.read(layer, p.block_ids, pol.prefill_overlays[i], pol.prefill_positions[i])
                 kc, vc = kc[:p.context_len], vc[:p.context_len]
                 kc[p.context_len - p.q_len:], vc[p.context_len - p.q_len:] = ks, vs
+            if meta.scores is not None and meta.scores.needs_probs:  # h2o: explicit softmax, scores kept
+                outs.append(meta.scores.prefill(qs, kc, vc, p, meta.slot_mapping))
+                continue
             outs.append(causal_attention(qs, kc, vc, q_offset=p.context_len - p.q_len))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -167,6 +174,8 @@ class PagedAttention(AttentionBackend):
             vc.view(-1, *vc.shape[2:])[pol.decode_own] = v
         hkv = kc.shape[2]
         qg = q.view(bd, hkv, hq // hkv, d)  # [Bd, Hkv, G, D]: head h -> kv head h // G
+        if meta.scores is not None and meta.scores.needs_probs:  # h2o: explicit softmax, scores kept
+            return meta.scores.decode(qg, kc, vc, meta.decode_mask).reshape(bd, hq, d)
         out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2),
                                              attn_mask=meta.decode_mask)  # [Bd, Hkv, G, D]
         return out.reshape(bd, hq, d)
@@ -182,6 +191,9 @@ class PagedAttention(AttentionBackend):
         if pb.folded_mask is None:  # same for every layer: fold the query group once per step
             lk = pb.mask.shape[-1]
             pb.folded_mask = pb.mask[:, :, None].expand(bp, 1, g, lq, lk).reshape(bp, 1, g * lq, lk)
+        sc = self.meta.scores if self.meta is not None else None
+        if sc is not None and sc.needs_probs:  # h2o: explicit softmax, scores kept
+            return sc.prefill_batched(qg, kc, vc, pb.folded_mask, pb.out_index)
         out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2),
                                              attn_mask=pb.folded_mask)  # [Bp, Hkv, G * Lq, D]
         out = out.view(bp, hkv, g, lq, d).permute(0, 3, 1, 2, 4).reshape(bp * lq, hq, d)

@@ -1,37 +1,53 @@
 """Token eviction for the paged engine: one kept-token set per sequence, compacted in place.
 
 Block tables are per sequence and shared by all layers, so the paged engine keeps ONE set of
-token slots per sequence (all layers, all kv heads), chosen by a policy that needs no attention
-weights (the fused SDPA path never materializes them):
+token slots per sequence (all layers, all kv heads); scores are the per-(layer, kv head) scores
+of `eviction.py` summed over layers and kv heads (the aggregated variant of each policy):
 
     streaming-llm  score = position                       (sinks + most recent window)
     keydiff        score = sum over layers and kv heads of -cos(key, mean key of that head)
+    h2o            score = attention received from every query so far (`paged_scores.PagedScores.acc`)
+    snapkv         score = sum over layers and kv heads of the max-pooled votes of the last
+                   observationWindow queries; not evicted before the prompt is fully computed
 
 Sinks and the recent window are always kept (`eviction.protected_mask`), and so are slots in
 blocks this sequence does not own exclusively: prefix-cache hits it took at admission and any
 block with refcount > 1. After a step, when a sequence's PHYSICAL KV length (slots used) exceeds
-its budget, `PagedEvictor.maybe_compact` copies the kept slots to the front of its blocks (k and
-v of every layer, every storage tensor, so quantized `PagedQuantKV` codes and per-slot scales
-move with them), drops the prefix-cache registration of every block it wrote (its contents no
-longer match its hash) and frees the now-unused tail blocks.
+its budget, `PagedEvictor.maybe_compact` keeps `budget - slack` slots (hysteresis, `EvictionSpec.
+slack_tokens`, one block by default: compaction runs about once per block of new tokens), copies
+them to the front of its blocks (k and v of every layer, every storage tensor, so quantized
+`PagedQuantKV` codes and per-slot scales move with them, and so do H2O scores), drops the
+prefix-cache registration of every block it wrote (its contents no longer match its hash) and
+frees the now-unused tail blocks.
 
 The LOGICAL position of the next token stays `num_computed_tokens` (keys carry RoPE, so kept keys
 keep their positions); `Sequence.num_evicted` is the difference between the two.
 
-NOTE: h2o/snapkv need attention probabilities and `pyramid` needs per-layer block tables;
-`CachePolicyConfig.check_servable` rejects them (PolicyAttention evaluates all of them).
+Where this differs from `PolicyAttention` (per-layer, per-head sets): the sets are aggregated
+over layers and heads; snapkv does not evict mid-prompt (the evaluator evicts after every forward,
+the same only when the prompt is one forward); prefix-cache hit tokens were never computed by
+this sequence, so their queries add no h2o score and no snapkv vote.
+NOTE: `pyramid` needs per-layer block tables; `CachePolicyConfig.check_servable` rejects it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..engine.sequence import Sequence
 from .blocks import BlockManager
-from .eviction import EvictionSpec, keydiff_scores, protected_mask, select_keep, streaming_scores
+from .eviction import (
+    EvictionSpec,
+    keydiff_scores,
+    protected_mask,
+    select_keep,
+    snapkv_scores,
+    streaming_scores,
+)
+from .paged_scores import ATTENTION_SCORED, PagedScores
 
 
 @dataclass
@@ -51,10 +67,19 @@ def _parts(store: Any) -> list[torch.Tensor]:
 class PagedEvictor:
     """Chooses and compacts each sequence's kept slots in a paged KV cache (`PagedKVCache` or `PagedQuantKV`)."""
 
-    def __init__(self, spec: EvictionSpec, kv: Any, bm: BlockManager) -> None:
-        self.spec, self.kv, self.bm = spec, kv, bm
+    def __init__(self, spec: EvictionSpec, kv: Any, bm: BlockManager, slack_tokens: int | None = None) -> None:
+        """slack_tokens: hysteresis (None = spec.slack_tokens, or one block when that is 0)."""
         self.bs = bm.block_size
+        slack = slack_tokens if slack_tokens is not None else spec.slack_tokens or self.bs
+        self.spec, self.kv, self.bm = replace(spec, slack_tokens=slack), kv, bm
         self.stats = EvictionStats()
+        self.scores = PagedScores(self.spec, bm.num_blocks * self.bs, self.bs, kv.num_layers, self._device()) \
+            if spec.policy in ATTENTION_SCORED else None
+
+    def release(self, seq_id: str) -> None:
+        """The sequence is finished: drop its per-sequence score state."""
+        if self.scores is not None:
+            self.scores.release(seq_id)
 
     # -- what a sequence holds ---------------------------------------------------
 
@@ -80,8 +105,15 @@ class PagedEvictor:
         return table[idx // self.bs] * self.bs + idx % self.bs
 
     def keys(self, seq: Sequence, n: int) -> list[torch.Tensor]:
-        """Per layer: the sequence's first n stored keys [n, Hkv, D] (dequantized)."""
+        """Per layer: the sequence's first n stored keys [n, Hkv, D] (dequantized; pre-RoPE keys rotated).
+
+        NOTE: a quantized cache's full-precision lane rows are not overlaid here (sinks and the tail are
+        protected anyway, but they enter KeyDiff's mean key as stored)."""
         blocks = torch.tensor(seq.block_table[:-(-n // self.bs)], dtype=torch.long, device=self._device())
+        if getattr(self.kv, "keys_pre_rope", False):
+            pos = self.slot_positions(seq) + [0] * (len(blocks) * self.bs - n)  # padding: any valid position
+            at = torch.tensor(pos, dtype=torch.long, device=self._device())
+            return [self.kv.read(layer, blocks, None, at)[0][:n] for layer in range(self.kv.num_layers)]
         return [self.kv.gather(layer, blocks)[0][:n] for layer in range(self.kv.num_layers)]
 
     def _device(self) -> torch.device:
@@ -90,18 +122,35 @@ class PagedEvictor:
     def choose(self, seq: Sequence) -> torch.Tensor | None:
         """Ascending physical slot indices [k] to keep, or None while within budget."""
         n, seen = seq.num_kv_slots, seq.num_computed_tokens
-        pos = torch.tensor(self.slot_positions(seq), dtype=torch.long)  # [n]
         ev = self.spec
+        if ev.policy == "snapkv" and seen < seq.num_prompt_tokens:
+            return None  # SnapKV compresses a whole prompt: wait for its last (observation) queries
+        pos = torch.tensor(self.slot_positions(seq), dtype=torch.long)  # [n]
         prot = protected_mask(pos[:, None], seen, ev.sink_tokens, ev.window_tokens)[:, 0] | self.fixed_slots(seq, n)
-        budget = ev.layer_budget(0, 1, seen, min_keep=int(prot.sum()))
+        n_prot = int(prot.sum())
+        budget = ev.layer_budget(0, 1, seen, min_keep=n_prot)
         if n <= budget:
             return None
+        return select_keep(self.scores_of(seq, n, pos), prot[:, None], ev.evict_to(budget, n_prot))[:, 0]
+
+    def scores_of(self, seq: Sequence, n: int, pos: torch.Tensor) -> torch.Tensor:
+        """Scores [n, 1] (CPU) of the first n slots at logical positions pos [n]; one set for all layers/heads."""
+        ev = self.spec
         if ev.policy == "streaming-llm":
-            scores = streaming_scores(pos[:, None])  # [n, 1]
-        else:  # keydiff, aggregated over layers and kv heads: one set for the whole sequence
-            per_layer = torch.stack([keydiff_scores(k).sum(1) for k in self.keys(seq, n)])  # [L, n]
-            scores = per_layer.sum(0).cpu()[:, None]  # [n, 1]
-        return select_keep(scores, prot[:, None], budget)[:, 0]
+            return streaming_scores(pos[:, None])
+        if ev.policy == "h2o":
+            assert self.scores is not None
+            return self.scores.acc[self._slots(seq, torch.arange(n)).to(self._device())].cpu()[:, None]
+        keys = self.keys(seq, n)  # per layer [n, Hkv, D]
+        if ev.policy == "keydiff":
+            per_layer = [keydiff_scores(k).sum(1) for k in keys]  # [n] each
+        else:  # snapkv: each layer's window queries vote, per kv head, pooled along the sequence
+            assert self.scores is not None
+            q_win, q_pos = self.scores.window(seq.seq_id)  # [L, W, Hq, D], [W]
+            k_pos = pos.to(q_pos.device)[:, None].expand(n, keys[0].shape[1])  # [n, Hkv]
+            per_layer = [snapkv_scores(q_win[i], q_pos, k, k_pos, ev.pooling_kernel).sum(1)
+                         for i, k in enumerate(keys)]
+        return torch.stack(per_layer).sum(0).cpu()[:, None]
 
     # -- compaction --------------------------------------------------------------
 
@@ -122,9 +171,13 @@ class PagedEvictor:
             dst_s = self._slots(seq, dst[moved]).to(self._device())
             with torch.inference_mode():
                 for layer in range(self.kv.num_layers):
-                    for t in _parts(self.kv.k[layer]) + _parts(self.kv.v[layer]):
+                    per_slot = self.kv.slot_tensors(layer) if hasattr(self.kv, "slot_tensors") else \
+                        _parts(self.kv.k[layer]) + _parts(self.kv.v[layer])
+                    for t in per_slot:
                         flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
                         flat[dst_s] = flat[src_s]  # NOTE: the right side is gathered first, overlap is safe
+                if self.scores is not None:
+                    self.scores.move(src_s, dst_s)
             for i in torch.unique(dst[moved] // self.bs).tolist():  # the blocks written
                 self._unregister(seq.block_table[i])
         positions = self.slot_positions(seq)

@@ -21,9 +21,10 @@ and re-rotates them at their stored positions on read.
 Engine integration (the paged engine applies a policy per variant): `paged_quant` stores the
 same codecs in paged blocks (token-grouped scales per group of slots, full-precision lanes for
 sinks and the residual tail, pre-RoPE keys) so a sequence reads exactly what `PolicyAttention`
-reads; `paged_eviction.PagedEvictor` keeps ONE slot set per sequence (block tables are shared by
-layers and heads) and applies StreamingLLM and a layer/head-aggregated KeyDiff; H2O/SnapKV
-(attention weights) and pyramid budgets are evaluated here only.
+reads. `paged_eviction.PagedEvictor` keeps ONE slot set per sequence (block tables are shared by
+layers and heads) and applies StreamingLLM and layer/head-aggregated KeyDiff, H2O and SnapKV
+(`paged_scores.py`); pyramid budgets are evaluated here only. Its hysteresis
+(`EvictionSpec.slack_tokens`) is honoured here too, so both can be compared token for token.
 """
 
 from __future__ import annotations
@@ -344,10 +345,11 @@ class PolicyAttention(AttentionBackend):
         fixed = st.fixed_rows()
         ev = self.spec.eviction
         prot = protected_mask(st.pos, seen, ev.sink_tokens, ev.window_tokens) | fixed
-        budget = ev.layer_budget(layer, self.num_layers, seen, min_keep=int(prot.sum(0).max()))
+        n_prot = int(prot.sum(0).max())
+        budget = ev.layer_budget(layer, self.num_layers, seen, min_keep=n_prot)
         if len(st) <= budget:
             return
-        keep = choose_slots(self.evict_state, layer, keys, st.pos, seen, budget, fixed)
+        keep = choose_slots(self.evict_state, layer, keys, st.pos, seen, ev.evict_to(budget, n_prot), fixed)
         st.evict(keep)
         self.evict_state.evicted(layer, keep)
 

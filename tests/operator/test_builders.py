@@ -224,7 +224,7 @@ def test_role_pod_annotations_apply_to_that_role_only():
     assert prefill["kvfleet.io/run-locally"] == "false" and prefill["team"] == "ml"
 
 
-@pytest.mark.parametrize("eviction", [{"policy": "h2o", "budgetRatio": 0.5},
+@pytest.mark.parametrize("eviction", [{"policy": "h2o", "budgetRatio": 0.5, "pyramid": True},
                                       {"policy": "keydiff", "budgetRatio": 0.5, "pyramid": True}])
 def test_a_policy_the_serving_engine_cannot_apply_fails_the_build_with_the_field(eviction):
     from kvfleet.dataplane.config import ConfigError

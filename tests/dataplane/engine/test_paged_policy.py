@@ -8,6 +8,7 @@ precision: greedy generation through the engine equals `PolicyAttention` token f
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,9 +56,13 @@ def _greedy(n: int) -> SamplingParams:
 
 def _reference(tiny, prompt: list[int], n: int, cp: CachePolicyConfig, chunk: int | None = None) -> list[int]:
     """Greedy tokens with one `PolicyAttention` (the evaluator's cache) for this sequence; the prompt is
-    fed in pieces of `chunk` tokens (chunked prefill) when given."""
+    fed in pieces of `chunk` tokens (chunked prefill) when given. Eviction gets the engine's slack
+    (it evicts a block below the budget at a time)."""
     model, mc, _ = tiny
-    attn = PolicyAttention(PolicySpec.from_config(cp), mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+    spec = PolicySpec.from_config(cp)
+    if spec.eviction.enabled:
+        spec = replace(spec, eviction=replace(spec.eviction, slack_tokens=BS))
+    attn = PolicyAttention(spec, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                            rope=lambda p: model.rotary.cos_sin(p, torch.float32))
     out: list[int] = []
     with torch.inference_mode():
@@ -81,6 +86,8 @@ def test_engine_equals_policy_attention(tiny, name):
     assert isinstance(engine.runner.kv, PagedQuantKV)
     got = [o.new_token_ids for o in engine.generate(prompts, _greedy(24))]  # three sequences, three lanes
     want = [_reference(tiny, p, 24, cp) for p in prompts]
+    if engine.evictor is not None:
+        assert engine.evictor.spec.slack_tokens == BS and engine.eviction_stats().compactions > 0
     assert got == want
     assert engine.scheduler.bm.num_used_blocks == 0 and not engine.runner.lanes.held
 
@@ -155,3 +162,20 @@ def test_group_size_must_fit_the_block_size():
     with pytest.raises(ConfigError, match="group_size 12 and block_size 16"):
         EngineConfig(model_dir="m", block_size=16, cache_policy=_q("int8", group_size=12))
     EngineConfig(model_dir="m", block_size=16, cache_policy=_q("int8", key_granularity="per-token", group_size=8))
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "keydiff"])
+def test_attention_scored_eviction_over_quantized_lanes(tiny, policy):
+    """Scores come from what attention reads (stored rows + lane rows); compaction moves the per-slot codes."""
+    cp = _q("int4", group_size=8, residual_tokens=4, quant_sink_tokens=2, keys_pre_rope=True, eviction=policy,
+            eviction_budget_tokens=20, eviction_window_tokens=8, eviction_sink_tokens=4)
+    engine = _engine(tiny, cp)  # whole prompts in one step (chunk boundaries change what quantized KV reads)
+    prompts = [_prompt(tiny, n, seed=n) for n in (13, 26, 7)]
+    outs = engine.generate(prompts, _greedy(30))
+    assert [len(o.new_token_ids) for o in outs] == [30, 30, 30]
+    assert engine.eviction_stats().compactions > 0
+    assert engine.scheduler.bm.num_used_blocks == 0 and not engine.runner.lanes.held
+    # the same requests one at a time: lanes and scores are per sequence, so batching changes nothing
+    alone = [_engine(tiny, cp).generate([p], _greedy(30))[0].new_token_ids
+             for p in prompts]
+    assert [o.new_token_ids for o in outs] == alone
