@@ -115,13 +115,15 @@ class Eviction(KubeModel):
     policy: Literal["none", "streaming-llm", "h2o", "snapkv", "keydiff"] = Field(
         default="none",
         description="none; streaming-llm (sinks + recent window); h2o (heavy hitters by accumulated attention "
-        "+ window); snapkv (prompt positions scored by the last observationWindow queries, after prefill); "
-        "keydiff (keys least similar to the mean key). The serving engine applies streaming-llm and keydiff "
-        "(one kept-token set per sequence shared by all layers and KV heads; prefix blocks shared with other "
-        "requests are never evicted) and refuses h2o, snapkv and pyramid (the fleet turns Degraded, "
-        "InvalidConfig); `kvfleet eval-cache` evaluates all four.",
+        "+ window); snapkv (keys scored by the attention of the last observationWindow queries, max-pooled; "
+        "first eviction once the whole prompt is computed); keydiff (keys least similar to the mean key). The "
+        "serving engine applies all four with one kept-token set per sequence shared by all layers and KV heads "
+        "(scores summed over layers and KV heads); once over budget it evicts down to the budget minus one KV "
+        "block, so compaction runs about once per block of new tokens; prefix blocks shared with other requests "
+        "are never evicted. `kvfleet eval-cache` evaluates all four per layer and KV head.",
     )
-    budget_tokens: int | None = Field(default=None, ge=16, description="Tokens kept per sequence and layer.")
+    budget_tokens: int | None = Field(default=None, ge=16, description="Tokens kept per sequence and layer (the serving engine keeps between budgetTokens minus "
+        "one KV block and budgetTokens).")
     budget_ratio: float | None = Field(
         default=None,
         gt=0.0,
@@ -132,12 +134,15 @@ class Eviction(KubeModel):
     sink_tokens: int = Field(
         default=4, ge=0, le=1024, description="First tokens always kept (attention sinks)."
     )
-    observation_window: int = Field(default=32, ge=1, le=1024, description="snapkv: queries that vote.")
+    observation_window: int = Field(default=32, ge=1, le=1024, description="snapkv: the last queries (the prompt's, then the most recent ones) that vote.")
     pooling_kernel: int = Field(
         default=7, ge=1, le=63, description="snapkv: 1-D max-pool width over scores (odd)."
     )
     pyramid: bool = Field(
-        default=False, description="PyramidKV shape: larger budgets in lower layers, smaller in upper ones."
+        default=False,
+        description="PyramidKV shape: larger budgets in lower layers, smaller in upper ones. Evaluated by "
+        "`kvfleet eval-cache` only: the serving engine keeps one token set for all layers and refuses it (the "
+        "fleet turns Degraded, InvalidConfig).",
     )
 
     __rules__ = (
