@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import replace
-
 import pytest
 import torch
-from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
-from kvfleet.dataplane.engine.api import GenerationRequest, SamplingParams
+from engine_testlib import greedy, greedy_through, make_engine, policy_attention, random_prompt
+from kvfleet.dataplane.config import CachePolicyConfig
+from kvfleet.dataplane.engine.api import GenerationRequest
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
 from kvfleet.dataplane.kvcache.eviction import (
     keydiff_scores,
@@ -16,7 +14,6 @@ from kvfleet.dataplane.kvcache.eviction import (
     select_keep,
     streaming_scores,
 )
-from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
 
 BS = 4
 
@@ -27,19 +24,11 @@ def _policy(policy="streaming-llm", budget=24, window=8, sinks=4, **kw) -> Cache
 
 
 def _engine(tiny, cp: CachePolicyConfig | None = None, **kw) -> LLMEngine:
-    model, mc, _ = tiny
-    cfg = EngineConfig(model_dir="unused", **{"block_size": BS, "num_kv_blocks": 128,
-                                              "cache_policy": cp or CachePolicyConfig(), **kw})
-    return LLMEngine(model, mc, cfg)
+    return make_engine(tiny[0], tiny[1], cp, block_size=BS, **kw)
 
 
 def _prompt(tiny, n, seed=0):
-    rng = random.Random(seed)
-    return [rng.randrange(1, tiny[1].vocab_size) for _ in range(n)]
-
-
-def _greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return random_prompt(tiny[1].vocab_size, n, seed)
 
 
 def _check(engine: LLMEngine, budget: int | None) -> None:
@@ -69,7 +58,7 @@ def test_rejects_what_the_paged_engine_cannot_apply(tiny, cp):
 def test_streaming_keeps_sinks_and_window(tiny):
     engine = _engine(tiny, _policy(budget=24, window=8, sinks=4))
     assert engine.evictor.spec.slack_tokens == BS  # hysteresis: over 24 -> keep 20
-    engine.add_request(GenerationRequest("a", _prompt(tiny, 40), _greedy(30)))
+    engine.add_request(GenerationRequest("a", _prompt(tiny, 40), greedy(30)))
     sizes = []
     for _ in range(10):
         engine.step()
@@ -95,7 +84,7 @@ def test_keydiff_keeps_the_selection_of_eviction_py(tiny):
         return orig(seq)
 
     ev.choose = spy
-    engine.add_request(GenerationRequest("a", _prompt(tiny, 37, seed=3), _greedy(3)))
+    engine.add_request(GenerationRequest("a", _prompt(tiny, 37, seed=3), greedy(3)))
     engine.step()  # the whole prompt in one prefill, then one compaction
     keys, pos, seen = seen_keys[0]
     scores = sum(keydiff_scores(k).sum(1) for k in keys)[:, None]  # [N, 1] over layers and kv heads
@@ -113,7 +102,7 @@ def test_budget_holds_blocks_freed_no_leaks(tiny):
     engine = _engine(tiny, _policy(budget=16, window=8, sinks=4), max_num_batched_tokens=16)
     bm = engine.scheduler.bm
     for i, n in enumerate([5, 30, 17, 50]):
-        engine.add_request(GenerationRequest(f"r{i}", _prompt(tiny, n, seed=i), _greedy(40)))
+        engine.add_request(GenerationRequest(f"r{i}", _prompt(tiny, n, seed=i), greedy(40)))
     _run(engine, 16, every=lambda e: e.abort("r2") if e.generation_tokens > 30 and "r2" in e.seqs else None)
     st = engine.eviction_stats()
     assert st.blocks_freed > 10 and st.tokens_evicted > 100
@@ -125,7 +114,7 @@ def test_ratio_budget(tiny):
     cp = CachePolicyConfig(eviction="streaming-llm", eviction_budget_ratio=0.5, eviction_window_tokens=4,
                            eviction_sink_tokens=2)
     engine = _engine(tiny, cp)
-    engine.add_request(GenerationRequest("a", _prompt(tiny, 40), _greedy(20)))
+    engine.add_request(GenerationRequest("a", _prompt(tiny, 40), greedy(20)))
     engine.step()
     assert engine.seqs["a"].num_kv_slots == 20 - BS  # ceil(0.5 * 40) - slack
     _run(engine)
@@ -135,27 +124,16 @@ def test_ratio_budget(tiny):
 @pytest.mark.parametrize("prefix", [True, False])
 def test_budget_above_sequence_equals_no_eviction(tiny, prefix):
     prompts = [_prompt(tiny, n, seed=n) for n in (9, 23, 31)]
-    base = _engine(tiny, enable_prefix_caching=prefix).generate(prompts, _greedy(16))
+    base = _engine(tiny, enable_prefix_caching=prefix).generate(prompts, greedy(16))
     ev = _engine(tiny, _policy(budget=200), enable_prefix_caching=prefix)
-    got = ev.generate(prompts, _greedy(16))
+    got = ev.generate(prompts, greedy(16))
     assert [o.new_token_ids for o in got] == [o.new_token_ids for o in base]
     assert ev.eviction_stats().compactions == 0
 
 
 def _policy_greedy(tiny, prompt, n, cp, slack=BS):
     """PolicyAttention told the engine's hysteresis (evict to budget - slack), so both must agree."""
-    model, mc, _ = tiny
-    spec = PolicySpec.from_config(cp)
-    spec = replace(spec, eviction=replace(spec.eviction, slack_tokens=slack))
-    attn = PolicyAttention(spec, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim)
-    out: list[int] = []
-    with torch.inference_mode():
-        ids, pos = torch.tensor(prompt), torch.arange(len(prompt))
-        for _ in range(n):
-            tok = int(model.compute_logits(model.forward(ids, pos, attn)[-1:]).argmax(-1))
-            out.append(tok)
-            pos, ids = pos[-1:] + 1, torch.tensor([tok])
-    return out
+    return greedy_through(tiny[0], policy_attention(tiny[0], tiny[1], cp, slack), prompt, n)
 
 
 @pytest.mark.parametrize("prefix", [True, False])
@@ -164,11 +142,11 @@ def test_streaming_equals_policy_attention(tiny, prefix):
     prompt = _prompt(tiny, 30, seed=7)
     want = _policy_greedy(tiny, prompt, 40, cp)
     engine = _engine(tiny, cp, enable_prefix_caching=prefix)
-    got = engine.generate([prompt], _greedy(40))[0].new_token_ids
+    got = engine.generate([prompt], greedy(40))[0].new_token_ids
     assert got == want and engine.eviction_stats().compactions == 8  # prefill, then every 5 tokens
     assert want != _policy_greedy(tiny, prompt, 40, cp, slack=0)  # the slack matters: both apply it
     # and eviction really changed the output (else this proves nothing about positions)
-    assert got != _engine(tiny).generate([prompt], _greedy(40))[0].new_token_ids
+    assert got != _engine(tiny).generate([prompt], greedy(40))[0].new_token_ids
 
 
 def test_shared_prefix_block_survives_an_evicting_neighbour(tiny):
@@ -176,11 +154,11 @@ def test_shared_prefix_block_survives_an_evicting_neighbour(tiny):
     shared = _prompt(tiny, 8, seed=11)  # two full blocks
     a = shared + _prompt(tiny, 6, seed=12)  # under budget at first: its full blocks get published
     b = shared + _prompt(tiny, 3, seed=13)  # 11 + 10 tokens: never over budget itself
-    alone = _engine(tiny, cp).generate([b], _greedy(10))[0].new_token_ids
+    alone = _engine(tiny, cp).generate([b], greedy(10))[0].new_token_ids
     engine = _engine(tiny, cp)
-    engine.add_request(GenerationRequest("a", a, _greedy(40)))
+    engine.add_request(GenerationRequest("a", a, greedy(40)))
     engine.step()  # a's prompt: computed and its full blocks published
-    engine.add_request(GenerationRequest("b", b, _greedy(10)))
+    engine.add_request(GenerationRequest("b", b, greedy(10)))
     # b takes the two shared blocks (refcount 2): a must compact around them
     got = [t for o in engine.step() if o.request_id == "b" for t in o.new_token_ids]
     assert engine.seqs["b"].num_hit_blocks == 2
@@ -199,10 +177,10 @@ def test_shared_prefix_block_survives_an_evicting_neighbour(tiny):
 def test_preempted_evicted_sequence_recomputes_from_all_tokens(tiny):
     cp = _policy(budget=16, window=8, sinks=4)
     prompts = [_prompt(tiny, 20, seed=s) for s in range(4)]
-    want = [_engine(tiny, cp).generate([p], _greedy(24))[0].new_token_ids for p in prompts]
+    want = [_engine(tiny, cp).generate([p], greedy(24))[0].new_token_ids for p in prompts]
     # 12 blocks of 4 slots: four sequences of up to 16 kept slots cannot all run at once
     engine = _engine(tiny, cp, num_kv_blocks=12, max_num_batched_tokens=24)
-    got = engine.generate(prompts, _greedy(24))
+    got = engine.generate(prompts, greedy(24))
     assert engine.stats().num_preemptions > 0
     # NOTE: an evicted sequence recomputes from its full token list, so after a preemption its kept
     # set is the prefill's choice, not the incremental one: only the engine's accounting must hold.
@@ -216,7 +194,7 @@ def test_eviction_with_quantized_kv(tiny):
     cp = _policy(budget=20, window=8, sinks=4, key_quantization="int8", value_quantization="int8",
                  group_size=BS)
     engine = _engine(tiny, cp)
-    out = engine.generate([_prompt(tiny, 30)], _greedy(30))[0]
+    out = engine.generate([_prompt(tiny, 30)], greedy(30))[0]
     assert len(out.new_token_ids) == 30 and engine.eviction_stats().blocks_freed > 0
     assert engine.scheduler.bm.num_used_blocks == 0
 
@@ -229,6 +207,6 @@ def test_batched_prefill_path_equals_loop_path_under_eviction(tiny, policy):
     for batched in (False, True):
         engine = _engine(tiny, _policy(policy, budget=20, window=8, sinks=4), max_num_batched_tokens=12)
         engine.runner.batch_prefill = batched
-        outs.append([o.new_token_ids for o in engine.generate(prompts, _greedy(20))])
+        outs.append([o.new_token_ids for o in engine.generate(prompts, greedy(20))])
         assert engine.eviction_stats().compactions > 0 and engine.scheduler.bm.num_used_blocks == 0
     assert outs[0] == outs[1]

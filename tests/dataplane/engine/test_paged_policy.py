@@ -7,16 +7,12 @@ precision: greedy generation through the engine equals `PolicyAttention` token f
 
 from __future__ import annotations
 
-import random
-from dataclasses import replace
-
 import pytest
-import torch
+from engine_testlib import greedy, greedy_through, make_engine, policy_attention, random_prompt
 from kvfleet.dataplane.config import CachePolicyConfig, ConfigError, EngineConfig
-from kvfleet.dataplane.engine.api import GenerationRequest, SamplingParams
+from kvfleet.dataplane.engine.api import GenerationRequest
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
 from kvfleet.dataplane.kvcache.paged_quant import PagedQuantKV
-from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
 
 BS = 4
 
@@ -40,42 +36,16 @@ CASES = {
 
 
 def _engine(tiny, cp: CachePolicyConfig, **kw) -> LLMEngine:
-    model, mc, _ = tiny
-    cfg = EngineConfig(model_dir="unused", **{"block_size": BS, "num_kv_blocks": 256, "cache_policy": cp, **kw})
-    return LLMEngine(model, mc, cfg)
+    return make_engine(tiny[0], tiny[1], cp, **{"block_size": BS, "num_kv_blocks": 256, **kw})
 
 
 def _prompt(tiny, n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, tiny[1].vocab_size) for _ in range(n)]
-
-
-def _greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return random_prompt(tiny[1].vocab_size, n, seed)
 
 
 def _reference(tiny, prompt: list[int], n: int, cp: CachePolicyConfig, chunk: int | None = None) -> list[int]:
-    """Greedy tokens with one `PolicyAttention` (the evaluator's cache) for this sequence; the prompt is
-    fed in pieces of `chunk` tokens (chunked prefill) when given. Eviction gets the engine's slack
-    (it evicts a block below the budget at a time)."""
-    model, mc, _ = tiny
-    spec = PolicySpec.from_config(cp)
-    if spec.eviction.enabled:
-        spec = replace(spec, eviction=replace(spec.eviction, slack_tokens=BS))
-    attn = PolicyAttention(spec, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
-                           rope=lambda p: model.rotary.cos_sin(p, torch.float32))
-    out: list[int] = []
-    with torch.inference_mode():
-        chunk = chunk or len(prompt)
-        for s in range(0, len(prompt) - chunk, chunk):  # all but the last piece: no token sampled
-            model.forward(torch.tensor(prompt[s:s + chunk]), torch.arange(s, s + chunk), attn)
-        last = (len(prompt) - 1) // chunk * chunk
-        ids, pos = torch.tensor(prompt[last:]), torch.arange(last, len(prompt))
-        for _ in range(n):
-            tok = int(model.compute_logits(model.forward(ids, pos, attn)[-1:]).argmax(-1))
-            out.append(tok)
-            pos, ids = pos[-1:] + 1, torch.tensor([tok])
-    return out
+    """PolicyAttention (told the engine's one-block eviction slack), prompt fed in pieces of `chunk`."""
+    return greedy_through(tiny[0], policy_attention(tiny[0], tiny[1], cp, slack=BS), prompt, n, chunk)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -84,7 +54,7 @@ def test_engine_equals_policy_attention(tiny, name):
     prompts = [_prompt(tiny, n, seed=n) for n in (13, 26, 7)]
     engine = _engine(tiny, cp)
     assert isinstance(engine.runner.kv, PagedQuantKV)
-    got = [o.new_token_ids for o in engine.generate(prompts, _greedy(24))]  # three sequences, three lanes
+    got = [o.new_token_ids for o in engine.generate(prompts, greedy(24))]  # three sequences, three lanes
     want = [_reference(tiny, p, 24, cp) for p in prompts]
     if engine.evictor is not None:
         assert engine.evictor.spec.slack_tokens == BS and engine.eviction_stats().compactions > 0
@@ -99,7 +69,7 @@ def test_chunked_prefill_equals_policy_attention_fed_the_same_chunks(tiny, name)
     cp = CASES[name]
     prompt = _prompt(tiny, 27, seed=5)
     engine = _engine(tiny, cp, max_num_batched_tokens=6)
-    got = engine.generate([prompt], _greedy(20))[0].new_token_ids
+    got = engine.generate([prompt], greedy(20))[0].new_token_ids
     assert got == _reference(tiny, prompt, 20, cp, chunk=6)
 
 
@@ -111,7 +81,7 @@ def test_full_precision_rows_change_what_is_read(tiny):
     plain = [_reference(tiny, p, 24, base) for p in prompts]
     with_lanes = [_reference(tiny, p, 24, rich) for p in prompts]
     assert plain != with_lanes
-    assert [o.new_token_ids for o in _engine(tiny, base).generate(prompts, _greedy(24))] == plain
+    assert [o.new_token_ids for o in _engine(tiny, base).generate(prompts, greedy(24))] == plain
 
 
 def test_lanes_are_reused_after_sequences_finish(tiny):
@@ -119,7 +89,7 @@ def test_lanes_are_reused_after_sequences_finish(tiny):
     engine = _engine(tiny, cp, max_num_seqs=2)
     assert engine.runner.kv.lanes is not None and engine.runner.kv.lanes.num_lanes == 2
     prompts = [_prompt(tiny, 9 + i, seed=i) for i in range(5)]  # five sequences through two lanes
-    got = [o.new_token_ids for o in engine.generate(prompts, _greedy(12))]
+    got = [o.new_token_ids for o in engine.generate(prompts, greedy(12))]
     assert got == [_reference(tiny, p, 12, cp) for p in prompts]
 
 
@@ -127,8 +97,8 @@ def test_prefix_hits_never_split_a_group_that_spans_blocks(tiny):
     cp = _q("int8", key_granularity="per-channel", group_size=8)  # a group = 2 blocks of 4
     engine = _engine(tiny, cp)
     shared = _prompt(tiny, 14, seed=3)  # 3 full blocks: the third block's group is not complete
-    engine.generate([shared + [5]], _greedy(2))
-    engine.add_request(GenerationRequest("b", shared + [9, 9], _greedy(2)))
+    engine.generate([shared + [5]], greedy(2))
+    engine.add_request(GenerationRequest("b", shared + [9, 9], greedy(2)))
     engine.step()
     seq = engine.seqs["b"]
     assert seq.num_cached_prompt_tokens == 8 and seq.num_hit_blocks == 2  # 3 blocks matched, 2 taken
@@ -171,11 +141,11 @@ def test_attention_scored_eviction_over_quantized_lanes(tiny, policy):
             eviction_budget_tokens=20, eviction_window_tokens=8, eviction_sink_tokens=4)
     engine = _engine(tiny, cp)  # whole prompts in one step (chunk boundaries change what quantized KV reads)
     prompts = [_prompt(tiny, n, seed=n) for n in (13, 26, 7)]
-    outs = engine.generate(prompts, _greedy(30))
+    outs = engine.generate(prompts, greedy(30))
     assert [len(o.new_token_ids) for o in outs] == [30, 30, 30]
     assert engine.eviction_stats().compactions > 0
     assert engine.scheduler.bm.num_used_blocks == 0 and not engine.runner.lanes.held
     # the same requests one at a time: lanes and scores are per sequence, so batching changes nothing
-    alone = [_engine(tiny, cp).generate([p], _greedy(30))[0].new_token_ids
+    alone = [_engine(tiny, cp).generate([p], greedy(30))[0].new_token_ids
              for p in prompts]
     assert [o.new_token_ids for o in outs] == alone

@@ -8,16 +8,16 @@ evaluator's per-layer, per-head scores summed.
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 
 import pytest
 import torch
-from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
-from kvfleet.dataplane.engine.api import GenerationRequest, SamplingParams
+from engine_testlib import greedy, greedy_through, make_engine, policy_attention, random_prompt
+from kvfleet.dataplane.config import CachePolicyConfig
+from kvfleet.dataplane.engine.api import GenerationRequest
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
 from kvfleet.dataplane.kvcache.eviction import protected_mask, select_keep, snapkv_scores
-from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
+from kvfleet.dataplane.kvcache.policy import PolicyAttention
 from kvfleet.dataplane.model.loader import load_model
 from kvfleet.dataplane.model.tiny import write_tiny_llama
 
@@ -43,26 +43,15 @@ def _cp(policy, budget=20, window=4, sinks=2, **kw) -> CachePolicyConfig:
 
 
 def _engine(tiny, cp=None, **kw) -> LLMEngine:
-    model, mc = tiny
-    cfg = EngineConfig(model_dir="unused", **{"block_size": BS, "num_kv_blocks": 128,
-                                              "cache_policy": cp or CachePolicyConfig(), **kw})
-    return LLMEngine(model, mc, cfg)
+    return make_engine(tiny[0], tiny[1], cp, block_size=BS, **kw)
 
 
 def _prompt(tiny, n, seed=0):
-    rng = random.Random(seed)
-    return [rng.randrange(4, tiny[1].vocab_size) for _ in range(n)]
-
-
-def _greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return random_prompt(tiny[1].vocab_size, n, seed, low=4)
 
 
 def _evaluator(tiny, cp, slack=BS) -> PolicyAttention:
-    _, mc = tiny
-    spec = PolicySpec.from_config(cp)
-    spec = replace(spec, eviction=replace(spec.eviction, slack_tokens=slack))
-    return PolicyAttention(spec, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim)
+    return policy_attention(tiny[0], tiny[1], cp, slack)
 
 
 def _feed(tiny, attn, tokens, start=0):
@@ -73,15 +62,7 @@ def _feed(tiny, attn, tokens, start=0):
 
 def _policy_greedy(tiny, prompt, n, cp, chunk=None):
     """Greedy decoding through PolicyAttention (prompt fed in chunks of `chunk`, as the engine schedules it)."""
-    model, _ = tiny
-    attn, out, chunk = _evaluator(tiny, cp), [], chunk or len(prompt)
-    for s in range(0, len(prompt), chunk):
-        hidden = _feed(tiny, attn, prompt[s:s + chunk], s)
-    for i in range(n):
-        tok = int(model.compute_logits(hidden[-1:]).argmax(-1))
-        out.append(tok)
-        hidden = _feed(tiny, attn, [tok], len(prompt) + i)
-    return out
+    return greedy_through(tiny[0], _evaluator(tiny, cp), prompt, n, chunk)
 
 
 @pytest.mark.parametrize("policy,chunk", [("h2o", None), ("h2o", 12), ("snapkv", None), ("snapkv", 12)])
@@ -92,11 +73,11 @@ def test_generation_equals_policy_attention_on_one_layer_one_kv_head(tiny1, poli
     want = _policy_greedy(tiny1, prompt, 40, cp, chunk if policy == "h2o" else None)
     kw = {"max_num_batched_tokens": chunk} if chunk else {}
     engine = _engine(tiny1, cp, **kw)
-    got = engine.generate([prompt], _greedy(40))[0].new_token_ids
+    got = engine.generate([prompt], greedy(40))[0].new_token_ids
     assert got == want and engine.eviction_stats().compactions >= 8
     # eviction and the policy really changed the output, else this proves little
-    assert got != _engine(tiny1).generate([prompt], _greedy(40))[0].new_token_ids
-    assert got != _engine(tiny1, _cp("streaming-llm")).generate([prompt], _greedy(40))[0].new_token_ids
+    assert got != _engine(tiny1).generate([prompt], greedy(40))[0].new_token_ids
+    assert got != _engine(tiny1, _cp("streaming-llm")).generate([prompt], greedy(40))[0].new_token_ids
     assert engine.scheduler.bm.num_used_blocks == 0 and not engine.evictor.scores.windows
 
 
@@ -123,7 +104,7 @@ def test_h2o_scores_are_the_evaluators_summed_over_layers_and_heads(tiny):
     cp = _cp("h2o", budget=20, window=4, sinks=2)
     engine = _engine(tiny, cp)
     prompt = _prompt(tiny, 14, seed=3)
-    engine.add_request(GenerationRequest("a", prompt, _greedy(30)))
+    engine.add_request(GenerationRequest("a", prompt, greedy(30)))
     # scored once over budget: prompt prefill plus 7 decodes, each adding to every earlier token's score
     got, tokens = _first_choice(engine, "a")
     assert len(tokens) == 21
@@ -144,7 +125,7 @@ def test_snapkv_evicts_once_at_the_end_of_a_chunked_prompt_by_the_last_prompt_qu
     cp = _cp("snapkv", budget=20, window=4, sinks=2, observation_window=8, pooling_kernel=3)
     engine = _engine(tiny, cp, max_num_batched_tokens=12)  # prompt in chunks of 12, 12, 12, 1
     prompt = _prompt(tiny, 37, seed=5)
-    engine.add_request(GenerationRequest("a", prompt, _greedy(12)))
+    engine.add_request(GenerationRequest("a", prompt, greedy(12)))
     _, tokens = _first_choice(engine, "a")
     assert tokens == prompt  # no eviction mid-prompt although 24 and 36 slots exceeded the budget
     attn = _evaluator(tiny, replace(cp, eviction_budget_tokens=1000))
@@ -173,7 +154,7 @@ def test_budget_holds_and_no_block_leaks(tiny, policy):
     bm = engine.scheduler.bm
     free0 = bm.num_free_blocks
     for i, n in enumerate([5, 30, 17, 50]):
-        engine.add_request(GenerationRequest(f"r{i}", _prompt(tiny, n, seed=i), _greedy(40)))
+        engine.add_request(GenerationRequest(f"r{i}", _prompt(tiny, n, seed=i), greedy(40)))
     while engine.has_unfinished():
         engine.step()
         bm.check_invariants()
@@ -193,11 +174,11 @@ def test_shared_prefix_blocks_are_never_written(tiny, policy):
     cp = _cp(policy, budget=24, window=8, sinks=4, observation_window=4)
     shared = _prompt(tiny, 8, seed=11)  # two full blocks
     a, b = shared + _prompt(tiny, 6, seed=12), shared + _prompt(tiny, 3, seed=13)  # b: 11 + 10 <= 24
-    alone = _engine(tiny, cp).generate([b], _greedy(10))[0].new_token_ids
+    alone = _engine(tiny, cp).generate([b], greedy(10))[0].new_token_ids
     engine = _engine(tiny, cp)
-    engine.add_request(GenerationRequest("a", a, _greedy(40)))
+    engine.add_request(GenerationRequest("a", a, greedy(40)))
     engine.step()  # a's prompt computed, its full blocks published
-    engine.add_request(GenerationRequest("b", b, _greedy(10)))
+    engine.add_request(GenerationRequest("b", b, greedy(10)))
     got = [t for o in engine.step() if o.request_id == "b" for t in o.new_token_ids]
     blocks = torch.tensor(engine.seqs["b"].block_table[:2])
     assert engine.seqs["b"].num_hit_blocks == 2 and engine.seqs["a"].block_table[:2] == blocks.tolist()
