@@ -117,7 +117,8 @@ Perplexity: {s['ppl_samples']} x ({s['ppl_context']} context + {s['ppl_score']} 
 decode) tokens of the King James Bible, which the model has very likely seen: read the Δ column, not the
 level. Passkey: a 5-digit number in filler text at {s['passkey_samples']} depths per length, greedy decode.
 Codecs: keys per-channel, values per-token, groups of 32 unless `g64` (fp8: per-head scales per 32
-tokens); `+R` = 4 sink tokens + 32-token full-precision residual window; `preRoPE` = keys un-rotated
+tokens); under eviction keys and values are per-token (the default the serving engine shares: eviction
+moves single tokens, which token-grouped scales cannot follow); `+R` = 4 sink tokens + 32-token full-precision residual window; `preRoPE` = keys un-rotated
 before quantization and re-rotated on read (KVQuant). Eviction: 4 sinks + 32-token window, budget as
 a fraction of the tokens seen (floored at the tokens that are never evicted).
 
