@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -112,7 +113,14 @@ def fidelity(outs: list[list[int]], base: list[list[int]]) -> dict[str, float]:
             "mean_prefix": statistics.mean(prefix(a, b) / len(b) for a, b in zip(outs, base, strict=True))}
 
 
+MARK_A, MARK_B = "<!-- analysis -->", "<!-- /analysis -->"
+
+
 def write_md(rep: dict[str, Any], path: Path) -> None:
+    """The table; text between the analysis markers of an existing file is kept across re-runs."""
+    old = path.read_text() if path.exists() else ""
+    m = re.search(re.escape(MARK_A) + r"(.*?)" + re.escape(MARK_B), old, re.S)
+    analysis = m.group(1).strip() if m else "_(written after looking at the table)_"
     env = rep["environment"]
     lines = [
         "# The serving engine under each CachePolicy (SmolLM2-135M)", "",
@@ -143,6 +151,7 @@ def write_md(rep: dict[str, Any], path: Path) -> None:
             f"{r['lane_bytes_per_sequence']:.0f} | {r['output_tok_s']:.1f} | {st['p50']:.0f}/{st['p90']:.0f}/"
             f"{st['p99']:.0f} | {r['fidelity']['identical']:.2f} | {r['fidelity']['mean_prefix']:.2f} | "
             f"{r['evicted_tokens']} |")
+    lines += ["", MARK_A, analysis, MARK_B]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -86,6 +86,9 @@ def demo_fleet(replicas: int) -> dict[str, Any]:
         "metadata": {"name": DEMO_FLEET, "namespace": NAMESPACE},
         "spec": {
             "variants": [{"name": "smollm2-base"}],
+            # examples/03: int4 KV (per-token scales, as eviction requires) with 4 sink + 64 residual tokens
+            # at full precision, KeyDiff eviction down to half the tokens
+            "cachePolicy": "long-context",
             "sloClasses": ["interactive", "batch"],
             "defaultSloClass": "interactive",
             # The router role has no process yet (a later issue): only the engine pods run locally.
@@ -183,7 +186,8 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
                           input=bad, env=demo.env, text=True, capture_output=True)
     print(proc.stderr.strip())
 
-    step(f"a colocated fleet serving the real SmolLM2-135M-Instruct ({DEMO_FLEET}); its engine pod runs locally")
+    step(f"a colocated fleet serving the real SmolLM2-135M-Instruct ({DEMO_FLEET}) with the `long-context` "
+         "CachePolicy (int4 KV + KeyDiff); its engine pod runs locally")
     with PodRunner(demo.cluster.kubeconfig, workdir / "pods", namespace=NAMESPACE):
         demo.kubectl("apply", "-f", "-", input=yaml.safe_dump(demo_fleet(1)), show=True)
         ips = wait_for("1 ready engine pod (model load)", lambda: demo.serving_engine_pods(DEMO_FLEET), 300)
