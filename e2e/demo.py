@@ -205,6 +205,8 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
         for ip in ips:
             text, ttft, total, tokens = chat(ip, "Name three colours.")
             print(f"[{ip}] -> {text.strip()[:120]!r}... ({tokens} tokens, TTFT {ttft * 1000:.0f} ms)")
+        print("(the first pod reuses the chat template's prefix blocks from its earlier requests; with a quantized KV "
+              "cache a prefix hit reads those rows as stored, so its greedy text may differ from the cold pod's)")
         wait_for(f"fleet {DEMO_FLEET} Available", lambda: demo.condition("fleet", DEMO_FLEET, "Available") == "True",
                  180)
         demo.kubectl("get", "fleet", "-n", NAMESPACE, "-o", "wide", show=True)
