@@ -149,3 +149,17 @@ def test_attention_scored_eviction_over_quantized_lanes(tiny, policy):
     alone = [_engine(tiny, cp).generate([p], greedy(30))[0].new_token_ids
              for p in prompts]
     assert [o.new_token_ids for o in outs] == alone
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_preempted_sequences_give_their_lanes_back(tiny, prefix):
+    """12 blocks of 4 slots for 4 sequences of up to 44 tokens: preemption by recompute is forced; a
+    preempted sequence's lane may go to another one and it recomputes its full-precision rows."""
+    cp = CASES["int4-per-token-pre-rope"]
+    engine = _engine(tiny, cp, num_kv_blocks=12, max_num_seqs=4, enable_prefix_caching=prefix)
+    prompts = [_prompt(tiny, n, seed=n) for n in (6, 11, 15, 20)]
+    outs = engine.generate(prompts, greedy(24))
+    assert engine.stats().num_preemptions > 0
+    assert [len(o.new_token_ids) for o in outs] == [24] * 4
+    assert engine.scheduler.bm.num_used_blocks == 0 and not engine.runner.lanes.held
+    assert sorted(engine.runner.lanes.free) == [0, 1, 2, 3]
