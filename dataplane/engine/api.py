@@ -41,6 +41,7 @@ class GenerationRequest:
     variant: str = ""  # ModelVariant name; part of the prefix-cache key
     slo_class: str | None = None  # SLOClass name; drives priority / deadlines
     arrival_time: float = field(default_factory=time.monotonic)
+    export_kv: bool = False  # prefill role: hand the prompt's KV out with the final output (`RequestOutput.kv`)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,43 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    kv: KVHandoff | None = None  # the prompt's KV, on the final output of an `export_kv` request
+
+
+@dataclass(frozen=True)
+class KVBlock:
+    """One block of a prompt's KV as stored (see `kvcache/transfer.py`), with its prefix hash."""
+
+    index: int
+    block_hash: int | None  # chain hash of a full block; None for a partial last block
+    payload: bytes
+    crc32: int
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """A prefilled prompt's KV and the state decode needs to continue exactly where prefill stopped."""
+
+    layout: str  # `kvcache.transfer.layout` of the sender; the receiver must match it
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    blocks: list[KVBlock]
+    lane: bytes = b""  # full-precision sink/ring rows (quantized policies with lanes)
+    lane_crc32: int = 0
+    num_hit_blocks: int = 0  # leading blocks the sender took from its prefix cache (read as stored)
+    num_cached_prompt_tokens: int = 0
+    rng_state: bytes = b""  # the seeded generator after the first token (empty: unseeded or greedy)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b.payload) for b in self.blocks) + len(self.lane)
+
+
+class EngineOverloaded(Exception):
+    """The engine (or fleet) cannot take this request now; retry after `retry_after_s` (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -102,6 +140,9 @@ class AsyncEngine(ABC):
     @abstractmethod
     def max_model_len(self) -> int:
         """Longest prompt + completion the engine accepts, in tokens."""
+
+    async def admit(self, request: GenerationRequest) -> None:  # noqa: B027 - optional hook
+        """Called before any response byte is sent; raise `EngineOverloaded` to answer 429."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Start background work (the step loop). Idempotent."""

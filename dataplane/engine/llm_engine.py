@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from kvfleet.dataplane.config import EngineConfig
+from kvfleet.dataplane.engine import handoff
 from kvfleet.dataplane.engine.api import (
     EngineStats,
     GenerationRequest,
+    KVHandoff,
     RequestOutput,
     SamplingParams,
     TokenLogprob,
@@ -28,6 +30,7 @@ from kvfleet.dataplane.engine.api import (
 from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
+from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
 from kvfleet.dataplane.kvcache.paged_quant import make_paged_cache, paged_bytes_per_block, paged_lane_bytes
@@ -83,6 +86,8 @@ class LLMEngine:
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
+        self.kv_layout = transfer.layout(kv)  # prefill and decode must agree on it to hand KV over
+        self.reservations = handoff.Reservations()  # decode role: blocks held for KV on its way
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -137,6 +142,10 @@ class LLMEngine:
         if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
             # NOTE: caught here, an out-of-range id would otherwise crash the step of every request
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self.scheduler.add(self.new_sequence(request))
+
+    def new_sequence(self, request: GenerationRequest) -> Sequence:
+        """A tracked `Sequence` for a validated request (not yet scheduled)."""
         slo = self.config.slo_class(request.slo_class)
         seq = Sequence(
             request,
@@ -146,10 +155,30 @@ class LLMEngine:
             extra_key=(request.variant or self.config.variant) + self._codec_key,
         )
         self.seqs[request.request_id] = seq
-        self.scheduler.add(seq)
+        return seq
+
+    # -- disaggregation: decode's side of the KV hand-off (see handoff.py) ------------
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> bool:
+        """Hold KV blocks for a prompt whose KV a prefill engine will push; False = no room now."""
+        return self.reservations.reserve(self, request_id, num_prompt_tokens, max_tokens)
+
+    def release_reservation(self, request_id: str) -> bool:
+        return self.reservations.release(self, request_id)
+
+    def add_prefilled(self, request: GenerationRequest, first_token: int,
+                      kv: KVHandoff | None) -> bool:
+        """Continue `request` after its first token from the pushed KV (or recompute it: returns True)."""
+        if request.request_id in self.seqs:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        table = self.reservations.tables.pop(request.request_id, None)
+        self.reservations.created.pop(request.request_id, None)
+        _, recomputed = handoff.admit_prefilled(self, request, first_token, kv, table)
+        return recomputed
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks; returns its final output (None if unknown)."""
+        self.reservations.release(self, request_id)
         seq = self.scheduler.abort(request_id)
         if seq is None:
             return None
@@ -179,8 +208,9 @@ class LLMEngine:
             token_id, logprob = tok
             reason = self._append(seq, token_id, logprob, now)
             if reason is not None:
+                kv = handoff.export_kv(self, seq) if seq.request.export_kv else None
                 self.scheduler.finish(seq, reason)
-                outputs.append(self._final(seq, reason))
+                outputs.append(self._final(seq, reason, kv))
             elif logprob is None and seq.num_emitted + 1 == seq.num_output_tokens:
                 # hot path (a plain decode step): exactly the one new token to emit
                 seq.num_emitted += 1
@@ -212,21 +242,21 @@ class LLMEngine:
             return "length"
         return None
 
-    def _increment(self, seq: Sequence, finished: bool, reason: Any) -> RequestOutput:
+    def _increment(self, seq: Sequence, finished: bool, reason: Any, kv: KVHandoff | None = None) -> RequestOutput:
         new = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted:]
         seq.num_emitted += len(new)
         lps = None
         if seq.request.sampling.logprobs is not None:
             lps, seq.pending_logprobs = seq.pending_logprobs, []
         return RequestOutput(seq.seq_id, new, finished, reason, lps, seq.num_prompt_tokens,
-                             seq.num_cached_prompt_tokens)
+                             seq.num_cached_prompt_tokens, kv)
 
-    def _final(self, seq: Sequence, reason: str) -> RequestOutput:
+    def _final(self, seq: Sequence, reason: str, kv: KVHandoff | None = None) -> RequestOutput:
         self.seqs.pop(seq.seq_id, None)
         self.runner.release(seq.seq_id)
         if self.evictor is not None:
             self.evictor.release(seq.seq_id)
-        return self._increment(seq, True, reason)
+        return self._increment(seq, True, reason, kv)
 
     # -- conveniences ----------------------------------------------------------
 

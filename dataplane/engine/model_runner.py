@@ -58,6 +58,12 @@ class ModelRunner:
         self._generators.pop(request_id, None)
         self.lanes.release(request_id)
 
+    def restore_generator(self, seq: Any, state: bytes) -> None:
+        """Continue a seeded request's random stream from another engine's generator state."""
+        g = torch.Generator(device=self.device)
+        g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._generators[seq.seq_id] = g
+
     def _generator(self, item: ScheduledSeq) -> torch.Generator | None:
         sp = item.seq.request.sampling
         if sp.seed is None or sp.temperature == 0:

@@ -1,0 +1,132 @@
+"""Prefill -> decode hand-off inside one engine: export a prefilled prompt's KV, import it elsewhere.
+
+Prefill side: a request with `export_kv` runs as usual with `max_tokens=1`; when it ends, before
+its blocks are freed, `export_kv` copies the blocks holding its prompt (as stored), its lane rows
+and its seeded generator's state into a `KVHandoff`.
+
+Decode side: `Reservations` holds blocks for a request before its KV arrives (the router asks
+first, so a decode pod with no room says so before anything moves); `admit_prefilled` writes the
+hand-off into those blocks and puts the sequence straight into the running batch, one token past
+the prompt — the next step computes the first token's KV and samples the second, as a colocated
+engine would. Without a usable hand-off (none pushed, a checksum failed) the sequence is queued
+to recompute its prompt and first token instead; the output is the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvfleet.dataplane.engine.api import GenerationRequest, KVBlock, KVHandoff
+from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
+from kvfleet.dataplane.kvcache import transfer
+
+
+def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
+    """The KV of `seq`'s prompt as stored in `engine`'s cache (call before its blocks are freed)."""
+    if engine.evictor is not None:
+        raise ValueError("a sequence whose KV is evicted cannot be handed off (eviction state stays local)")
+    kv, bs = engine.runner.kv, engine.scheduler.bm.block_size
+    n = seq.num_prompt_tokens
+    nblocks = -(-n // bs)
+    blocks = []
+    for i, b in enumerate(seq.block_table[:nblocks]):
+        payload = transfer.read_block(kv, b)
+        h = seq.block_hashes[i] if i < len(seq.block_hashes) and (i + 1) * bs <= n else None
+        blocks.append(KVBlock(i, h, payload, transfer.checksum(payload)))
+    lane = b""
+    if getattr(kv, "lanes", None) is not None:
+        lane = transfer.read_lane(kv, engine.runner.lanes.lane(seq))
+    gen = engine.runner._generators.get(seq.seq_id)
+    return KVHandoff(engine.kv_layout, n, blocks, lane, transfer.checksum(lane), seq.num_hit_blocks,
+                     seq.num_cached_prompt_tokens, bytes(gen.get_state().numpy().tobytes()) if gen else b"")
+
+
+@dataclass
+class Reservations:
+    """Blocks held for requests whose KV is on its way (decode role)."""
+
+    tables: dict[str, list[int]] = field(default_factory=dict)
+    created: dict[str, float] = field(default_factory=dict)
+
+    def reserve(self, engine: Any, rid: str, num_prompt_tokens: int, max_tokens: int) -> bool:
+        """Hold blocks for the prompt if a seat and room for it plus one block of output remain."""
+        sched, bm = engine.scheduler, engine.scheduler.bm
+        if rid in self.tables:
+            raise ValueError(f"duplicate reservation {rid!r}")
+        if num_prompt_tokens < 1 or num_prompt_tokens >= engine.max_model_len:
+            raise ValueError(f"prompt of {num_prompt_tokens} tokens does not fit max_model_len {engine.max_model_len}")
+        seats = len(sched.running) + len(sched.waiting) + len(self.tables)
+        headroom = bm.blocks_needed(num_prompt_tokens + min(max_tokens, bm.block_size))
+        if seats >= sched.max_num_seqs or headroom > bm.num_free_blocks:
+            return False
+        table: list[int] = []
+        if not bm.allocate(table, num_prompt_tokens):
+            return False
+        self.tables[rid] = table
+        self.created[rid] = time.monotonic()
+        return True
+
+    def release(self, engine: Any, rid: str) -> bool:
+        table = self.tables.pop(rid, None)
+        self.created.pop(rid, None)
+        if table is None:
+            return False
+        engine.scheduler.bm.free(table)
+        return True
+
+    def expire(self, engine: Any, older_than_s: float) -> list[str]:
+        """Free reservations nobody used (a router that died between Reserve and Generate)."""
+        now = time.monotonic()
+        old = [rid for rid, t in self.created.items() if now - t > older_than_s]
+        for rid in old:
+            self.release(engine, rid)
+        return old
+
+
+def usable(engine: Any, handoff: KVHandoff | None, num_prompt_tokens: int) -> str | None:
+    """Why `handoff` cannot be used for this prompt (None = it can)."""
+    if handoff is None:
+        return "no KV was pushed"
+    if handoff.layout != engine.kv_layout:
+        return "the sender's KV layout differs from this engine's"
+    if handoff.num_tokens != num_prompt_tokens:
+        return f"KV for {handoff.num_tokens} tokens, the prompt has {num_prompt_tokens}"
+    if any(transfer.checksum(b.payload) != b.crc32 for b in handoff.blocks):
+        return "a block's checksum does not match"
+    if transfer.checksum(handoff.lane) != handoff.lane_crc32:
+        return "the lane's checksum does not match"
+    return None
+
+
+def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, handoff: KVHandoff | None,
+                    table: list[int] | None) -> tuple[Sequence, bool]:
+    """Start decoding `request` after its first token. Returns (sequence, recomputed)."""
+    seq = engine.new_sequence(request)
+    seq.token_ids.append(first_token)
+    seq.num_emitted = 1  # the router already sent the first token
+    seq.first_token_time = seq.last_token_time = time.monotonic()
+    engine.generation_tokens += 1
+    engine.prompt_tokens += seq.num_prompt_tokens
+    bm = engine.scheduler.bm
+    if usable(engine, handoff, seq.num_prompt_tokens) is not None or table is None:
+        if table is not None:
+            bm.free(table)
+        engine.scheduler.add(seq)  # recompute prompt + first token, then go on
+        return seq, True
+    assert handoff is not None
+    kv = engine.runner.kv
+    for blk in handoff.blocks:
+        transfer.write_block(kv, table[blk.index], blk.payload)
+    seq.block_table = table
+    seq.num_computed_tokens = seq.num_prompt_tokens
+    seq.num_hit_blocks = handoff.num_hit_blocks
+    seq.num_cached_prompt_tokens = handoff.num_cached_prompt_tokens
+    seq.status = SeqStatus.RUNNING
+    engine.scheduler.running.append(seq)
+    if handoff.lane:
+        transfer.write_lane(kv, engine.runner.lanes.lane(seq), handoff.lane)
+    if handoff.rng_state:
+        engine.runner.restore_generator(seq, handoff.rng_state)
+    return seq, False
