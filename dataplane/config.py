@@ -123,16 +123,20 @@ class CachePolicyConfig:
                 ("per-head" if dtype == "fp8" else ("per-channel" if kind == "key" else "per-token"))
         return gran != "per-token"
 
-    def check_servable(self) -> None:
+    def check_servable(self, disaggregated: bool = False) -> None:
         """Raise ConfigError, naming the field, for a policy the paged serving engine cannot apply.
 
         Torch-free, so the operator refuses such a fleet (Degraded, InvalidConfig) instead of
         rendering pods that would crash at startup. The paged engine applies all four eviction
         policies with ONE kept-token set per sequence (scores summed over layers and kv heads);
         `pyramid` needs per-layer block tables and is rejected (`kvfleet eval-cache` evaluates it).
+        disaggregated: prefill hands KV to decode; a sequence's eviction state (kept positions,
+        scores) does not travel with it, so eviction is refused there.
         """
         if self.eviction == "none":
             return
+        _check(not disaggregated, f"cache_policy.eviction: {self.eviction!r}: a disaggregated fleet moves KV from "
+               "prefill to decode without the eviction state; use eviction 'none' or the colocated topology")
         _check(self.eviction in SERVING_EVICTION_POLICIES,
                f"cache_policy.eviction: {self.eviction!r}: the paged engine supports "
                f"{', '.join(SERVING_EVICTION_POLICIES)}")

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from kvfleet.dataplane.config import EngineConfig
-from kvfleet.dataplane.engine.api import AsyncEngine, EngineStats, GenerationRequest, RequestOutput
+from kvfleet.dataplane.engine.api import AsyncEngine, EngineStats, GenerationRequest, KVHandoff, RequestOutput
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
+
+T = TypeVar("T")
 
 
 class AsyncLLMEngine(AsyncEngine):
@@ -41,6 +43,7 @@ class AsyncLLMEngine(AsyncEngine):
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stats = engine.stats()
         self.error: BaseException | None = None  # set if the step loop died
+        self.recomputed = 0  # prefilled requests whose pushed KV could not be used
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
@@ -76,8 +79,26 @@ class AsyncLLMEngine(AsyncEngine):
 
     # -- requests ------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:  # type: ignore[override]
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Yield increments until one with `finished=True`. Raises ValueError for an invalid request."""
+        return self._run_request(request, ("add", request))
+
+    def continue_prefilled(self, request: GenerationRequest, first_token: int,
+                           kv: KVHandoff | None) -> AsyncIterator[RequestOutput]:
+        """Decode role: generate after `first_token` from pushed KV (see `LLMEngine.add_prefilled`).
+
+        The increments never repeat the first token. A hand-off that cannot be used is recomputed;
+        `self.recomputed` counts those."""
+        return self._run_request(request, ("prefilled", (request, first_token, kv)))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between steps and return its result (or raise its error)."""
+        await self.start()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._send("call", (fn, fut))
+        return await fut
+
+    async def _run_request(self, request: GenerationRequest, command: tuple[str, Any]) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
         n = len(request.prompt_token_ids)
         if n == 0 or n >= self.max_model_len:
@@ -89,7 +110,7 @@ class AsyncLLMEngine(AsyncEngine):
         await self.start()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[rid] = queue
-        self._send("add", request)
+        self._send(*command)
         done = False
         try:
             while True:
@@ -156,7 +177,32 @@ class AsyncLLMEngine(AsyncEngine):
                 final = self.engine.abort(arg)
                 if final is not None:
                     outs.append(final)
+            elif cmd == "prefilled":
+                request, first, kv = arg
+                try:
+                    self.recomputed += self.engine.add_prefilled(request, first, kv)
+                except ValueError as e:
+                    outs.append((request.request_id, e))
+            elif cmd == "call":
+                fn, fut = arg
+                try:
+                    result, err = fn(self.engine), None
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    result, err = None, e
+                self._resolve(fut, result, err)
         return outs
+
+    def _resolve(self, fut: asyncio.Future[Any], result: Any, err: BaseException | None) -> None:
+        def done() -> None:
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(result)
+
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(done)
 
     def _deliver(self, outs: list[Any]) -> None:
         if outs and self._loop is not None and not self._loop.is_closed():

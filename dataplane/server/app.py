@@ -12,11 +12,12 @@ server keeps serving.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
-from kvfleet.dataplane.engine.api import AsyncEngine
+from kvfleet.dataplane.engine.api import AsyncEngine, EngineOverloaded
 from kvfleet.dataplane.server.errors import APIError
 from kvfleet.dataplane.server.handlers import OpenAIHandlers, ServerState, ServerTokenizer
 from kvfleet.dataplane.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -38,6 +39,7 @@ def build_app(
     slo_classes: Iterable[str] | None = None,
     vocab_size: int | None = None,
     manage_engine: bool = True,
+    variants: dict[str, str] | None = None,
 ) -> web.Application:
     """An aiohttp app serving `engine` under the given model names.
 
@@ -50,6 +52,7 @@ def build_app(
             None passes any name through (the engine falls back to its default).
         vocab_size: token-id prompts are checked against it when given.
         manage_engine: start the engine with the app and shut it down on cleanup.
+        variants: served model name -> ModelVariant name, when one engine (a router) serves several.
     """
     names = list(served_model_names)
     if not names:
@@ -64,6 +67,7 @@ def build_app(
         variant=variant,
         slo_classes=None if slo_classes is None else frozenset(slo_classes),
         vocab_size=vocab_size if isinstance(vocab_size, int) else None,
+        variants=variants,
     )
     app = web.Application(middlewares=[_errors_and_counts], client_max_size=MAX_BODY_BYTES)
     app[STATE_KEY] = state
@@ -132,6 +136,9 @@ async def _errors_and_counts(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except APIError as e:
         response = e.response()
+    except EngineOverloaded as e:  # shed: the client should come back later
+        response = APIError(str(e), status=429, type="rate_limit_error", code="overloaded").response()
+        response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -52,6 +52,7 @@ class ServerState:
     variant: str = ""
     slo_classes: frozenset[str] | None = None  # None: any name is passed on to the engine
     vocab_size: int | None = None
+    variants: dict[str, str] | None = None  # served model name -> variant (a router of several); else `variant`
 
 
 async def read_json(request: web.Request, model: type[_SamplingFields]) -> Any:
@@ -90,6 +91,7 @@ class OpenAIHandlers:
         prompt_ids = self._encode_text(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         max_tokens = self._check_length(len(prompt_ids), body.max_tokens, "prompt")
         gen = self._start(request, body, "cmpl", prompt_ids, max_tokens, body.logprobs)
+        await self.state.engine.admit(gen.request)  # may answer 429 before any byte is sent
         if body.stream:
             return await self._stream(request, gen, body, self._completion_chunk)
         text, logprobs = await self._collect(gen)
@@ -104,6 +106,7 @@ class OpenAIHandlers:
         max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens(), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         gen = self._start(request, body, "chatcmpl", prompt_ids, max_tokens, top)
+        await self.state.engine.admit(gen.request)  # may answer 429 before any byte is sent
         if body.stream:
             return await self._stream(request, gen, body, self._chat_chunk)
         text, logprobs = await self._collect(gen)
@@ -181,7 +184,8 @@ class OpenAIHandlers:
             logprobs=logprobs,
         )
         greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, sampling,
-                                 variant=self.state.variant, slo_class=self._slo_class(request, body))
+                                 variant=(self.state.variants or {}).get(body.model, self.state.variant),
+                                 slo_class=self._slo_class(request, body))
         return Generation(self.state.engine, greq, self.state.tokenizer.detokenizer(prompt_ids), body.stop_list(),
                           self.state.metrics, body.model)
 

@@ -50,7 +50,8 @@ def weights_dir(variant: ModelVariant, which: str = "base") -> str:
 def _cache_policy_config(inputs: FleetInputs) -> dpconfig.CachePolicyConfig:
     """The KV policy as the engine reads it (the dataplane converts the resource's spec itself)."""
     policy = dpconfig.CachePolicyConfig.from_spec(inputs.cache_policy.to_k8s())
-    policy.check_servable()  # an eviction the serving engine cannot apply fails here, not in the pods
+    # an eviction the serving engine cannot apply (or cannot hand from prefill to decode) fails here, not in pods
+    policy.check_servable(disaggregated=inputs.fleet.spec.topology.mode == "disaggregated")
     return policy
 
 

@@ -1,0 +1,273 @@
+"""`DisaggregatedEngine`: the router's `AsyncEngine` — one request through a decode reservation,
+a prefill call and a decode stream, so the OpenAI server code is the same as `kvfleet serve`'s.
+
+    admit     -> Decode.Reserve on the pod with the most KV headroom (then least load); every pod
+                 full: a sheddable class gets 429 + Retry-After, others wait for room (bounded)
+    generate  -> Prefill.Prefill on the least loaded prefill pod (it pushes the KV to the decode pod)
+                 -> the first token -> Decode.Generate, streamed
+    failures  -> a prefill pod that fails: the next one; a decode pod that fails before it streamed
+                 a token: another decode pod recomputes (no reservation, so no pushed KV); after
+                 a token: a clean error to the client, never duplicated or wrong tokens
+
+Load and headroom come from each pod's `Stats` (polled) plus this router's own in-flight counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from kvfleet.dataplane.engine.api import (
+    AsyncEngine,
+    EngineOverloaded,
+    EngineStats,
+    GenerationRequest,
+    RequestOutput,
+)
+from kvfleet.dataplane.roles import wire
+from kvfleet.dataplane.roles.discovery import Endpoint, PodDiscovery
+from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
+from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass
+class PodLoad:
+    """What the router knows of one pod: its last Stats and its own requests in flight there."""
+
+    stats: pb.RoleStats = field(default_factory=pb.RoleStats)
+    in_flight: int = 0
+
+    @property
+    def free_blocks(self) -> int:
+        return self.stats.kv_blocks_total - self.stats.kv_blocks_used
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    """Admission knobs: which classes may be shed, how long critical work waits for room."""
+
+    sheddable: frozenset[str] = frozenset()
+    default_slo_class: str | None = None
+    queue_timeout_s: float = 30.0
+    retry_after_s: float = 1.0
+    stats_interval_s: float = 0.5
+    default_max_model_len: int = 2048
+
+
+class DisaggregatedEngine(AsyncEngine):
+    """Routes each request over prefill and decode pods found by `discovery`."""
+
+    def __init__(self, discovery: PodDiscovery, variants: Iterable[str], policy: RouterPolicy | None = None) -> None:
+        self.discovery = discovery
+        self.variants = list(variants)
+        self.policy = policy or RouterPolicy()
+        self.loads: dict[str, PodLoad] = {}  # address -> load
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._reserved: dict[str, Endpoint] = {}  # request id -> decode pod holding its reservation
+        self._poller: asyncio.Task[None] | None = None
+        self.counters = {"requests": 0, "shed": 0, "decode_retries": 0, "prefill_retries": 0, "recomputed": 0}
+
+    # -- AsyncEngine -------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        known = [ld.stats.max_model_len for ld in self.loads.values() if ld.stats.max_model_len]
+        return min(known) if known else self.policy.default_max_model_len
+
+    def stats(self) -> EngineStats:
+        s = [ld.stats for ld in self.loads.values()]
+        return EngineStats(num_running=sum(x.num_running for x in s), num_waiting=sum(x.num_waiting for x in s),
+                           kv_blocks_total=sum(x.kv_blocks_total for x in s),
+                           kv_blocks_used=sum(x.kv_blocks_used for x in s),
+                           prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in s),
+                           prompt_tokens=sum(x.prompt_tokens for x in s if x.role == "prefill"),
+                           generation_tokens=sum(x.generation_tokens for x in s if x.role == "decode"),
+                           num_preemptions=0)
+
+    async def start(self) -> None:
+        if self._poller is None:
+            self.discovery.start()
+            self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
+
+    async def shutdown(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        self.discovery.stop()
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def abort(self, request_id: str) -> None:
+        ep = self._reserved.pop(request_id, None)
+        if ep is not None:
+            await self._release(ep, request_id)
+
+    async def admit(self, request: GenerationRequest) -> None:
+        """Reserve KV room on a decode pod before anything is sent to the client."""
+        await self.start()
+        self.counters["requests"] += 1
+        klass = request.slo_class or self.policy.default_slo_class
+        deadline = time.monotonic() + self.policy.queue_timeout_s
+        n, sp = len(request.prompt_token_ids), request.sampling
+        while True:
+            for ep in self._decode_candidates(request.variant):
+                try:
+                    await pb_grpc.DecodeStub(self._channel(ep)).Reserve(
+                        pb.ReserveRequest(request_id=request.request_id, num_prompt_tokens=n,
+                                          max_tokens=sp.max_tokens), timeout=5.0)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise ValueError(e.details()) from e
+                    continue  # full (RESOURCE_EXHAUSTED) or gone: the next pod
+                self._reserved[request.request_id] = ep
+                return
+            if klass in self.policy.sheddable or time.monotonic() >= deadline:
+                self.counters["shed"] += 1
+                raise EngineOverloaded(f"no decode pod of {request.variant!r} has KV room for this request now",
+                                       self.policy.retry_after_s)
+            await asyncio.sleep(0.05)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:  # type: ignore[override]
+        rid = request.request_id
+        if rid not in self._reserved:
+            await self.admit(request)
+        decode = self._reserved.pop(rid)
+        decoded = False  # decode claimed the reservation and finished: nothing to release
+        try:
+            reply = await self._prefill(request, decode)
+            lps = [wire.logprob_from_pb(reply.logprob)] if request.sampling.logprobs is not None else None
+            yield RequestOutput(rid, [reply.first_token_id], bool(reply.finish_reason), reply.finish_reason or None,
+                                lps, reply.num_prompt_tokens, reply.num_cached_prompt_tokens)
+            if reply.finish_reason:
+                return
+            async for out in self._decode(request, decode, reply):
+                decoded = out.finished
+                yield out
+        finally:
+            if not decoded:
+                await self._release(decode, rid)
+
+    # -- the two hops ----------------------------------------------------------------------
+
+    async def _prefill(self, request: GenerationRequest, decode: Endpoint) -> pb.PrefillReply:
+        msg = pb.PrefillRequest(request=wire.request_to_pb(request),
+                                target=pb.KVTarget(address=decode.address, reservation=request.request_id))
+        tried: set[str] = set()
+        while True:
+            cands = [e for e in self._by_load(self.discovery.endpoints("prefill", request.variant))
+                     if e.address not in tried]
+            if not cands:
+                raise RuntimeError(f"no prefill pod of {request.variant!r} answered")
+            ep = cands[0]
+            tried.add(ep.address)
+            with self._busy(ep):
+                try:
+                    return await pb_grpc.PrefillStub(self._channel(ep)).Prefill(msg, timeout=600.0)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise ValueError(e.details()) from e
+                    if e.code() not in RETRYABLE:
+                        raise
+                    self.counters["prefill_retries"] += 1
+                    log.warning("prefill pod %s failed (%s); trying another", ep.name, e.code())
+
+    async def _decode(self, request: GenerationRequest, decode: Endpoint,
+                      reply: pb.PrefillReply) -> AsyncIterator[RequestOutput]:
+        ep, reservation, streamed = decode, request.request_id, False
+        tried = {decode.address}
+        while True:
+            msg = pb.GenerateRequest(request=wire.request_to_pb(request), reservation=reservation,
+                                     first_token_id=reply.first_token_id)
+            call = pb_grpc.DecodeStub(self._channel(ep)).Generate(msg)
+            try:
+                with self._busy(ep):
+                    async for chunk in call:
+                        streamed = True
+                        self.counters["recomputed"] += chunk.recomputed
+                        done = bool(chunk.finish_reason)
+                        lps = [wire.logprob_from_pb(x) for x in chunk.logprobs] \
+                            if request.sampling.logprobs is not None else None
+                        yield RequestOutput(request.request_id, list(chunk.token_ids), done,
+                                            chunk.finish_reason or None, lps, reply.num_prompt_tokens,
+                                            reply.num_cached_prompt_tokens)
+                        if done:
+                            return
+                raise RuntimeError(f"decode pod {ep.name} ended the stream without finishing")
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(e.details()) from e
+                nxt = [c for c in self._decode_candidates(request.variant) if c.address not in tried]
+                if streamed or e.code() not in RETRYABLE or not nxt:
+                    raise RuntimeError(f"decode pod {ep.name} failed mid-stream ({e.code().name})") from e
+                # nothing streamed yet: another decode pod recomputes prompt + first token
+                self.counters["decode_retries"] += 1
+                log.warning("decode pod %s failed (%s) before streaming; retrying on %s", ep.name, e.code(),
+                            nxt[0].name)
+                ep, reservation = nxt[0], ""
+                tried.add(ep.address)
+            finally:
+                call.cancel()  # no-op once finished; a client gone mid-stream frees decode's blocks
+
+    # -- picking -----------------------------------------------------------------------------
+
+    def _load(self, ep: Endpoint) -> PodLoad:
+        return self.loads.setdefault(ep.address, PodLoad())
+
+    def _by_load(self, eps: Iterable[Endpoint]) -> list[Endpoint]:
+        return sorted(eps, key=lambda e: (self._load(e).in_flight + self._load(e).stats.num_waiting, e.name))
+
+    def _decode_candidates(self, variant: str) -> list[Endpoint]:
+        """Most KV headroom first, then least load."""
+        eps = self.discovery.endpoints("decode", variant)
+        return sorted(eps, key=lambda e: (-self._load(e).free_blocks, self._load(e).in_flight, e.name))
+
+    @contextlib.contextmanager
+    def _busy(self, ep: Endpoint):  # type: ignore[no-untyped-def]
+        load = self._load(ep)
+        load.in_flight += 1
+        try:
+            yield
+        finally:
+            load.in_flight -= 1
+
+    def _channel(self, ep: Endpoint) -> grpc.aio.Channel:
+        ch = self._channels.get(ep.address)
+        if ch is None:
+            ch = self._channels[ep.address] = wire.channel(ep.address)
+        return ch
+
+    async def _release(self, ep: Endpoint, rid: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await pb_grpc.DecodeStub(self._channel(ep)).Release(pb.ReleaseRequest(reservation=rid), timeout=5.0)
+
+    async def _poll_stats(self) -> None:
+        """Refresh every known pod's Stats; forget pods that left discovery."""
+        while True:
+            eps = {}
+            for variant in self.variants:
+                for role in ("prefill", "decode"):
+                    for ep in self.discovery.endpoints(role, variant):
+                        eps[ep.address] = ep
+            for addr in [a for a in self.loads if a not in eps]:
+                self.loads.pop(addr, None)
+                ch = self._channels.pop(addr, None)
+                if ch is not None:
+                    await ch.close()
+            await asyncio.gather(*(self._refresh(ep) for ep in eps.values()), return_exceptions=True)
+            await asyncio.sleep(self.policy.stats_interval_s)
+
+    async def _refresh(self, ep: Endpoint) -> None:
+        stub = pb_grpc.DecodeStub(self._channel(ep)) if ep.role == "decode" else \
+            pb_grpc.PrefillStub(self._channel(ep))
+        self._load(ep).stats = await stub.Stats(pb.Empty(), timeout=2.0)

@@ -1,0 +1,195 @@
+"""The prefill and decode gRPC services over one `AsyncLLMEngine` each (contracts in `rpc/kvfleet.proto`).
+
+prefill: `Prefill` runs the prompt with `max_tokens=1` and `export_kv`, samples the first token,
+and pushes the prompt's KV — as stored, block by block with checksums — to the decode pod the
+router reserved room on. A push that fails is reported (`transfer_ok=False`), never retried here:
+decode recomputes what it did not get.
+
+decode: `Reserve` holds blocks before anything moves (RESOURCE_EXHAUSTED when there is no room);
+`PushKV` parks the KV under its reservation; `Generate` continues after the first token and
+streams tokens; cancelling `Generate` (router or client gone) aborts the request and frees its
+blocks. Reservations nobody claims expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+from kvfleet.dataplane.engine.api import KVHandoff
+from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
+from kvfleet.dataplane.engine.handoff import usable
+from kvfleet.dataplane.roles import wire
+from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
+from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RESERVATION_TTL_S = 60.0
+
+
+def role_stats(role: str, engine: AsyncLLMEngine, **extra: int) -> pb.RoleStats:
+    s = engine.stats()
+    return pb.RoleStats(role=role, num_running=s.num_running, num_waiting=s.num_waiting,
+                        kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used,
+                        prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
+                        prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, max_model_len=engine.max_model_len,
+                        max_num_seqs=engine.engine.config.max_num_seqs, **extra)
+
+
+async def _invalid(context: grpc.aio.ServicerContext, e: Exception) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+class PrefillService(pb_grpc.PrefillServicer):
+    """Prompt KV and first token; KV pushed to the decode pod named in the call."""
+
+    def __init__(self, engine: AsyncLLMEngine, corrupt_for_test: bool = False) -> None:
+        self.engine = engine
+        self.kv_blocks_sent = 0
+        self.kv_bytes_sent = 0
+        self.corrupt_for_test = corrupt_for_test  # flips one byte of every push (failure tests only)
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:
+        try:
+            greq = wire.request_from_pb(request.request)
+        except ValueError as e:
+            await _invalid(context, e)
+        want = greq.sampling.max_tokens
+        greq.sampling = type(greq.sampling)(**{**greq.sampling.__dict__, "max_tokens": 1})
+        greq.export_kv = bool(request.target.address)
+        t0 = time.monotonic()
+        final = None
+        try:
+            async for out in self.engine.generate(greq):
+                final = out
+        except ValueError as e:
+            await _invalid(context, e)
+        assert final is not None and final.finished
+        reply = pb.PrefillReply(first_token_id=final.new_token_ids[0], num_prompt_tokens=final.num_prompt_tokens,
+                                num_cached_prompt_tokens=final.num_cached_prompt_tokens,
+                                prefill_s=time.monotonic() - t0)
+        if final.logprobs:
+            reply.logprob.CopyFrom(wire.logprob_to_pb(final.logprobs[0]))
+        if final.finish_reason == "stop" or want == 1:
+            reply.finish_reason = final.finish_reason or "length"
+        if final.kv is not None and not reply.finish_reason:
+            await self._push(final.kv, request.target, reply, wire.trace_metadata(context))
+        return reply
+
+    async def _push(self, kv: KVHandoff, target: pb.KVTarget, reply: pb.PrefillReply,
+                    metadata: tuple[tuple[str, str], ...]) -> None:
+        t0 = time.monotonic()
+        chunks = list(wire.handoff_to_chunks(kv, target.reservation))
+        if self.corrupt_for_test and chunks:
+            bad = bytearray(chunks[0].payload)
+            bad[len(bad) // 2] ^= 0xFF
+            chunks[0].payload = bytes(bad)
+        try:
+            async with wire.channel(target.address) as ch:
+                await pb_grpc.DecodeStub(ch).PushKV(iter(chunks), timeout=30.0, metadata=metadata)
+            reply.transfer_ok = True
+        except grpc.aio.AioRpcError as e:
+            log.warning("KV push to %s failed (%s: %s); decode will recompute", target.address, e.code(), e.details())
+        reply.kv_blocks, reply.kv_bytes = len(kv.blocks), kv.nbytes
+        reply.transfer_s = time.monotonic() - t0
+        if reply.transfer_ok:
+            self.kv_blocks_sent += len(kv.blocks)
+            self.kv_bytes_sent += kv.nbytes
+
+    async def Stats(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.RoleStats:
+        return role_stats("prefill", self.engine, kv_blocks_sent=self.kv_blocks_sent, kv_bytes_sent=self.kv_bytes_sent)
+
+
+class DecodeService(pb_grpc.DecodeServicer):
+    """Reservations, KV intake and token streaming over a decode engine."""
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self.engine = engine
+        self.pushed: dict[str, KVHandoff] = {}  # reservation -> KV, until Generate claims it
+        self.kv_blocks_received = 0
+        self.kv_bytes_received = 0
+        self.kv_checksum_failures = 0
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveReply:
+        self._start_reaper()
+        rid = request.request_id
+        try:
+            ok = await self.engine.call(lambda e: e.reserve(rid, request.num_prompt_tokens, request.max_tokens))
+        except ValueError as e:
+            await _invalid(context, e)
+        if not ok:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no KV room or seat for this request now; "
+                                                                    "retry on another decode pod or later")
+        free = self.engine.stats()
+        return pb.ReserveReply(reservation=rid, free_blocks=free.kv_blocks_total - free.kv_blocks_used)
+
+    async def PushKV(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushReply:
+        try:
+            reservation, kv = await wire.handoff_from_chunks(request_iterator)
+        except ValueError as e:
+            await _invalid(context, e)
+        held = await self.engine.call(lambda e: reservation in e.reservations.tables)
+        if not held:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no reservation {reservation!r} (expired?)")
+        self.kv_blocks_received += len(kv.blocks)
+        self.kv_bytes_received += kv.nbytes
+        why = usable(self.engine.engine, kv, kv.num_tokens)
+        if why is not None:
+            self.kv_checksum_failures += "checksum" in why
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"KV for {reservation!r} refused: {why}; "
+                                                           "decode recomputes it")
+        self.pushed[reservation] = kv
+        return pb.PushReply(blocks=len(kv.blocks), bytes=kv.nbytes)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            greq = wire.request_from_pb(request.request)
+        except ValueError as e:
+            await _invalid(context, e)
+        kv = self.pushed.pop(request.reservation, None) if request.reservation else None
+        if not request.reservation:
+            greq.request_id = f"{greq.request_id}-{uuid.uuid4().hex[:8]}"  # a retry: never collide with a reservation
+        before = self.engine.recomputed
+        first = True
+        try:
+            async for out in self.engine.continue_prefilled(greq, request.first_token_id, kv):
+                chunk = pb.TokenChunk(token_ids=out.new_token_ids,
+                                      logprobs=[wire.logprob_to_pb(lp) for lp in out.logprobs or ()],
+                                      finish_reason=out.finish_reason or "" if out.finished else "",
+                                      num_prompt_tokens=out.num_prompt_tokens,
+                                      num_cached_prompt_tokens=out.num_cached_prompt_tokens)
+                if first:
+                    chunk.recomputed = self.engine.recomputed > before
+                    first = False
+                yield chunk
+        except ValueError as e:
+            await _invalid(context, e)
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        self.pushed.pop(request.reservation, None)
+        await self.engine.call(lambda e: e.release_reservation(request.reservation))
+        return pb.Empty()
+
+    async def Stats(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.RoleStats:
+        n = len(self.engine.engine.reservations.tables)
+        return role_stats("decode", self.engine, reservations=n, kv_blocks_received=self.kv_blocks_received,
+                          kv_bytes_received=self.kv_bytes_received, kv_checksum_failures=self.kv_checksum_failures,
+                          recomputes=self.engine.recomputed)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Free reservations no Generate claimed within the TTL (a router died in between)."""
+        while True:
+            await asyncio.sleep(RESERVATION_TTL_S / 4)
+            gone = await self.engine.call(lambda e: e.reservations.expire(e, RESERVATION_TTL_S))
+            for rid in gone:
+                self.pushed.pop(rid, None)

@@ -1,0 +1,100 @@
+"""Start the disaggregated roles as real processes on loopback (as the pod runner would) and stop them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
+
+
+@dataclass
+class RoleProcess:
+    """One role process: its log file and, once started, its address (host:port or URL)."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    pattern: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+
+    def start(self) -> RoleProcess:
+        self.proc = subprocess.Popen(self.argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> RoleProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log.read_text(errors="replace")
+            m = re.search(self.pattern, text)
+            if m:
+                self.address = m.group(1)
+                return self
+            assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{text}"
+            assert time.monotonic() < deadline, f"{self.name} did not start:\n{text}"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (killed after 30 s)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.returncode)
+
+
+def engine_config_file(tmp: Path, model_dir: Path, variant: str, cp: CachePolicyConfig | None = None,
+                       **kw: Any) -> Path:
+    cfg = EngineConfig(model_dir=str(model_dir), variant=variant, block_size=4, max_num_seqs=8,
+                       max_num_batched_tokens=512, cache_policy=cp or CachePolicyConfig(), **kw)
+    path = tmp / f"engine-{variant}-{len(list(tmp.glob('engine-*.json')))}.json"
+    path.write_text(cfg.to_json())
+    return path
+
+
+def role(tmp: Path, name: str, role_name: str, config: Path, env: dict[str, str] | None = None) -> RoleProcess:
+    argv = [sys.executable, "-m", f"kvfleet.dataplane.roles.{role_name}", "--config", str(config),
+            "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--threads", "1"]
+    return RoleProcess(name, argv, tmp / f"{name}.log", r"gRPC on (\S+:\d+)", env or {})
+
+
+def router(tmp: Path, model: str, variant: str, model_dir: Path, endpoints: list[str],
+           sheddable: tuple[str, ...] = (), extra: list[str] | None = None) -> RoleProcess:
+    cfg = {"fleet": "test", "namespace": "default", "port": 0, "defaultSloClass": "interactive",
+           "sloClasses": [{"name": "interactive", "sheddable": False},
+                          *({"name": s, "sheddable": True} for s in sheddable)],
+           "models": [{"model": model, "variant": variant, "weightsDir": str(model_dir),
+                       "roles": {"prefill": {"grpcPort": 0}, "decode": {"grpcPort": 0}}}]}
+    path = tmp / f"router-{len(list(tmp.glob('router-*.json')))}.json"
+    path.write_text(json.dumps(cfg))
+    argv = [sys.executable, "-m", "kvfleet.dataplane.roles.router", "--config", str(path), "--host", "127.0.0.1",
+            "--port", "0"] + [f"--endpoint={e}" for e in endpoints] + (extra or [])
+    return RoleProcess("router", argv, tmp / f"router-{len(endpoints)}-{time.monotonic_ns()}.log",
+                       r"listening on (http://\S+)")
+
+
+def start_all(*procs: RoleProcess) -> None:
+    """Start every process first (they load in parallel), then wait for each."""
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.wait_ready()
