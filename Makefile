@@ -12,7 +12,7 @@ export KVFLEET_CACHE ?= $(HOME)/.cache/kvfleet
 # PYTHONSAFEPATH (Python 3.11+) keeps cwd off sys.path; every command below and its children inherit it.
 export PYTHONSAFEPATH := 1
 
-.PHONY: help venv test test-fast lint crds binaries demo
+.PHONY: help venv test test-fast lint crds binaries demo protos
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -34,6 +34,9 @@ binaries: ## build (or reuse) etcd, kube-*, kwok, kubectl, helm into $(KVFLEET_C
 
 crds: venv ## regenerate crds/ and the chart's CRDs from the pydantic models
 	$(PY) -m kvfleet.operator.api.crdgen crds charts/kvfleet/crds
+
+protos: venv ## regenerate the gRPC stubs in dataplane/rpc/ from kvfleet.proto (a test fails when they drift)
+	$(PY) -m kvfleet.dataplane.rpc.codegen dataplane/rpc
 
 lint: venv ## ruff on everything, mypy on the API package
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvfleet.dataplane.server.serve",
         "serve a model with an OpenAI-compatible API (router + engine in one process)",
     ),
+    "dataplane": (
+        "kvfleet.dataplane.roles.cli",
+        "run one role of a fleet: --role router|prefill|decode|engine --config FILE",
+    ),
     "model": ("kvfleet.dataplane.model.cli", "model tools: import-gguf FILE OUT_DIR, make-tiny OUT_DIR"),
     "eval-cache": (
         "kvfleet.dataplane.kvcache.evaluate",

@@ -64,8 +64,8 @@ class RoleProcess:
 
 def engine_config_file(tmp: Path, model_dir: Path, variant: str, cp: CachePolicyConfig | None = None,
                        **kw: Any) -> Path:
-    cfg = EngineConfig(model_dir=str(model_dir), variant=variant, block_size=4, max_num_seqs=8,
-                       max_num_batched_tokens=512, cache_policy=cp or CachePolicyConfig(), **kw)
+    cfg = EngineConfig(**{"model_dir": str(model_dir), "variant": variant, "block_size": 4, "max_num_seqs": 8,
+                          "max_num_batched_tokens": 512, "cache_policy": cp or CachePolicyConfig(), **kw})
     path = tmp / f"engine-{variant}-{len(list(tmp.glob('engine-*.json')))}.json"
     path.write_text(cfg.to_json())
     return path

@@ -1,0 +1,64 @@
+"""Routing decisions and discovery, in-process (no processes, no cluster): the fakes of the router's seams."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from kvfleet.dataplane.roles.disaggregated import DisaggregatedEngine
+from kvfleet.dataplane.roles.discovery import Endpoint, KubernetesDiscovery, StaticDiscovery
+from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
+
+
+def _engine(*eps: Endpoint) -> tuple[DisaggregatedEngine, StaticDiscovery]:
+    disc = StaticDiscovery(list(eps))
+    return DisaggregatedEngine(disc, ["v"]), disc
+
+
+def test_decode_pick_prefers_headroom_then_load_and_drops_pods_that_left():
+    a, b = Endpoint("a", "h:1", "decode", "v"), Endpoint("b", "h:2", "decode", "v")
+    eng, disc = _engine(a, b, Endpoint("p", "h:3", "prefill", "v"), Endpoint("x", "h:4", "decode", "other"))
+    eng._load(a).stats = pb.RoleStats(kv_blocks_total=100, kv_blocks_used=90)
+    eng._load(b).stats = pb.RoleStats(kv_blocks_total=100, kv_blocks_used=10)
+    assert [e.name for e in eng._decode_candidates("v")] == ["b", "a"]  # most free KV first; other variants never
+    disc.remove("b")
+    assert [e.name for e in eng._decode_candidates("v")] == ["a"]  # gone from discovery: no new work at once
+
+
+def test_prefill_pick_prefers_least_loaded():
+    p1, p2 = Endpoint("p1", "h:1", "prefill", "v"), Endpoint("p2", "h:2", "prefill", "v")
+    eng, _ = _engine(p1, p2)
+    with eng._busy(p1):
+        assert [e.name for e in eng._by_load([p1, p2])] == ["p2", "p1"]
+    eng._load(p2).stats = pb.RoleStats(num_waiting=3)
+    assert [e.name for e in eng._by_load([p1, p2])] == ["p1", "p2"]
+
+
+def test_static_endpoints_parse_and_refuse_garbage():
+    d = StaticDiscovery.parse(["prefill=base@127.0.0.1:5001", "decode=base@127.0.0.1:5002"])
+    assert [e.address for e in d.endpoints("decode", "base")] == ["127.0.0.1:5002"]
+    try:
+        StaticDiscovery.parse(["nonsense"])
+    except ValueError as e:
+        assert "ROLE=VARIANT@HOST:PORT" in str(e)
+    else:
+        raise AssertionError("a malformed endpoint was accepted")
+
+
+def _pod(name: str, role: str, ready: bool = True, ip: str = "10.0.0.1", deleting: bool = False):
+    cond = [SimpleNamespace(type="Ready", status="True" if ready else "False")]
+    return SimpleNamespace(metadata=SimpleNamespace(name=name, labels={"kvfleet.io/role": role, "kvfleet.io/variant": "v"},
+                                                    deletion_timestamp="now" if deleting else None),
+                           status=SimpleNamespace(pod_ip=ip, phase="Running", conditions=cond))
+
+
+def test_kubernetes_discovery_keeps_ready_serving_pods_only():
+    d = KubernetesDiscovery("ns", "fleet", 50051, api=object())
+    d._apply(_pod("d1", "decode"), False)
+    d._apply(_pod("d2", "decode", ready=False), False)
+    d._apply(_pod("r", "router"), False)
+    assert [e.address for e in d.endpoints("decode", "v")] == ["10.0.0.1:50051"]
+    d._apply(_pod("d1", "decode", deleting=True), False)  # terminating: out before it is gone
+    assert d.endpoints("decode", "v") == []
+    d._apply(_pod("d3", "decode", ip="10.0.0.3"), False)
+    d._apply(_pod("d3", "decode", ip="10.0.0.3"), True)
+    assert d.endpoints("decode", "v") == []
