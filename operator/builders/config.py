@@ -131,6 +131,9 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
                 "model": v.spec.served_model_name or v.metadata.name,
                 "variant": v.metadata.name,
                 "family": v.spec.family,
+                # the router tokenizes: the variant's weights (or the builtin it materialises)
+                "weightsDir": weights_dir(v),
+                "builtin": v.spec.base.builtin,
                 # Pods are discovered from the API by these labels, never by fixed addresses.
                 "roles": {r: {"selector": {"kvfleet.io/fleet": fleet, "kvfleet.io/role": r,
                                            "kvfleet.io/variant": v.metadata.name},

@@ -51,8 +51,8 @@ def test_colocated_fleet_has_one_engine_per_variant_and_no_prefill_or_decode():
 
 
 def test_pool_only_when_the_cache_policy_enables_it():
-    fleet = chat_fleet()
-    fleet["spec"]["cachePolicy"] = "long-context"
+    fleet = colocated(chat_fleet())
+    fleet["spec"]["cachePolicy"] = "long-context"  # evicts: colocated only
     kinds = {o["kind"] for o in desired_objects(inputs(fleet))}
     assert "StatefulSet" not in kinds
     fleet["spec"].pop("cachePolicy")  # the default policy has no pool either
@@ -195,11 +195,21 @@ def test_router_service_and_endpoint():
 
 
 def test_kv_policy_reaches_the_engine_config():
-    fleet = chat_fleet()
+    fleet = colocated(chat_fleet())
     fleet["spec"]["cachePolicy"] = "long-context"
     data = by_name(desired_objects(inputs(fleet)))[("ConfigMap", "chat-smollm2-base-config")]["data"]
-    policy = EngineConfig.from_json(data["decode.engine.json"]).cache_policy
+    policy = EngineConfig.from_json(data["engine.json"]).cache_policy
     assert (policy.key_quantization, policy.eviction, policy.eviction_budget_ratio) == ("int4", "keydiff", 0.5)
+
+
+def test_a_disaggregated_fleet_refuses_eviction_with_the_field():
+    """Prefill hands KV to decode without the eviction state: refused, never rendered and dropped."""
+    from kvfleet.dataplane.config import ConfigError
+
+    fleet = chat_fleet()
+    fleet["spec"]["cachePolicy"] = "long-context"
+    with pytest.raises(ConfigError, match=r"cache_policy\.eviction: 'keydiff': a disaggregated fleet"):
+        desired_objects(inputs(fleet))
 
 
 def test_pod_annotations_from_the_spec_reach_every_pod_but_never_the_config_hash():
@@ -234,7 +244,7 @@ def test_a_policy_the_serving_engine_cannot_apply_fails_the_build_with_the_field
     objects[("CachePolicy", "int8-shared")]["spec"]["prefixCache"] = {"scope": "variant"}
     objects[("CachePolicy", "int8-shared")]["spec"]["quantization"]["keyGranularity"] = "per-token"  # eviction
     with pytest.raises(ConfigError, match=r"cache_policy\.(eviction|pyramid)"):
-        desired_objects(inputs(objects=objects))
+        desired_objects(inputs(colocated(chat_fleet()), objects=objects))
     eviction = {**eviction, "policy": "streaming-llm", "pyramid": False}
     objects[("CachePolicy", "int8-shared")]["spec"]["eviction"] = eviction
-    assert desired_objects(inputs(objects=objects))
+    assert desired_objects(inputs(colocated(chat_fleet()), objects=objects))
