@@ -36,6 +36,9 @@ KINDS: dict[str, KindInfo] = {
     "Event": KindInfo("v1", "events"),
     "Deployment": KindInfo("apps/v1", "deployments"),
     "StatefulSet": KindInfo("apps/v1", "statefulsets"),
+    "ServiceAccount": KindInfo("v1", "serviceaccounts"),
+    "Role": KindInfo("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": KindInfo("rbac.authorization.k8s.io/v1", "rolebindings"),
     "InferenceFleet": KindInfo(KVFLEET, "inferencefleets"),
     "ModelVariant": KindInfo(KVFLEET, "modelvariants"),
     "CachePolicy": KindInfo(KVFLEET, "cachepolicies"),
@@ -43,7 +46,9 @@ KINDS: dict[str, KindInfo] = {
 }
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 # The kinds a fleet owns, listed by label to find children that are no longer desired.
-CHILD_KINDS = ("ConfigMap", "Deployment", "StatefulSet", "Service")
+CHILD_KINDS = ("ConfigMap", "Deployment", "StatefulSet", "Service", "ServiceAccount", "Role", "RoleBinding")
+# Children whose content the reconciler never reads back (it re-applies on a changed hash): metadata lists suffice.
+METADATA_ONLY_KINDS = ("ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding")
 
 
 class ApiError(Exception):

@@ -34,7 +34,10 @@ GROUP, VERSION = "kvfleet.io", "v1alpha1"
 FLEETS = (GROUP, VERSION, "inferencefleets")
 REFERENCED = ((GROUP, VERSION, "modelvariants"), (GROUP, VERSION, "cachepolicies"), (GROUP, VERSION, "sloclasses"))
 CHILDREN = (("apps", "v1", "deployments", "Deployment"), ("apps", "v1", "statefulsets", "StatefulSet"),
-            ("", "v1", "services", "Service"), ("", "v1", "configmaps", "ConfigMap"))
+            ("", "v1", "services", "Service"), ("", "v1", "configmaps", "ConfigMap"),
+            ("", "v1", "serviceaccounts", "ServiceAccount"),
+            ("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+            ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"))
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_FLEET: kopf.PRESENT}
 CHILD_DELAY_S = 0.5  # coalesce bursts of child status updates into one reconcile
 

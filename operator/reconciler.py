@@ -30,7 +30,7 @@ from .builders import FleetInputs, OperatorSettings, desired_objects, router_end
 from .builders.names import LABEL_FLEET, MANAGED_BY, config_hash
 from .cache import ObjectCache
 from .children import ManualScale, key, manual_scales, owned_by, stale_children
-from .kube import CHILD_KINDS, KVFLEET, ApiError, Kube
+from .kube import CHILD_KINDS, KVFLEET, METADATA_ONLY_KINDS, ApiError, Kube
 from .resolve import Unresolved, references, resolve
 from .status import fleet_status, status_changed, used_by_status, workload_state
 
@@ -130,7 +130,7 @@ class Reconciler:
             hint = [r for r in hint if cache.get(r[0], namespace, r[1]) is None]
         reads: list[Callable[[], Any]] = [partial(kube.get, "InferenceFleet", namespace, name)]
         if cache is None or not warm:
-            reads += [partial(kube.list, k, namespace, selector, metadata_only=k in ("ConfigMap", "Service"))
+            reads += [partial(kube.list, k, namespace, selector, metadata_only=k in METADATA_ONLY_KINDS)
                       for k in CHILD_KINDS]
         reads += [partial(kube.get, r[0], namespace, r[1]) for r in hint]
         results = self._all(lambda read: read(), reads)

@@ -1,4 +1,4 @@
-"""Desired objects of one fleet: ConfigMaps, Deployments, the pool StatefulSet, Services (pure).
+"""Desired objects of one fleet: ConfigMaps, Deployments, the pool StatefulSet, Services, router RBAC (pure).
 
     desired_objects(inputs) -> [ConfigMap, Deployment, ..., Service]
 
@@ -98,6 +98,9 @@ def router_objects(inputs: FleetInputs, fleet_data: dict[str, str]) -> list[dict
         spec_placement=spec.placement,
         config_file=ROUTER_JSON,
     )
+    # The router discovers its fleet's pods from the API under its own ServiceAccount (rbac_objects).
+    template["spec"]["serviceAccountName"] = name
+    template["spec"]["automountServiceAccountToken"] = True
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -108,7 +111,24 @@ def router_objects(inputs: FleetInputs, fleet_data: dict[str, str]) -> list[dict
             "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    return [_deployment(inputs, name, "router", spec.replicas, template, selector), service]
+    return [*router_rbac(inputs, name), _deployment(inputs, name, "router", spec.replicas, template, selector),
+            service]
+
+
+ROUTER_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+
+
+def router_rbac(inputs: FleetInputs, name: str) -> list[dict[str, Any]]:
+    """The router's ServiceAccount, and a Role in the fleet's namespace that only reads pods (discovery)."""
+    meta = _meta(inputs, name, "router")
+    rbac = "rbac.authorization.k8s.io/v1"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False},
+        {"apiVersion": rbac, "kind": "Role", "metadata": meta, "rules": ROUTER_RULES},
+        {"apiVersion": rbac, "kind": "RoleBinding", "metadata": meta,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": inputs.namespace}]},
+    ]
 
 
 def mempool_objects(inputs: FleetInputs, fleet_data: dict[str, str]) -> list[dict[str, Any]]:

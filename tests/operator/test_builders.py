@@ -34,7 +34,17 @@ def test_disaggregated_fleet_has_prefill_decode_per_variant_plus_pool_and_router
         ("Service", "chat-mempool"),
         ("Deployment", "chat-router"),
         ("Service", "chat-router"),
+        ("ServiceAccount", "chat-router"),
+        ("Role", "chat-router"),
+        ("RoleBinding", "chat-router"),
     }
+    router = objs[("Deployment", "chat-router")]["spec"]["template"]["spec"]
+    assert router["serviceAccountName"] == "chat-router" and router["automountServiceAccountToken"] is True
+    assert objs[("Role", "chat-router")]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]  # discovery, nothing else
+    assert all(not container(d).get("command") or "automountServiceAccountToken" not in d["spec"]["template"]["spec"]
+               or d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+               for (k, n), d in objs.items() if k == "Deployment" and n != "chat-router")
     decode = objs[("Deployment", "chat-smollm2-base-decode")]
     assert decode["spec"]["replicas"] == 2  # minReplicas, nothing planned yet
     assert container(decode)["command"] == [

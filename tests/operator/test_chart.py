@@ -76,7 +76,11 @@ def test_rbac_is_least_privilege(helm):
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
     granted = {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
-    assert not {x for x in granted if x[1] in ("secrets", "pods", "nodes", "roles", "clusterroles")}
+    assert not {x for x in granted if x[1] in ("secrets", "nodes", "clusterroles", "clusterrolebindings")}
+    # pods: read only, held so the operator may grant exactly that to each fleet's router (RBAC forbids
+    # granting what one lacks); roles/rolebindings: the router's namespaced Role and its binding
+    assert {x for x in granted if x[1] == "pods"} == {("", "pods", v) for v in ("get", "list", "watch")}
+    assert ("rbac.authorization.k8s.io", "roles", "create") in granted
     assert ("apps", "deployments", "patch") in granted and ("", "events", "create") in granted
     assert ("kvfleet.io", "inferencefleets", "delete") not in granted
     assert ("", "namespaces", "list") not in granted  # only when watching named namespaces
