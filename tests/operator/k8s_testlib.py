@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kvfleet.operator.kube import Kube
+from kvfleet.operator.kube import CHILD_KINDS, Kube
 from op_testlib import EXAMPLES, ROOT, example_docs
 
 from e2e.harness import wait_for  # noqa: F401 - re-exported for the tests
@@ -131,7 +131,7 @@ class OperatorProcess:
 
 def children(kube: Kube, namespace: str, fleet: str) -> dict[tuple[str, str], dict[str, Any]]:
     out = {}
-    for kind in ("ConfigMap", "Deployment", "StatefulSet", "Service"):
+    for kind in CHILD_KINDS:
         for obj in kube.list(kind, namespace, f"kvfleet.io/fleet={fleet}"):
             out[(kind, obj["metadata"]["name"])] = obj
     return out

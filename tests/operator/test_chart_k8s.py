@@ -52,16 +52,21 @@ def test_chart_rbac_is_sufficient_and_minimal(cluster, namespace, crds, tmp_path
             out = cluster.kubectl("auth", "can-i", *args, f"--as={who}", check=False).stdout.strip()
             return out == "yes"
 
-        # minimal: no Secrets, no Nodes, no Pods, no RBAC, nothing in other API groups
+        # minimal: no Secrets, no Nodes, pods read-only (what it grants each fleet's router, and no more),
+        # no cluster-wide RBAC, nothing in other API groups
         assert not can("get", "secrets", "-n", namespace) and not can("list", "secrets", "-A")
         assert not can("delete", "nodes") and not can("get", "nodes")
-        assert not can("list", "pods", "-n", namespace) and not can("create", "pods", "-n", namespace)
+        assert can("list", "pods", "-n", namespace) and not can("create", "pods", "-n", namespace)
+        assert not can("delete", "pods", "-n", namespace) and not can("create", "pods/exec", "-n", namespace)
         assert not can("create", "clusterroles") and not can("delete", "inferencefleets", "-n", namespace)
+        assert not can("create", "clusterrolebindings")
         assert not can("create", "inferencefleets", "-n", namespace)
         # sufficient: what the operator really does
         for verb, resource in (("patch", "deployments.apps"), ("delete", "statefulsets.apps"),
                                ("create", "configmaps"), ("patch", "inferencefleets.kvfleet.io/status"),
-                               ("watch", "modelvariants.kvfleet.io"), ("create", "events")):
+                               ("watch", "modelvariants.kvfleet.io"), ("create", "events"),
+                               ("create", "serviceaccounts"), ("create", "roles.rbac.authorization.k8s.io"),
+                               ("patch", "rolebindings.rbac.authorization.k8s.io")):
             assert can(verb, resource, "-n", namespace), (verb, resource)
 
         # the operator, authenticated as the chart's ServiceAccount, passes the fleet create test

@@ -21,6 +21,7 @@ DISAGGREGATED = {
     ("Deployment", "chat-smollm2-support-prefill"), ("Deployment", "chat-smollm2-support-decode"),
     ("StatefulSet", "chat-mempool"), ("Service", "chat-mempool"),
     ("Deployment", "chat-router"), ("Service", "chat-router"),
+    ("ServiceAccount", "chat-router"), ("Role", "chat-router"), ("RoleBinding", "chat-router"),
 }
 
 
