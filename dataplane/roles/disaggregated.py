@@ -62,6 +62,7 @@ class RouterPolicy:
     retry_after_s: float = 1.0
     stats_interval_s: float = 0.5
     default_max_model_len: int = 2048
+    max_queued_requests: int = 256  # above this many requests waiting for room, sheddable ones are refused at once
 
 
 class DisaggregatedEngine(AsyncEngine):
@@ -75,6 +76,7 @@ class DisaggregatedEngine(AsyncEngine):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._reserved: dict[str, Endpoint] = {}  # request id -> decode pod holding its reservation
         self._poller: asyncio.Task[None] | None = None
+        self.queued = 0  # requests waiting in `admit` for KV room
         self.counters = {"requests": 0, "shed": 0, "decode_retries": 0, "prefill_retries": 0, "recomputed": 0}
 
     # -- AsyncEngine -------------------------------------------------------------------
@@ -120,19 +122,32 @@ class DisaggregatedEngine(AsyncEngine):
         klass = request.slo_class or self.policy.default_slo_class
         deadline = time.monotonic() + self.policy.queue_timeout_s
         n, sp = len(request.prompt_token_ids), request.sampling
+        sheddable = klass in self.policy.sheddable
+        if sheddable and self.queued >= self.policy.max_queued_requests:
+            self.counters["shed"] += 1
+            raise EngineOverloaded(f"{self.queued} requests are queued for KV room; class {klass!r} is shed",
+                                   self.policy.retry_after_s)
+        self.queued += 1
+        try:
+            await self._reserve(request, n, sp.max_tokens, sheddable, deadline)
+        finally:
+            self.queued -= 1
+
+    async def _reserve(self, request: GenerationRequest, n: int, max_tokens: int, sheddable: bool,
+                       deadline: float) -> None:
         while True:
             for ep in self._decode_candidates(request.variant):
                 try:
                     await pb_grpc.DecodeStub(self._channel(ep)).Reserve(
                         pb.ReserveRequest(request_id=request.request_id, num_prompt_tokens=n,
-                                          max_tokens=sp.max_tokens), timeout=5.0)
+                                          max_tokens=max_tokens), timeout=5.0)
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                         raise ValueError(e.details()) from e
                     continue  # full (RESOURCE_EXHAUSTED) or gone: the next pod
                 self._reserved[request.request_id] = ep
                 return
-            if klass in self.policy.sheddable or time.monotonic() >= deadline:
+            if sheddable or time.monotonic() >= deadline:
                 self.counters["shed"] += 1
                 raise EngineOverloaded(f"no decode pod of {request.variant!r} has KV room for this request now",
                                        self.policy.retry_after_s)

@@ -70,7 +70,8 @@ async def serve(args: argparse.Namespace) -> None:
         discovery = KubernetesDiscovery(cfg["namespace"], cfg["fleet"], port)
     policy = RouterPolicy(sheddable=frozenset(c["name"] for c in classes if c.get("sheddable")),
                           default_slo_class=cfg.get("defaultSloClass"), queue_timeout_s=args.queue_timeout,
-                          default_max_model_len=int(cfg.get("maxModelLen") or 2048))
+                          default_max_model_len=int(cfg.get("maxModelLen") or 2048),
+                          max_queued_requests=int(cfg.get("maxQueuedRequests") or 256))
     engine = DisaggregatedEngine(discovery, [m["variant"] for m in models], policy)
     app = build_app(engine, load_tokenizer(models), [m["model"] for m in models],
                     slo_classes=[c["name"] for c in classes] or None,

@@ -62,3 +62,29 @@ def test_kubernetes_discovery_keeps_ready_serving_pods_only():
     d._apply(_pod("d3", "decode", ip="10.0.0.3"), False)
     d._apply(_pod("d3", "decode", ip="10.0.0.3"), True)
     assert d.endpoints("decode", "v") == []
+
+
+def test_a_long_queue_sheds_sheddable_classes_at_once():
+    import asyncio
+
+    from kvfleet.dataplane.engine.api import EngineOverloaded, GenerationRequest
+    from kvfleet.dataplane.roles.disaggregated import RouterPolicy
+
+    eng = DisaggregatedEngine(StaticDiscovery([]), ["v"], RouterPolicy(sheddable=frozenset({"batch"}),
+                                                                      max_queued_requests=2, queue_timeout_s=0.0))
+    eng.queued = 2  # two critical requests already wait for KV room
+    req = GenerationRequest("r", [1, 2, 3], variant="v", slo_class="batch")
+
+    async def go():
+        eng._poller = asyncio.get_running_loop().create_future()  # no background polling in this unit test
+        try:
+            await eng.admit(req)
+        finally:
+            eng._poller = None
+
+    try:
+        asyncio.run(go())
+    except EngineOverloaded as e:
+        assert "2 requests are queued" in str(e) and eng.counters["shed"] == 1
+    else:
+        raise AssertionError("a sheddable request was queued behind a full queue")
