@@ -5,9 +5,12 @@
    so the chart's RBAC is exactly what it has;
 3. the examples applied (two variants, two SLO classes, two cache policies, a disaggregated fleet) and
    their pods scheduled onto the GPU nodes;
-4. a colocated fleet serving the real SmolLM2-135M-Instruct: its engine pod runs the kvfleet engine as a
-   local process on the pod's IP (the pod runner), and the `openai` SDK talks to it;
-5. a scale-up: the engine role goes from 1 to 2 replicas and both pods answer.
+4. a disaggregated fleet of the real SmolLM2-135M-Instruct: its router, prefill and decode pods run as
+   local processes on their pod IPs (the pod runner); the `openai` SDK talks to the router, which finds
+   its pods from the API, and the int8 KV crosses from prefill to decode as stored;
+5. a colocated fleet serving the same model: its engine pod runs the kvfleet engine locally, and the
+   `openai` SDK talks to it;
+6. a scale-up: the engine role goes from 1 to 2 replicas and both pods answer.
 
     python -m e2e.demo [--keep]     # --keep leaves the cluster up and prints its KUBECONFIG
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 
 from e2e.cluster import REPO, LocalCluster, find_bin_dir
@@ -34,6 +38,7 @@ NAMESPACE = "kvfleet-demo"
 SYSTEM_NS = "kvfleet-system"
 RELEASE = "kvfleet"
 DEMO_FLEET = "smollm2-live"
+SPLIT_FLEET = "smollm2-split"
 
 
 def step(msg: str) -> None:
@@ -109,6 +114,28 @@ def demo_fleet(replicas: int) -> dict[str, Any]:
     }
 
 
+def split_fleet() -> list[dict[str, Any]]:
+    """A disaggregated fleet of the real model (router + prefill + decode run locally) and its int8 policy."""
+    role = {"minReplicas": 1, "maxReplicas": 2, "maxNumSeqs": 16,
+            "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+            "placement": {"tolerations": [GPU_TOLERATION]}}
+    policy = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "CachePolicy",
+              "metadata": {"name": "int8-split", "namespace": NAMESPACE},
+              # NOTE: per-token keys. With per-channel (KIVI) keys and sinkTokens not a multiple of groupSize, a
+              # prefix-cache hit reads the sink rows as stored, quantized with a scale that excluded them: SmolLM2's
+              # output collapses (colocated too; see the session note). Per-token scales have no such coupling.
+              "spec": {"blockSizeTokens": 16, "quantization": {"dtype": "int8", "keyGranularity": "per-token",
+                                                               "groupSize": 16, "residualTokens": 32, "sinkTokens": 4}}}
+    fleet = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet",
+             "metadata": {"name": SPLIT_FLEET, "namespace": NAMESPACE},
+             "spec": {"variants": [{"name": "smollm2-base"}], "cachePolicy": "int8-split",
+                      "sloClasses": ["interactive", "batch"], "defaultSloClass": "interactive",
+                      "podAnnotations": {"kvfleet.io/run-locally": "true"},
+                      "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
+                      "topology": {"mode": "disaggregated", "prefill": role, "decode": role}}}
+    return [policy, fleet]
+
+
 def adapters_volume() -> list[dict[str, Any]]:
     """A PV + PVC named `adapters` (what examples/01-modelvariants.yaml's LoRA variant mounts)."""
     return [
@@ -122,11 +149,11 @@ def adapters_volume() -> list[dict[str, Any]]:
     ]
 
 
-def chat(ip: str, prompt: str) -> tuple[str, float, float, int]:
-    """Stream one chat completion from an engine pod; (text, ttft_s, total_s, tokens)."""
+def chat(ip: str, prompt: str, port: int = 8080) -> tuple[str, float, float, int]:
+    """Stream one chat completion from an engine or router pod; (text, ttft_s, total_s, tokens)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://{ip}:8080/v1", api_key="demo", max_retries=0, timeout=120)
+    client = OpenAI(base_url=f"http://{ip}:{port}/v1", api_key="demo", max_retries=0, timeout=120)
     t0 = time.perf_counter()
     ttft, parts, tokens = 0.0, [], 0
     stream = client.chat.completions.create(
@@ -186,6 +213,9 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
                           input=bad, env=demo.env, text=True, capture_output=True)
     print(proc.stderr.strip())
 
+    with PodRunner(demo.cluster.kubeconfig, workdir / "pods", namespace=NAMESPACE):
+        serve_disaggregated(demo)
+
     step(f"a colocated fleet serving the real SmolLM2-135M-Instruct ({DEMO_FLEET}) with the `long-context` "
          "CachePolicy (int4 KV + KeyDiff); its engine pod runs locally")
     with PodRunner(demo.cluster.kubeconfig, workdir / "pods", namespace=NAMESPACE):
@@ -210,6 +240,43 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
         wait_for(f"fleet {DEMO_FLEET} Available", lambda: demo.condition("fleet", DEMO_FLEET, "Available") == "True",
                  180)
         demo.kubectl("get", "fleet", "-n", NAMESPACE, "-o", "wide", show=True)
+
+
+def serve_disaggregated(demo: Demo) -> None:
+    step(f"a disaggregated fleet of the real SmolLM2-135M-Instruct ({SPLIT_FLEET}, int8 KV): router, prefill and "
+         "decode pods run locally; the router finds its pods from the API under its own ServiceAccount")
+    demo.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(split_fleet()), show=True)
+    sel = f"kvfleet.io/fleet={SPLIT_FLEET}"
+
+    def serving(role: str, port: int) -> list[str]:
+        return serving_pod_ips(demo.get("pods", "-n", NAMESPACE, "-l", f"{sel},kvfleet.io/role={role}")["items"],
+                               port=port)
+
+    for role, port in (("prefill", 8080), ("decode", 8080), ("router", 8000)):
+        wait_for(f"a ready {role} pod", lambda r=role, p=port: serving(r, p), 300)
+    demo.kubectl("get", "pods,sa,role,rolebinding", "-n", NAMESPACE, "-l", sel, "-o", "wide", show=True)
+    (router_ip,) = serving("router", 8000)
+
+    def ask(prompt: str) -> tuple[str, float, float, int] | None:
+        try:
+            return chat(router_ip, prompt, port=8000)
+        except Exception:  # noqa: BLE001 - 429 until the router's watch has seen a ready decode pod
+            return None
+
+    for prompt in ("What is the capital of France?", "Write a haiku about GPUs."):
+        text, ttft, total, tokens = wait_for("an answer through the router", lambda p=prompt: ask(p), 60)
+        print(f"[router {router_ip}] {prompt!r}\n  -> {text.strip()!r}\n  ({tokens} tokens, TTFT {ttft * 1000:.0f} ms, "
+              f"{tokens / max(total - ttft, 1e-9):.1f} tok/s after the first)")
+    from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
+    from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
+
+    (decode_ip,) = serving("decode", 8080)
+    with grpc.insecure_channel(f"{decode_ip}:50051") as ch:
+        s = pb_grpc.DecodeStub(ch).Stats(pb.Empty(), timeout=5)
+    print(f"decode pod {decode_ip}: received {s.kv_blocks_received} KV blocks = {s.kv_bytes_received / 1e6:.2f} MB "
+          f"(int8 codes + scales + full-precision lanes), {s.recomputes} recomputed, "
+          f"{s.kv_checksum_failures} checksum failures")
+    demo.kubectl("delete", "fleet", SPLIT_FLEET, "-n", NAMESPACE, "--wait=true", show=True)
 
 
 def main(argv: list[str] | None = None) -> int:
