@@ -1,4 +1,5 @@
-"""A disaggregated fleet that really serves: the operator renders router, prefill and decode Deployments,
+"""A disaggregated fleet that really serves (the tiny model, then the real SmolLM2): the operator renders
+router, prefill and decode Deployments,
 the pod runner runs each role as a real process on its pod IP, the router finds its prefill and decode
 pods from the API under its own ServiceAccount, and the `openai` SDK gets answers through the router.
 
@@ -34,11 +35,12 @@ def _can(cluster, kubeconfig, *args: str) -> bool:
     return r.stdout.strip() == "yes"
 
 
-def test_disaggregated_fleet_serves_through_its_router(operator_env, podrunner, tmp_path):
+@pytest.mark.parametrize("builtin", ["tiny-llama", pytest.param("smollm2-135m-instruct", marks=pytest.mark.slow)])
+def test_disaggregated_fleet_serves_through_its_router(operator_env, podrunner, tmp_path, builtin):
     env = operator_env
     apply_doc(env.cluster, env.namespace, {
         "apiVersion": "kvfleet.io/v1alpha1", "kind": "ModelVariant", "metadata": {"name": "tiny"},
-        "spec": {"family": "tiny", "base": {"builtin": "tiny-llama"}, "servedModelName": "tiny", "dtype": "float32"},
+        "spec": {"family": "tiny", "base": {"builtin": builtin}, "servedModelName": "tiny", "dtype": "float32"},
     })
     apply_doc(env.cluster, env.namespace, {
         "apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet", "metadata": {"name": "split"},
@@ -65,6 +67,10 @@ def test_disaggregated_fleet_serves_through_its_router(operator_env, podrunner, 
 
     reply = wait_for("an answer through the router", answered, timeout=60)
     assert reply.choices[0].finish_reason in ("stop", "length") and 0 < reply.usage.completion_tokens <= 6
+    if builtin != "tiny-llama":  # the real model, through router -> prefill -> KV transfer -> decode
+        r = client.chat.completions.create(model="tiny", temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
     stream = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices)
 
