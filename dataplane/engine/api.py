@@ -29,6 +29,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token; None = off
+    # penalties and biases (OpenAI's semantics; repetition_penalty as in HF/vLLM); applied in the
+    # batched sampler (`logits_process.py`) before temperature and top-k/top-p
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence among generated tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of prompt or output (logit / p if > 0 else * p)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to the logit)
+    min_tokens: int = 0  # eos and stop_token_ids are banned until this many tokens are generated
+
+    @property
+    def has_logits_processing(self) -> bool:
+        """Whether any penalty, bias or min_tokens applies (the plain path skips all of it)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass

@@ -80,6 +80,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv, self.device)
         self.runner.scores = self.evictor.scores if self.evictor is not None else None  # h2o/snapkv
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
+        self.runner.eos_token_ids = self.eos_token_ids
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
@@ -130,10 +131,13 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise ValueError(f"prompt of {n} tokens leaves no room to generate (max_model_len {self.max_model_len})")
         sp = request.sampling
-        if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+        if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0 \
+                or sp.repetition_penalty <= 0 or sp.min_tokens < 0:
             raise ValueError(f"invalid sampling params {sp}: need max_tokens >= 1, temperature >= 0, "
-                             "0 < top_p <= 1, top_k >= 0")
+                             "0 < top_p <= 1, top_k >= 0, repetition_penalty > 0, min_tokens >= 0")
         vocab = getattr(self.model_config, "vocab_size", None)
+        if vocab is not None and any(not 0 <= t < vocab for t, _ in sp.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
             # NOTE: caught here, an out-of-range id would otherwise crash the step of every request
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

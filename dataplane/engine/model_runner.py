@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from kvfleet.dataplane.engine.api import TokenLogprob
+from kvfleet.dataplane.engine.logits_process import row_history
 from kvfleet.dataplane.engine.sampler import sample
 from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
 from kvfleet.dataplane.kvcache.paged import (
@@ -52,6 +53,7 @@ class ModelRunner:
         self.batch_prefill = device.type == "cuda" if batch_prefill is None else batch_prefill
         self.batch_prefill = self.batch_prefill and not self.quantized
         self.scores: Any = None  # kvcache/paged_scores.PagedScores when eviction needs attention (h2o, snapkv)
+        self.eos_token_ids: frozenset[int] = frozenset()  # banned while a request is short of min_tokens
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its RNG) once the request is finished."""
@@ -90,7 +92,11 @@ class ModelRunner:
                 return result
             logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [N, V]
             picked = [ordered[j] for j in which]
-            res = sample(logits, [p.seq.request.sampling for p in picked], [self._generator(p) for p in picked])
+            sps = [p.seq.request.sampling for p in picked]
+            hist = [row_history(sp, p.seq.token_ids, p.seq.num_prompt_tokens, self.eos_token_ids)
+                    for sp, p in zip(sps, picked, strict=True)] if any(sp.has_logits_processing for sp in sps) \
+                else None
+            res = sample(logits, sps, [self._generator(p) for p in picked], hist)
         for k, j in enumerate(which):
             result[order[j]] = (res.token_ids[k], res.logprobs[k])
         return result

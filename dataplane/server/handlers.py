@@ -171,6 +171,13 @@ class OpenAIHandlers:
 
     def _start(self, request: web.Request, body: _SamplingFields, prefix: str, prompt_ids: list[int],
                max_tokens: int, logprobs: int | None) -> Generation:
+        try:
+            bias = body.logit_bias_pairs(self.state.vocab_size)
+        except ValueError as e:
+            raise APIError(str(e), param="logit_bias", code="invalid_value") from e
+        if body.min_tokens > max_tokens:
+            raise APIError(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+                           param="min_tokens", code="invalid_value")
         sampling = SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -179,6 +186,11 @@ class OpenAIHandlers:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=bias,
+            min_tokens=body.min_tokens,
         )
         greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, sampling,
                                  variant=self.state.variant, slo_class=self._slo_class(request, body))

@@ -38,10 +38,12 @@ class _SamplingFields(_Request):
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None  # extension (HF/vLLM)
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # extension (vLLM): no eos / stop token before this many
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens tokens (benchmarks)
     kvfleet_slo_class: str | None = None  # extension: the SLOClass (the header wins when both are set)
 
@@ -59,12 +61,20 @@ class _SamplingFields(_Request):
         """(param, reason) for a well-formed value this server cannot honour, else None."""
         if self.n != 1:
             return "n", "only n=1 is supported"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                return name, "only 0 is supported"
         return None
+
+    def logit_bias_pairs(self, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias); ValueError naming the bad key."""
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                tok = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                raise ValueError(f"logit_bias token id {tok} is out of range [0, {vocab_size})")
+            out.append((tok, float(bias)))
+        return tuple(out)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
