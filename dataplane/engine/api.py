@@ -36,6 +36,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of prompt or output (logit / p if > 0 else * p)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to the logit)
     min_tokens: int = 0  # eos and stop_token_ids are banned until this many tokens are generated
+    # n > 1: n sequences from one prompt (one prefill; the KV blocks of the prompt are shared). Choice i
+    # samples with seed + i when a seed is given; its outputs carry `index` i (see RequestOutput).
+    n: int = 1
 
     @property
     def has_logits_processing(self) -> bool:
@@ -78,6 +81,13 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    index: int = 0  # which of the request's `sampling.n` choices this increment belongs to
+
+
+def choice_request_id(request_id: str, index: int) -> str:
+    """The id of choice `index` of a request with n > 1 (`AsyncEngine.abort` of it ends that choice
+    alone; aborting `request_id` ends them all)."""
+    return f"{request_id}#{index}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,8 @@ class EngineStats:
 class AsyncEngine(ABC):
     """An engine that many asyncio tasks can share.
 
-    `generate` yields increments until one with `finished=True`. Cancelling the
+    `generate` yields increments until one with `finished=True` (with `sampling.n` > 1: until
+    every choice's `index` has had one, in any order). Cancelling the
     consuming task (a client disconnect) or calling `abort` ends the request
     and frees its KV blocks.
     """

@@ -12,13 +12,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 from kvfleet.dataplane.engine.api import AsyncEngine, GenerationRequest, SamplingParams, TokenLogprob
+from kvfleet.dataplane.server.choices import ChoiceResult, collect, merged
 from kvfleet.dataplane.server.errors import APIError, from_validation_error, model_not_found
 from kvfleet.dataplane.server.generation import Detokenizer, Generation, Piece
 from kvfleet.dataplane.server.metrics import ServerMetrics
@@ -84,18 +85,29 @@ class OpenAIHandlers:
         body: CompletionRequest = await read_json(request, CompletionRequest)
         self._check_common(body)
         try:
-            prompt = body.single_prompt()
+            prompts = body.prompt_list()
         except ValueError as e:
             raise APIError(str(e), param="prompt") from e
-        prompt_ids = self._encode_text(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        max_tokens = self._check_length(len(prompt_ids), body.max_tokens, "prompt")
-        gen = self._start(request, body, "cmpl", prompt_ids, max_tokens, body.logprobs)
+        encoded = [self._encode_text(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        gens = [self._start(request, body, rid if len(encoded) == 1 else f"{rid}-{i}", ids,
+                            self._check_length(len(ids), body.max_tokens, "prompt"), body.logprobs)
+                for i, ids in enumerate(encoded)]
+        echo = [p if isinstance(p, str) else self.state.tokenizer.decode(p) for p in prompts] if body.echo else None
+        n = body.n
         if body.stream:
-            return await self._stream(request, gen, body, self._completion_chunk)
-        text, logprobs = await self._collect(gen)
-        choice = {"index": 0, "text": text, "logprobs": self._completion_logprobs(logprobs) if
-                  body.logprobs is not None else None, "finish_reason": gen.finish_reason}
-        return web.json_response(self._envelope(gen, body, "text_completion", choice, with_usage=True))
+            def chunk(g: int, piece: Piece, first: bool) -> dict[str, Any]:
+                text = (echo[g] if echo and first else "") + piece.text
+                lp = self._completion_logprobs(piece.logprobs) if body.logprobs is not None else None
+                return {"index": g * n + piece.index, "text": text, "logprobs": lp,
+                        "finish_reason": piece.finish_reason}
+            return await self._stream(request, rid, gens, body, chunk)
+        results = await self._collect(gens, n)
+        choices = [{"index": g * n + i, "text": (echo[g] if echo else "") + r.text,
+                    "logprobs": self._completion_logprobs(r.logprobs) if body.logprobs is not None else None,
+                    "finish_reason": r.finish_reason}
+                   for g, per_gen in enumerate(results) for i, r in enumerate(per_gen)]
+        return web.json_response(self._envelope(rid, body, "text_completion", choices, gens))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
@@ -103,14 +115,20 @@ class OpenAIHandlers:
         prompt_ids = self._encode_chat(body.chat_messages())
         max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens(), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        gen = self._start(request, body, "chatcmpl", prompt_ids, max_tokens, top)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gen = self._start(request, body, rid, prompt_ids, max_tokens, top)
         if body.stream:
-            return await self._stream(request, gen, body, self._chat_chunk)
-        text, logprobs = await self._collect(gen)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": {"content": self._chat_logprobs(logprobs)} if body.logprobs else None,
-                  "finish_reason": gen.finish_reason}
-        return web.json_response(self._envelope(gen, body, "chat.completion", choice, with_usage=True))
+            def chunk(g: int, piece: Piece, first: bool) -> dict[str, Any]:
+                delta: dict[str, Any] = {"role": "assistant", "content": piece.text} if first else \
+                    {"content": piece.text}
+                lp = {"content": self._chat_logprobs(piece.logprobs)} if body.logprobs else None
+                return {"index": piece.index, "delta": delta, "logprobs": lp, "finish_reason": piece.finish_reason}
+            return await self._stream(request, rid, [gen], body, chunk)
+        results = (await self._collect([gen], body.n))[0]
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": {"content": self._chat_logprobs(r.logprobs)} if body.logprobs else None,
+                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+        return web.json_response(self._envelope(rid, body, "chat.completion", choices, [gen]))
 
     # -- request -> engine ------------------------------------------------------
 
@@ -169,7 +187,7 @@ class OpenAIHandlers:
                            param="kvfleet_slo_class", code="invalid_value")
         return name
 
-    def _start(self, request: web.Request, body: _SamplingFields, prefix: str, prompt_ids: list[int],
+    def _start(self, request: web.Request, body: _SamplingFields, request_id: str, prompt_ids: list[int],
                max_tokens: int, logprobs: int | None) -> Generation:
         try:
             bias = body.logit_bias_pairs(self.state.vocab_size)
@@ -191,53 +209,50 @@ class OpenAIHandlers:
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=bias,
             min_tokens=body.min_tokens,
+            n=body.n,
         )
-        greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, sampling,
+        greq = GenerationRequest(request_id, prompt_ids, sampling,
                                  variant=self.state.variant, slo_class=self._slo_class(request, body))
-        return Generation(self.state.engine, greq, self.state.tokenizer.detokenizer(prompt_ids), body.stop_list(),
-                          self.state.metrics, body.model)
+        detoks = [self.state.tokenizer.detokenizer(prompt_ids) for _ in range(body.n)]
+        return Generation(self.state.engine, greq, detoks, body.stop_list(), self.state.metrics, body.model)
 
     # -- engine -> response -----------------------------------------------------
 
-    async def _collect(self, gen: Generation) -> tuple[str, list[TokenLogprob]]:
-        text: list[str] = []
-        logprobs: list[TokenLogprob] = []
+    async def _collect(self, gens: list[Generation], n: int) -> list[list[ChoiceResult]]:
         try:
-            async with aclosing(gen.pieces()) as pieces:
-                async for piece in pieces:
-                    text.append(piece.text)
-                    logprobs.extend(piece.logprobs)
+            return await collect(gens, n)
         except ValueError as e:  # the engine's way of refusing a request it cannot serve
             raise APIError(str(e)) from e
-        return "".join(text), logprobs
 
-    async def _stream(self, request: web.Request, gen: Generation, body: _SamplingFields,
-                      chunk: Any) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, rid: str, gens: list[Generation], body: _SamplingFields,
+                      chunk: Callable[[int, Piece, bool], dict[str, Any]]) -> web.StreamResponse:
+        """Server-sent events: one chunk per piece, each carrying one choice (`chunk` renders it)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": gen.request.request_id})
+                                           "X-Request-Id": rid})
         await resp.prepare(request)
         include_usage = body.include_usage()
-        first = True
+        obj = _chunk_object(body)
+        seen: set[tuple[int, int]] = set()
         try:
-            async with aclosing(gen.pieces()) as pieces:
-                async for piece in pieces:
-                    payload = chunk(gen, body, piece, first)
-                    first = False
+            async with aclosing(merged(gens)) as pieces:
+                async for g, piece in pieces:
+                    first = (g, piece.index) not in seen
+                    seen.add((g, piece.index))
+                    payload = self._envelope(rid, body, obj, [chunk(g, piece, first)])
                     if include_usage:
                         payload["usage"] = None
                     await resp.write(_sse(payload))
             if include_usage:
-                final = self._envelope(gen, body, _chunk_object(body), None, with_usage=True)
-                await resp.write(_sse(final))
+                await resp.write(_sse(self._envelope(rid, body, obj, [], gens)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionError:
-            pass  # the client went away; leaving `pieces` has already freed the engine request
+            pass  # the client went away; leaving `pieces` has already freed the engine requests
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
             err = APIError(str(e)) if isinstance(e, ValueError) else APIError(
                 "The server had an error while generating.", status=500, type="server_error")
             if err.status >= 500:
-                log.exception("generation of %s failed", gen.request.request_id)
+                log.exception("generation of %s failed", rid)
             try:
                 await resp.write(_sse(err.body()) + b"data: [DONE]\n\n")
                 await resp.write_eof()
@@ -245,24 +260,14 @@ class OpenAIHandlers:
                 pass
         return resp
 
-    def _completion_chunk(self, gen: Generation, body: _SamplingFields, piece: Piece, first: bool) -> dict[str, Any]:
-        lp = self._completion_logprobs(piece.logprobs) if getattr(body, "logprobs", None) is not None else None
-        choice = {"index": 0, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
-        return self._envelope(gen, body, "text_completion", choice)
-
-    def _chat_chunk(self, gen: Generation, body: _SamplingFields, piece: Piece, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"role": "assistant", "content": piece.text} if first else {"content": piece.text}
-        lp = {"content": self._chat_logprobs(piece.logprobs)} if getattr(body, "logprobs", False) else None
-        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": piece.finish_reason}
-        return self._envelope(gen, body, "chat.completion.chunk", choice)
-
-    def _envelope(self, gen: Generation, body: _SamplingFields, obj: str, choice: dict[str, Any] | None,
-                  with_usage: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": gen.request.request_id, "object": obj, "created": int(time.time()),
-                               "model": body.model, "system_fingerprint": None,
-                               "choices": [choice] if choice is not None else []}
-        if with_usage:
-            out["usage"] = usage(gen.num_prompt_tokens, gen.num_output_tokens, gen.num_cached_tokens)
+    def _envelope(self, rid: str, body: _SamplingFields, obj: str, choices: list[dict[str, Any]],
+                  gens: list[Generation] | None = None) -> dict[str, Any]:
+        """The response object; with `gens`, the usage of all of them (every prompt and choice)."""
+        out: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
+                               "model": body.model, "system_fingerprint": None, "choices": choices}
+        if gens is not None:
+            out["usage"] = usage(sum(g.num_prompt_tokens for g in gens), sum(g.num_output_tokens for g in gens),
+                                 sum(g.num_cached_tokens for g in gens))
         return out
 
     def _token_text(self, token_id: int) -> str:

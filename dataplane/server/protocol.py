@@ -2,10 +2,11 @@
 
 Validation is strict about types (a string where a number belongs is a 400,
 as with OpenAI), accepts the fields the `openai` SDK sends, and rejects the
-ones this server cannot honour (n > 1, echo, non-zero penalties, images):
+ones this server cannot honour (`suffix`, echo with logprobs, images):
 `unsupported()` names them, so the client gets a message rather than silence.
 
-Extensions (as in vLLM): `top_k`, `ignore_eos`, `kvfleet_slo_class`.
+Extensions (as in vLLM): `top_k`, `ignore_eos`, `repetition_penalty`, `min_tokens`,
+`kvfleet_slo_class`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128  # prompts x n (or best_of) in one request
 
 
 class _Request(BaseModel):
@@ -35,7 +37,7 @@ class _SamplingFields(_Request):
     top_k: Annotated[int, Field(ge=-1)] | None = None  # extension; -1 or 0 = disabled
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
@@ -86,34 +88,37 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions. `prompt`: a string, a token-id list, or a one-element list of either."""
+    """POST /v1/completions. `prompt`: a string, a token-id list, or a list (a batch) of either."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo together with logprobs (prompt logprobs) is not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
         if self.best_of not in (None, 1):
             return "best_of", "only best_of=1 is supported"
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            return "best_of", "best_of > 1 cannot be streamed"
         return super().unsupported()
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt, unwrapped from a one-element batch; ValueError for batches or empty prompts."""
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts of the batch (one for a single prompt); ValueError for empty ones."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str | list):
-            if len(p) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
-            p = p[0]
+        prompts = list(p) if isinstance(p, list) and p and isinstance(p[0], str | list) else [p]
         if isinstance(p, list) and not p:
             raise ValueError("prompt must not be empty")
-        return p  # type: ignore[return-value]
+        if any(isinstance(x, list) and not x for x in prompts):
+            raise ValueError("a token-id prompt must not be empty")
+        if len(prompts) * max(self.n, self.best_of or 1) > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
+        return prompts  # type: ignore[return-value]
 
 
 class TextPart(_Request):

@@ -89,3 +89,48 @@ def test_out_of_range_values_get_a_400_naming_the_parameter(http, param, extra):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2} | extra)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+PROMPTS = ["Hello, world!", "The quick brown fox", "Numbers: 1 2 3 4", "abc def"]
+
+
+def test_batched_prompts_return_one_choice_per_prompt_in_order(sdk):
+    single = [sdk.completions.create(model=MODEL, prompt=p, max_tokens=8, **GREEDY) for p in PROMPTS]
+    batch = sdk.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, **GREEDY)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in single]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)
+    assert batch.usage.completion_tokens == 4 * 8
+    chunks = list(sdk.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, stream=True,
+                                         stream_options={"include_usage": True}, **GREEDY))
+    texts = ["" for _ in PROMPTS]
+    reasons = [None for _ in PROMPTS]
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert texts == [c.text for c in batch.choices] and reasons == ["length"] * 4
+    assert chunks[-1].usage.completion_tokens == 32
+
+
+def test_token_id_prompt_batch(sdk, live):
+    ids = [live.tokenizer.encode(p) for p in PROMPTS[:2]]
+    batch = sdk.completions.create(model=MODEL, prompt=ids, max_tokens=3, **GREEDY)
+    assert len(batch.choices) == 2 and batch.usage.prompt_tokens == sum(map(len, ids))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_prepends_the_prompt(sdk, live, stream):
+    plain = sdk.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=5, **GREEDY)
+    kw = dict(model=MODEL, prompt=PROMPTS, max_tokens=5, echo=True, **GREEDY)
+    if stream:
+        texts = ["" for _ in PROMPTS]
+        for c in sdk.completions.create(stream=True, **kw):
+            for ch in c.choices:
+                texts[ch.index] += ch.text
+    else:
+        texts = [c.text for c in sdk.completions.create(**kw).choices]
+    assert texts == [p + c.text for p, c in zip(PROMPTS, plain.choices, strict=True)]
+    ids = live.tokenizer.encode(PROMPTS[0])
+    r = sdk.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True, **GREEDY)
+    assert r.choices[0].text.startswith(live.tokenizer.decode(ids))
