@@ -102,6 +102,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_preemptions: int
+    prompt_tokens_computed: int = 0  # prompt positions the model ran (prefix-cache hits and n > 1 forks excluded)
 
 
 class AsyncEngine(ABC):

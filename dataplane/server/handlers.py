@@ -90,8 +90,11 @@ class OpenAIHandlers:
             raise APIError(str(e), param="prompt") from e
         encoded = [self._encode_text(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
+        seqs = body.num_sequences()
+        # best_of ranks sequences by their summed logprob: ask for the chosen tokens' logprobs
+        lp = body.logprobs if seqs == body.n else (body.logprobs or 0)
         gens = [self._start(request, body, rid if len(encoded) == 1 else f"{rid}-{i}", ids,
-                            self._check_length(len(ids), body.max_tokens, "prompt"), body.logprobs)
+                            self._check_length(len(ids), body.max_tokens, "prompt"), lp, seqs)
                 for i, ids in enumerate(encoded)]
         echo = [p if isinstance(p, str) else self.state.tokenizer.decode(p) for p in prompts] if body.echo else None
         n = body.n
@@ -102,7 +105,9 @@ class OpenAIHandlers:
                 return {"index": g * n + piece.index, "text": text, "logprobs": lp,
                         "finish_reason": piece.finish_reason}
             return await self._stream(request, rid, gens, body, chunk)
-        results = await self._collect(gens, n)
+        results = await self._collect(gens, seqs)
+        if seqs > n:
+            results = [sorted(r, key=lambda c: -sum(lp.logprob for lp in c.logprobs))[:n] for r in results]
         choices = [{"index": g * n + i, "text": (echo[g] if echo else "") + r.text,
                     "logprobs": self._completion_logprobs(r.logprobs) if body.logprobs is not None else None,
                     "finish_reason": r.finish_reason}
@@ -188,7 +193,8 @@ class OpenAIHandlers:
         return name
 
     def _start(self, request: web.Request, body: _SamplingFields, request_id: str, prompt_ids: list[int],
-               max_tokens: int, logprobs: int | None) -> Generation:
+               max_tokens: int, logprobs: int | None, n: int | None = None) -> Generation:
+        n = body.n if n is None else n
         try:
             bias = body.logit_bias_pairs(self.state.vocab_size)
         except ValueError as e:
@@ -209,11 +215,11 @@ class OpenAIHandlers:
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=bias,
             min_tokens=body.min_tokens,
-            n=body.n,
+            n=n,
         )
         greq = GenerationRequest(request_id, prompt_ids, sampling,
                                  variant=self.state.variant, slo_class=self._slo_class(request, body))
-        detoks = [self.state.tokenizer.detokenizer(prompt_ids) for _ in range(body.n)]
+        detoks = [self.state.tokenizer.detokenizer(prompt_ids) for _ in range(n)]
         return Generation(self.state.engine, greq, detoks, body.stop_list(), self.state.metrics, body.model)
 
     # -- engine -> response -----------------------------------------------------

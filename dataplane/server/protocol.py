@@ -61,8 +61,6 @@ class _SamplingFields(_Request):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, reason) for a well-formed value this server cannot honour, else None."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
         return None
 
     def logit_bias_pairs(self, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
@@ -97,13 +95,17 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
 
+    def num_sequences(self) -> int:
+        """Sequences to generate per prompt: best_of when given (the n best are returned), else n."""
+        return max(self.n, self.best_of or 1)
+
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo and self.logprobs is not None:
             return "echo", "echo together with logprobs (prompt logprobs) is not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "only best_of=1 is supported"
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", "best_of must be at least n"
         if self.best_of is not None and self.best_of > 1 and self.stream:
             return "best_of", "best_of > 1 cannot be streamed"
         return super().unsupported()

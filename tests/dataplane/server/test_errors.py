@@ -34,7 +34,7 @@ CASES = [
     ("huge-max-tokens", "/v1/completions", GOOD | {"max_tokens": 10**12}, 400, "max_tokens"),
     ("huge-max-completion-tokens", "/v1/chat/completions", CHAT | {"max_completion_tokens": 10**6}, 400,
      "max_tokens"),
-    ("n-2", "/v1/completions", GOOD | {"n": 2}, 400, "n"),
+    ("n-0", "/v1/completions", GOOD | {"n": 0}, 400, "n"),
     ("unknown-field", "/v1/completions", GOOD | {"frobnicate": True}, 400, "frobnicate"),
     ("empty-stop", "/v1/completions", GOOD | {"stop": [""]}, 400, "stop"),
     ("token-id-out-of-range", "/v1/completions", GOOD | {"prompt": [1, 2, 10**9]}, 400, "prompt"),

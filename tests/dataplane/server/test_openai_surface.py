@@ -134,3 +134,66 @@ def test_echo_prepends_the_prompt(sdk, live, stream):
     ids = live.tokenizer.encode(PROMPTS[0])
     r = sdk.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True, **GREEDY)
     assert r.choices[0].text.startswith(live.tokenizer.decode(ids))
+
+
+def test_n_4_with_a_seed_is_reproducible_and_runs_one_prefill(sdk, live):
+    prompt = f"A prompt seen once {uuid.uuid4().hex}"  # no prefix-cache hit from earlier tests
+    before = live.engine.stats().prompt_tokens_computed
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, n=4, seed=42, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    r = sdk.completions.create(**kw)
+    n_prompt = r.usage.prompt_tokens
+    assert live.engine.stats().prompt_tokens_computed - before == n_prompt  # one prefill for four choices
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == 32 and all(c.finish_reason == "length" for c in r.choices)
+    assert len({c.text for c in r.choices}) > 1
+    again = sdk.completions.create(**kw)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    lone = sdk.completions.create(**(kw | {"n": 1, "seed": 43}))  # choice i samples with seed + i
+    assert lone.choices[0].text == r.choices[1].text
+
+
+def test_chat_n_streamed_equals_non_streamed(sdk):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say something"}], max_tokens=10, n=3, seed=5,
+              temperature=0.9, extra_body={"ignore_eos": True})
+    full = sdk.chat.completions.create(**kw)
+    assert len(full.choices) == 3 and full.usage.completion_tokens == 30
+    texts, roles = ["", "", ""], [None, None, None]
+    for c in sdk.chat.completions.create(stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            roles[ch.index] = roles[ch.index] or ch.delta.role
+    assert texts == [c.message.content for c in full.choices] and roles == ["assistant"] * 3
+
+
+def test_n_with_a_stop_string_ends_choices_separately(sdk):
+    kw = dict(model=MODEL, prompt="Hello there", max_tokens=30, n=3, seed=9, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    base = sdk.completions.create(**kw)
+    stop = base.choices[1].text[5:7]
+    assert stop.strip(), base.choices[1].text
+    r = sdk.completions.create(stop=[stop], **kw)
+    for b, c in zip(base.choices, r.choices, strict=True):
+        if stop in b.text:
+            assert c.text == b.text[:b.text.index(stop)] and c.finish_reason == "stop"
+        else:
+            assert c.text == b.text and c.finish_reason == "length"
+
+
+def test_best_of_returns_the_n_most_likely(sdk):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, seed=3, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    five = sdk.completions.create(n=5, logprobs=0, **kw)
+    best = sdk.completions.create(n=2, best_of=5, logprobs=0, **kw)
+    ranked = sorted(five.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.usage.completion_tokens == 30
+    plain = sdk.completions.create(n=1, best_of=3, **kw)
+    assert len(plain.choices) == 1 and plain.choices[0].logprobs is None
+
+
+def test_best_of_below_n_or_streamed_is_a_400(http):
+    for extra, param in (({"n": 3, "best_of": 2}, "best_of"), ({"best_of": 2, "stream": True}, "best_of"),
+                         ({"n": 0}, "n"), ({"n": 1000}, "n")):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2} | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
