@@ -39,12 +39,23 @@ class SamplingParams:
     # n > 1: n sequences from one prompt (one prefill; the KV blocks of the prompt are shared). Choice i
     # samples with seed + i when a seed is given; its outputs carry `index` i (see RequestOutput).
     n: int = 1
+    # structured output: the text must parse as JSON valid against this schema (JSON text), enforced by a
+    # grammar's token mask at each step (engine/structured.py)
+    json_schema: str | None = None
 
     @property
     def has_logits_processing(self) -> bool:
         """Whether any penalty, bias or min_tokens applies (the plain path skips all of it)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias or self.min_tokens)
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses, naming the request parameter at fault (an HTTP 400 for `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass

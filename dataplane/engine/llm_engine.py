@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from kvfleet.dataplane.config import EngineConfig
 from kvfleet.dataplane.engine.api import (
     EngineStats,
     GenerationRequest,
+    InvalidRequest,
     RequestOutput,
     SamplingParams,
     TokenLogprob,
@@ -30,6 +32,7 @@ from kvfleet.dataplane.engine.api import (
 from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
+from kvfleet.dataplane.engine.structured import StructuredOutputs
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
 from kvfleet.dataplane.kvcache.paged_quant import make_paged_cache, paged_bytes_per_block, paged_lane_bytes
@@ -83,6 +86,8 @@ class LLMEngine:
         self.runner.scores = self.evictor.scores if self.evictor is not None else None  # h2o/snapkv
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         self.runner.eos_token_ids = self.eos_token_ids
+        self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
+                                                   mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
@@ -142,6 +147,11 @@ class LLMEngine:
         vocab = getattr(self.model_config, "vocab_size", None)
         if vocab is not None and any(not 0 <= t < vocab for t, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if sp.json_schema is not None:
+            try:
+                self.runner.structured.grammar(sp.json_schema)  # type: ignore[union-attr]
+            except ValueError as e:
+                raise InvalidRequest(str(e), param="response_format") from e
         if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
             # NOTE: caught here, an out-of-range id would otherwise crash the step of every request
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

@@ -24,6 +24,7 @@ from kvfleet.dataplane.engine.logits_process import row_history
 from kvfleet.dataplane.engine.sampler import sample
 from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import Sequence
+from kvfleet.dataplane.engine.structured import StructuredOutputs
 from kvfleet.dataplane.kvcache.paged import (
     PagedAttention,
     PagedKVCache,
@@ -56,11 +57,14 @@ class ModelRunner:
         self.scores: Any = None  # kvcache/paged_scores.PagedScores when eviction needs attention (h2o, snapkv)
         self.eos_token_ids: frozenset[int] = frozenset()  # banned while a request is short of min_tokens
         self.fork_samples: dict[str, tuple[int, TokenLogprob | None]] = {}  # first tokens of forked choices
+        self.structured: StructuredOutputs | None = None  # grammar masks (json_schema requests)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its RNG) once the request is finished."""
         self._generators.pop(request_id, None)
         self.lanes.release(request_id)
+        if self.structured is not None:
+            self.structured.release(request_id)
 
     def _generator(self, item: ScheduledSeq | Sequence) -> torch.Generator | None:
         seq = item.seq if isinstance(item, ScheduledSeq) else item
@@ -99,18 +103,30 @@ class ModelRunner:
             # n > 1: the other choices' first tokens come from their leader's logits row (one prefill)
             forks = [(k, c) for k, s in enumerate(seqs) for c in s.forks]
             if forks:
-                logits = logits[list(range(len(seqs))) + [k for k, _ in forks]]
                 seqs = seqs + [c for _, c in forks]
             sps = [s.request.sampling for s in seqs]
+            # grammar masks on the CPU while the device still computes the forward (no sync before here)
+            mask = self._grammar_masks(seqs, sps)
+            if forks:
+                logits = logits[list(range(len(which))) + [k for k, _ in forks]]
             hist = [row_history(sp, s.token_ids, s.num_prompt_tokens, self.eos_token_ids)
                     for sp, s in zip(sps, seqs, strict=True)] if any(sp.has_logits_processing for sp in sps) \
                 else None
-            res = sample(logits, sps, [self._generator(s) for s in seqs], hist)
+            res = sample(logits, sps, [self._generator(s) for s in seqs], hist, mask)
+        if mask is not None:
+            for k in mask[0]:
+                self.structured.advance(seqs[k].seq_id, res.token_ids[k])
         for k, j in enumerate(which):
             result[order[j]] = (res.token_ids[k], res.logprobs[k])
         self.fork_samples = {c.seq_id: (res.token_ids[len(which) + i], res.logprobs[len(which) + i])
                              for i, (_, c) in enumerate(forks)}
         return result
+
+    def _grammar_masks(self, seqs: list[Sequence], sps: list[Any]) -> tuple[list[int], torch.Tensor] | None:
+        rows = [k for k, sp in enumerate(sps) if sp.json_schema is not None]
+        if not rows or self.structured is None:
+            return None
+        return rows, self.structured.masks([(seqs[k].seq_id, sps[k].json_schema) for k in rows])
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one KV block (all layers): copy-on-write of a prompt's last block for a forked choice."""

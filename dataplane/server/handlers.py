@@ -216,6 +216,7 @@ class OpenAIHandlers:
             logit_bias=bias,
             min_tokens=body.min_tokens,
             n=n,
+            json_schema=body.response_format.schema_text() if body.response_format is not None else None,
         )
         greq = GenerationRequest(request_id, prompt_ids, sampling,
                                  variant=self.state.variant, slo_class=self._slo_class(request, body))
@@ -228,7 +229,7 @@ class OpenAIHandlers:
         try:
             return await collect(gens, n)
         except ValueError as e:  # the engine's way of refusing a request it cannot serve
-            raise APIError(str(e)) from e
+            raise APIError(str(e), param=getattr(e, "param", None)) from e
 
     async def _stream(self, request: web.Request, rid: str, gens: list[Generation], body: _SamplingFields,
                       chunk: Callable[[int, Piece, bool], dict[str, Any]]) -> web.StreamResponse:
@@ -255,7 +256,7 @@ class OpenAIHandlers:
         except ConnectionError:
             pass  # the client went away; leaving `pieces` has already freed the engine requests
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
-            err = APIError(str(e)) if isinstance(e, ValueError) else APIError(
+            err = APIError(str(e), param=getattr(e, "param", None)) if isinstance(e, ValueError) else APIError(
                 "The server had an error while generating.", status=500, type="server_error")
             if err.status >= 500:
                 log.exception("generation of %s failed", rid)

@@ -11,9 +11,10 @@ Extensions (as in vLLM): `top_k`, `ignore_eos`, `repetition_penalty`, `min_token
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
@@ -26,6 +27,32 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # always honoured: constrained output parses against the schema either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must satisfy (any JSON object for json_object), as JSON text."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json.dumps(self.json_schema.schema_ if self.json_schema.schema_ is not None else {})
+        return None
 
 
 class _SamplingFields(_Request):
@@ -48,6 +75,7 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens tokens (benchmarks)
     kvfleet_slo_class: str | None = None  # extension: the SLOClass (the header wins when both are set)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
