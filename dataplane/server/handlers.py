@@ -24,6 +24,9 @@ from kvfleet.dataplane.server.errors import APIError, from_validation_error, mod
 from kvfleet.dataplane.server.generation import Detokenizer, Generation, Piece
 from kvfleet.dataplane.server.metrics import ServerMetrics
 from kvfleet.dataplane.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields, usage
+from kvfleet.dataplane.server.tools import ToolStream
+from kvfleet.dataplane.server.tools import constraint as tool_constraint
+from kvfleet.dataplane.server.tools import parse as parse_tool_calls
 from pydantic import ValidationError
 
 SLO_CLASS_HEADER = "x-kvfleet-slo-class"
@@ -37,7 +40,8 @@ class ServerTokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    **template_kw: Any) -> list[int]: ...
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> Detokenizer: ...
 
@@ -99,11 +103,11 @@ class OpenAIHandlers:
         echo = [p if isinstance(p, str) else self.state.tokenizer.decode(p) for p in prompts] if body.echo else None
         n = body.n
         if body.stream:
-            def chunk(g: int, piece: Piece, first: bool) -> dict[str, Any]:
+            def chunk(g: int, piece: Piece, first: bool) -> list[dict[str, Any]]:
                 text = (echo[g] if echo and first else "") + piece.text
                 lp = self._completion_logprobs(piece.logprobs) if body.logprobs is not None else None
-                return {"index": g * n + piece.index, "text": text, "logprobs": lp,
-                        "finish_reason": piece.finish_reason}
+                return [{"index": g * n + piece.index, "text": text, "logprobs": lp,
+                         "finish_reason": piece.finish_reason}]
             return await self._stream(request, rid, gens, body, chunk)
         results = await self._collect(gens, seqs)
         if seqs > n:
@@ -117,23 +121,57 @@ class OpenAIHandlers:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         self._check_common(body)
-        prompt_ids = self._encode_chat(body.chat_messages())
+        bad = body.tool_error()
+        if bad is not None:
+            raise APIError(f"Invalid value for '{bad[0]}': {bad[1]}.", param=bad[0], code="invalid_value")
+        tools, choice = body.tools or [], body.tool_choice
+        if tools and "tools" not in (getattr(self.state.tokenizer, "chat_template", None) or ""):
+            raise APIError("This model's chat template does not support tools (it never reads 'tools'), so the "
+                           "model cannot see them; send the request without tools.", param="tools",
+                           code="unsupported_value")
+        kw = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+        prompt_ids = self._encode_chat(body.chat_messages(), **kw)
         max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens(), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = self._start(request, body, rid, prompt_ids, max_tokens, top)
+        gen = self._start(request, body, rid, prompt_ids, max_tokens, top,
+                          json_schema=tool_constraint(tools, choice, body.parallel_tool_calls is not False)
+                          if tools else None)
+        max_calls = 1 if body.parallel_tool_calls is False else None
         if body.stream:
-            def chunk(g: int, piece: Piece, first: bool) -> dict[str, Any]:
-                delta: dict[str, Any] = {"role": "assistant", "content": piece.text} if first else \
-                    {"content": piece.text}
-                lp = {"content": self._chat_logprobs(piece.logprobs)} if body.logprobs else None
-                return {"index": piece.index, "delta": delta, "logprobs": lp, "finish_reason": piece.finish_reason}
-            return await self._stream(request, rid, [gen], body, chunk)
+            streams = [ToolStream(tools, choice, max_calls) for _ in range(body.n)]
+            return await self._stream(request, rid, [gen], body,
+                                      lambda g, piece, first: self._chat_chunks(body, streams[piece.index], piece))
         results = (await self._collect([gen], body.n))[0]
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": {"content": self._chat_logprobs(r.logprobs)} if body.logprobs else None,
-                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            content, calls = parse_tool_calls(r.text, tools, choice)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls[:max_calls]
+            choices.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else r.finish_reason,
+                            "logprobs": {"content": self._chat_logprobs(r.logprobs)} if body.logprobs else None})
         return web.json_response(self._envelope(rid, body, "chat.completion", choices, [gen]))
+
+    def _chat_chunks(self, body: ChatCompletionRequest, ts: ToolStream, piece: Piece) -> list[dict[str, Any]]:
+        """The chunks' choices for one piece: content deltas, tool-call deltas at the end."""
+        deltas = ts.push(piece.text)
+        reason = piece.finish_reason
+        if reason is not None:
+            extra, called = ts.finish()
+            deltas += extra
+            reason = "tool_calls" if called else reason
+        if not deltas and (reason is not None or piece.logprobs or not ts.tools):
+            deltas = [{"content": ""} if not ts.tools else {}]
+        out = []
+        for k, d in enumerate(deltas):
+            if not ts.role_sent:
+                d = {"role": "assistant"} | ({"content": None} if "tool_calls" in d else {}) | d
+                ts.role_sent = True
+            lp = {"content": self._chat_logprobs(piece.logprobs)} if body.logprobs and k == 0 else None
+            out.append({"index": piece.index, "delta": d, "logprobs": lp,
+                        "finish_reason": reason if k == len(deltas) - 1 else None})
+        return out
 
     # -- request -> engine ------------------------------------------------------
 
@@ -150,9 +188,9 @@ class OpenAIHandlers:
             raise APIError("The prompt is empty after tokenization.", param="prompt")
         return ids
 
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
         try:
-            ids = list(self.state.tokenizer.encode_chat(messages, add_generation_prompt=True))
+            ids = list(self.state.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kw))
         except Exception as e:  # noqa: BLE001 - a template may reject a message order; that is the client's
             raise APIError(f"The chat template rejected these messages: {e}", param="messages") from e
         if not ids:
@@ -193,7 +231,8 @@ class OpenAIHandlers:
         return name
 
     def _start(self, request: web.Request, body: _SamplingFields, request_id: str, prompt_ids: list[int],
-               max_tokens: int, logprobs: int | None, n: int | None = None) -> Generation:
+               max_tokens: int, logprobs: int | None, n: int | None = None,
+               json_schema: str | None = None) -> Generation:
         n = body.n if n is None else n
         try:
             bias = body.logit_bias_pairs(self.state.vocab_size)
@@ -216,7 +255,7 @@ class OpenAIHandlers:
             logit_bias=bias,
             min_tokens=body.min_tokens,
             n=n,
-            json_schema=body.response_format.schema_text() if body.response_format is not None else None,
+            json_schema=json_schema or (body.response_format.schema_text() if body.response_format else None),
         )
         greq = GenerationRequest(request_id, prompt_ids, sampling,
                                  variant=self.state.variant, slo_class=self._slo_class(request, body))
@@ -232,8 +271,8 @@ class OpenAIHandlers:
             raise APIError(str(e), param=getattr(e, "param", None)) from e
 
     async def _stream(self, request: web.Request, rid: str, gens: list[Generation], body: _SamplingFields,
-                      chunk: Callable[[int, Piece, bool], dict[str, Any]]) -> web.StreamResponse:
-        """Server-sent events: one chunk per piece, each carrying one choice (`chunk` renders it)."""
+                      chunk: Callable[[int, Piece, bool], list[dict[str, Any]]]) -> web.StreamResponse:
+        """Server-sent events: per piece, one chunk per choice delta that `chunk` renders (maybe none)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": rid})
         await resp.prepare(request)
@@ -245,10 +284,11 @@ class OpenAIHandlers:
                 async for g, piece in pieces:
                     first = (g, piece.index) not in seen
                     seen.add((g, piece.index))
-                    payload = self._envelope(rid, body, obj, [chunk(g, piece, first)])
-                    if include_usage:
-                        payload["usage"] = None
-                    await resp.write(_sse(payload))
+                    for choice in chunk(g, piece, first):
+                        payload = self._envelope(rid, body, obj, [choice])
+                        if include_usage:
+                            payload["usage"] = None
+                        await resp.write(_sse(payload))
             if include_usage:
                 await resp.write(_sse(self._envelope(rid, body, obj, [], gens)))
             await resp.write(b"data: [DONE]\n\n")

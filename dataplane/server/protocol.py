@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+from kvfleet.dataplane.server.tools import NamedToolChoice, Tool, ToolCallMessage, ToolChoice
+from kvfleet.dataplane.server.tools import mode as tools_mode
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
@@ -160,6 +162,27 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool-call arguments as objects, as HF templates expect)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args: Any = json.loads(c.function.arguments)
+                except json.JSONDecodeError:
+                    args = c.function.arguments
+                calls.append({"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": args}})
+            out["tool_calls"] = calls
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -177,6 +200,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # False: at most one call is returned
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
@@ -186,9 +212,26 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for a chat template (content parts joined)."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    def tool_error(self) -> tuple[str, str] | None:
+        """(param, reason) when tools / tool_choice do not fit together."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                return "tool_choice", "tool_choice needs tools"
+            return None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            return "tools", "function names must be unique"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return "tool_choice", f"no tool named '{choice.function.name}'"
+        if tools_mode(choice) in ("required", "named") and self.response_format is not None \
+                and self.response_format.type != "text":
+            return "response_format", "a required or named tool_choice already fixes the output format"
+        return None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, object]:
