@@ -309,6 +309,8 @@ class LLMEngine:
         """Offline batch: run `prompts` together to completion; one aggregated output per prompt, in order."""
         sps = [sampling or SamplingParams()] * len(prompts) if not isinstance(sampling, list | tuple) \
             else list(sampling)
+        if any(sp.n != 1 for sp in sps):
+            raise ValueError("generate() returns one output per prompt: use add_request/step for n > 1")
         base = f"gen-{time.monotonic_ns()}"
         ids = [f"{base}-{i}" for i in range(len(prompts))]
         for rid, p, sp in zip(ids, prompts, sps, strict=True):
