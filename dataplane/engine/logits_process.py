@@ -74,7 +74,9 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
     if ban_r:
         x[torch.tensor(ban_r, device=dev), torch.tensor(ban_t, device=dev)] = float("-inf")
     pen = [i for i in rows if _penalised(params[i])]
-    if pen:
+    if len(pen) == len(params):
+        x = _penalties(x, params, histories, vocab)  # type: ignore[arg-type]
+    elif pen:
         x[torch.tensor(pen, device=dev)] = _penalties(x[pen], [params[i] for i in pen],
                                                       [histories[i] for i in pen], vocab)  # type: ignore[misc]
     return x
@@ -84,38 +86,63 @@ def _penalised(sp: SamplingParams) -> bool:
     return bool(sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0)
 
 
-def _counts(seqs: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[R, V] occurrence counts of each row's tokens (one scatter over a padded [R, L] id matrix)."""
+def _padded(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [R, L] (each row padded with its own first id, or 0) and the mask of real entries [R, L]."""
     width = max(1, max(len(s) for s in seqs))
-    padded = [list(s) + [vocab] * (width - len(s)) for s in seqs]  # pad id = an extra, dropped column
-    ids = torch.tensor(padded, dtype=torch.int64, device=device)
-    counts = torch.zeros(len(seqs), vocab + 1, device=device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    return counts[:, :vocab]
+    ids = [list(s) + [s[0] if len(s) else 0] * (width - len(s)) for s in seqs]
+    valid = [[True] * len(s) + [False] * (width - len(s)) for s in seqs]
+    return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(valid, device=device))
 
 
 def _penalties(x: torch.Tensor, params: Sequence[SamplingParams], hist: Sequence[RowHistory],
                vocab: int) -> torch.Tensor:
+    """Sparse: only the logits of tokens in a row's history change, so everything is O(rows x history)
+    (gather / scatter at those ids), never a dense [rows, vocab] count."""
     dev = x.device
-    out = _counts([h.output_ids for h in hist], vocab, dev)  # [R, V]
-    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+    x = x.clone()
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = (out > 0) | (_counts([h.prompt_ids for h in hist], vocab, dev) > 0)
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        # every occurrence of a seen token gets the same new value, so duplicate writes agree
+        ids, _ = _padded([list(h.prompt_ids) + list(h.output_ids) for h in hist], dev)
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        seen = x.gather(1, ids)
+        x.scatter_(1, ids, torch.where(seen > 0, seen / rep, seen * rep))
+    out, valid = _padded([h.output_ids for h in hist], dev)
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
     pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-    return x - freq * out - pres * (out > 0).to(x.dtype)
+    x.scatter_add_(1, out, -freq * valid)  # once per occurrence
+    # presence: once per distinct token = at the first of each run of equal ids in the sorted row
+    srt, order = torch.where(valid, out, vocab).sort(dim=1)
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    x.scatter_add_(1, out.gather(1, order), -pres * (first & valid.gather(1, order)))
+    return x
+
+
+_BYTE_BIAS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _byte_bias(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: for each byte value, 0 where bit j is set and -inf where it is not."""
+    t = _BYTE_BIAS.get((device, dtype))
+    if t is None:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        t = _BYTE_BIAS[(device, dtype)] = torch.where(bits == 1, 0.0, float("-inf")).to(device, dtype)
+    return t
 
 
 def apply_token_bitmask(x: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> torch.Tensor:
-    """Set x[rows[k], t] = -inf where bit t of bitmask[k] (int32 words, 32 tokens each) is 0."""
+    """Set x[rows[k], t] = -inf where bit t of bitmask[k] (int32 words, 32 tokens each) is 0.
+
+    One table lookup turns each byte of the (little-endian) words into 8 additive biases (0 or -inf),
+    then one add: no per-bit arithmetic, no boolean masked_fill (both far slower on a CPU)."""
     dev = x.device
-    bits = torch.arange(32, device=dev, dtype=torch.int32)
-    m = bitmask.to(dev, non_blocking=True)
-    allowed = ((m[:, :, None] >> bits) & 1).bool().flatten(1)  # [R, 32 * W]
+    nbytes = bitmask.shape[1] * 4
+    m = bitmask.contiguous().view(torch.uint8).to(dev, non_blocking=True).flatten().long()  # [R * 4W]
+    bias = _byte_bias(dev, x.dtype).index_select(0, m).view(len(rows), nbytes * 8)  # [R, 32W]
     vocab = x.shape[1]
-    if allowed.shape[1] < vocab:  # tokens beyond the grammar's vocabulary are never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    idx = torch.tensor(list(rows), device=dev)
-    x[idx] = x[idx].masked_fill(~allowed[:, :vocab], float("-inf"))
-    return x
+    if bias.shape[1] < vocab:  # tokens beyond the grammar's vocabulary are never allowed
+        bias = torch.nn.functional.pad(bias, (0, vocab - bias.shape[1]), value=float("-inf"))
+    bias = bias[:, :vocab]
+    if len(rows) == x.shape[0] and list(rows) == list(range(x.shape[0])):
+        return x.add_(bias)
+    return x.index_add_(0, torch.tensor(list(rows), device=dev), bias)
