@@ -29,6 +29,33 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token; None = off
+    # penalties and biases (OpenAI's semantics; repetition_penalty as in HF/vLLM); applied in the
+    # batched sampler (`logits_process.py`) before temperature and top-k/top-p
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence among generated tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of prompt or output (logit / p if > 0 else * p)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to the logit)
+    min_tokens: int = 0  # eos and stop_token_ids are banned until this many tokens are generated
+    # n > 1: n sequences from one prompt (one prefill; the KV blocks of the prompt are shared). Choice i
+    # samples with seed + i when a seed is given; its outputs carry `index` i (see RequestOutput).
+    n: int = 1
+    # structured output: the text must parse as JSON valid against this schema (JSON text), enforced by a
+    # grammar's token mask at each step (engine/structured.py)
+    json_schema: str | None = None
+
+    @property
+    def has_logits_processing(self) -> bool:
+        """Whether any penalty, bias or min_tokens applies (the plain path skips all of it)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses, naming the request parameter at fault (an HTTP 400 for `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -66,7 +93,14 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    index: int = 0  # which of the request's `sampling.n` choices this increment belongs to
     kv: KVHandoff | None = None  # the prompt's KV, on the final output of an `export_kv` request
+
+
+def choice_request_id(request_id: str, index: int) -> str:
+    """The id of choice `index` of a request with n > 1 (`AsyncEngine.abort` of it ends that choice
+    alone; aborting `request_id` ends them all)."""
+    return f"{request_id}#{index}"
 
 
 @dataclass(frozen=True)
@@ -117,12 +151,14 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_preemptions: int
+    prompt_tokens_computed: int = 0  # prompt positions the model ran (prefix-cache hits and n > 1 forks excluded)
 
 
 class AsyncEngine(ABC):
     """An engine that many asyncio tasks can share.
 
-    `generate` yields increments until one with `finished=True`. Cancelling the
+    `generate` yields increments until one with `finished=True` (with `sampling.n` > 1: until
+    every choice's `index` has had one, in any order). Cancelling the
     consuming task (a client disconnect) or calling `abort` ends the request
     and frees its KV blocks.
     """

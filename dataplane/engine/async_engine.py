@@ -112,13 +112,15 @@ class AsyncLLMEngine(AsyncEngine):
         self._queues[rid] = queue
         self._send(*command)
         done = False
+        remaining = request.sampling.n  # finished outputs still due (one per choice)
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     done = True
                     raise item
-                done = item.finished
+                remaining -= item.finished
+                done = remaining == 0
                 yield item
                 if done:
                     return
@@ -174,9 +176,7 @@ class AsyncLLMEngine(AsyncEngine):
                 except ValueError as e:
                     outs.append((arg.request_id, e))
             elif cmd == "abort":
-                final = self.engine.abort(arg)
-                if final is not None:
-                    outs.append(final)
+                outs += self.engine.abort_all(arg)
             elif cmd == "prefilled":
                 request, first, kv = arg
                 try:

@@ -121,6 +121,8 @@ class FakeEngine(AsyncEngine):
             raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len is {self._max_model_len}")
         if request.request_id in self._requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.sampling.n != 1:
+            raise ValueError("the fake engine serves n=1 only")
         state = _FakeRequest(request)
         self._requests[request.request_id] = state
         try:

@@ -14,6 +14,8 @@ import logging
 import math
 import time
 from collections.abc import Sequence as Seq
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +24,17 @@ from kvfleet.dataplane.engine import handoff
 from kvfleet.dataplane.engine.api import (
     EngineStats,
     GenerationRequest,
+    InvalidRequest,
     KVHandoff,
     RequestOutput,
     SamplingParams,
     TokenLogprob,
+    choice_request_id,
 )
 from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
+from kvfleet.dataplane.engine.structured import StructuredOutputs
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
@@ -83,14 +88,19 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv, self.device)
         self.runner.scores = self.evictor.scores if self.evictor is not None else None  # h2o/snapkv
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
+        self.runner.eos_token_ids = self.eos_token_ids
+        self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
+                                                   mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
             f"|kv={cp.key_quantization}/{cp.value_quantization}"
         self.kv_layout = transfer.layout(kv)  # prefill and decode must agree on it to hand KV over
         self.reservations = handoff.Reservations()  # decode role: blocks held for KV on its way
         self.seqs: dict[str, Sequence] = {}
+        self.groups: dict[str, list[str]] = {}  # n > 1: request id -> its choices' sequence ids
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prompt_tokens_computed = 0  # prompt positions run through the model (one prefill per n choices)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -130,30 +140,50 @@ class LLMEngine:
         n = len(request.prompt_token_ids)
         if n == 0:
             raise ValueError("prompt must have at least one token")
-        if request.request_id in self.seqs:
+        if request.request_id in self.seqs or request.request_id in self.groups:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if n >= self.max_model_len:
             raise ValueError(f"prompt of {n} tokens leaves no room to generate (max_model_len {self.max_model_len})")
         sp = request.sampling
-        if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+        if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0 \
+                or sp.repetition_penalty <= 0 or sp.min_tokens < 0 or sp.n < 1:
             raise ValueError(f"invalid sampling params {sp}: need max_tokens >= 1, temperature >= 0, "
-                             "0 < top_p <= 1, top_k >= 0")
+                             "0 < top_p <= 1, top_k >= 0, repetition_penalty > 0, min_tokens >= 0")
         vocab = getattr(self.model_config, "vocab_size", None)
+        if vocab is not None and any(not 0 <= t < vocab for t, _ in sp.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if sp.json_schema is not None:
+            try:
+                self.runner.structured.grammar(sp.json_schema)  # type: ignore[union-attr]
+            except ValueError as e:
+                raise InvalidRequest(str(e), param="response_format") from e
         if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
             # NOTE: caught here, an out-of-range id would otherwise crash the step of every request
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        self.scheduler.add(self.new_sequence(request))
+        sp = request.sampling
+        if sp.n == 1:
+            self.scheduler.add(self.new_sequence(request))
+            return
+        # n choices: the leader computes the prompt; the others fork from it when it samples
+        rid, kw = request.request_id, self._sequence_kwargs(request)
+        choices = [Sequence(replace(request, request_id=choice_request_id(rid, i), sampling=replace(
+            sp, n=1, seed=None if sp.seed is None else sp.seed + i)), group_id=rid, index=i, **kw)
+            for i in range(sp.n)]
+        choices[0].forks = choices[1:]
+        self.groups[rid] = [c.seq_id for c in choices]
+        for c in choices:
+            self.seqs[c.seq_id] = c
+        self.scheduler.add(choices[0])
+
+    def _sequence_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        slo = self.config.slo_class(request.slo_class)
+        return dict(priority=slo.priority if slo else 0, ttft_s=slo.ttft_ms / 1000.0 if slo else math.inf,
+                    tpot_s=slo.tpot_ms / 1000.0 if slo else math.inf,
+                    extra_key=(request.variant or self.config.variant) + self._codec_key)
 
     def new_sequence(self, request: GenerationRequest) -> Sequence:
-        """A tracked `Sequence` for a validated request (not yet scheduled)."""
-        slo = self.config.slo_class(request.slo_class)
-        seq = Sequence(
-            request,
-            priority=slo.priority if slo else 0,
-            ttft_s=slo.ttft_ms / 1000.0 if slo else math.inf,
-            tpot_s=slo.tpot_ms / 1000.0 if slo else math.inf,
-            extra_key=(request.variant or self.config.variant) + self._codec_key,
-        )
+        """A tracked `Sequence` for a validated one-choice request (not yet scheduled)."""
+        seq = Sequence(request, **self._sequence_kwargs(request))
         self.seqs[request.request_id] = seq
         return seq
 
@@ -171,18 +201,34 @@ class LLMEngine:
         """Continue `request` after its first token from the pushed KV (or recompute it: returns True)."""
         if request.request_id in self.seqs:
             raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.sampling.n != 1 or request.sampling.json_schema is not None:
+            raise InvalidRequest("a prefilled request continues one choice without a grammar", param="n")
         table = self.reservations.tables.pop(request.request_id, None)
         self.reservations.created.pop(request.request_id, None)
         _, recomputed = handoff.admit_prefilled(self, request, first_token, kv, table)
         return recomputed
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """End a request now and free its blocks; returns its final output (None if unknown)."""
+        """End a request now and free its blocks; returns its final output (None if unknown).
+        A request with n > 1 has one final output per choice: see `abort_all`."""
+        outs = self.abort_all(request_id)
+        return outs[0] if outs else None
+
+    def abort_all(self, request_id: str) -> list[RequestOutput]:
+        """End a request (every choice of an n > 1 request, or one choice by its own id); a decode
+        reservation under this id is released too."""
         self.reservations.release(self, request_id)
-        seq = self.scheduler.abort(request_id)
-        if seq is None:
-            return None
-        return self._final(seq, "abort")
+        outs = []
+        for sid in self.groups.get(request_id, [request_id]):
+            seq = self.scheduler.abort(sid)
+            if seq is None and sid in self.seqs and self.seqs[sid].group_id is not None:
+                seq = self.seqs[sid]  # a choice not forked yet: it has no blocks
+                leader = self.seqs.get(choice_request_id(seq.group_id or "", 0))
+                if leader is not None and seq in leader.forks:
+                    leader.forks.remove(seq)
+            if seq is not None and sid in self.seqs:
+                outs.append(self._final(seq, "abort"))
+        return outs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -203,8 +249,12 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for item, tok in zip(out.scheduled, tokens, strict=True):
             seq = item.seq
+            if item.start < seq.num_prompt_tokens:
+                self.prompt_tokens_computed += min(item.start + item.num_new_tokens, seq.num_prompt_tokens) - item.start
             if tok is None or seq.status is not SeqStatus.RUNNING:
                 continue
+            if seq.forks:
+                outputs += self._fork(seq, now)
             token_id, logprob = tok
             reason = self._append(seq, token_id, logprob, now)
             if reason is not None:
@@ -214,8 +264,8 @@ class LLMEngine:
             elif logprob is None and seq.num_emitted + 1 == seq.num_output_tokens:
                 # hot path (a plain decode step): exactly the one new token to emit
                 seq.num_emitted += 1
-                outputs.append(RequestOutput(seq.request.request_id, [token_id], False, None, None,
-                                             seq.num_prompt_tokens, seq.num_cached_prompt_tokens))
+                outputs.append(RequestOutput(seq.output_id, [token_id], False, None, None,
+                                             seq.num_prompt_tokens, seq.num_cached_prompt_tokens, seq.index))
             else:
                 outputs.append(self._increment(seq, False, None))
         if self.evictor is not None:
@@ -224,11 +274,38 @@ class LLMEngine:
                     self.evictor.maybe_compact(item.seq)
         return outputs
 
+    def _fork(self, leader: Sequence, now: float) -> list[RequestOutput]:
+        """The leader's prompt is computed: start its other choices on the shared KV, each with the
+        first token sampled from the leader's logits. A cache that cannot share (quantized, evicting)
+        or a lack of seats/blocks queues the choice for recompute (mostly prefix-cache hits) instead."""
+        outputs = []
+        children, leader.forks = leader.forks, []
+        for child in children:
+            token_id, logprob = self.runner.fork_samples[child.seq_id]
+            shared = False
+            if not self.runner.quantized and self.evictor is None:
+                shared, copy = self.scheduler.fork(leader, child)
+                if copy is not None:
+                    self.runner.copy_block(*copy)
+            reason = self._append(child, token_id, logprob, now)
+            if reason is not None:
+                if shared:
+                    self.scheduler.finish(child, reason)
+                else:
+                    child.status = SeqStatus.FINISHED
+                outputs.append(self._final(child, reason))
+                continue
+            if not shared:
+                self.scheduler.add(child)
+            outputs.append(self._increment(child, False, None))
+        return outputs
+
     def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None, now: float) -> str | None:
         sp = seq.request.sampling
         if seq.first_token_time is None:
             seq.first_token_time = now
-            self.prompt_tokens += seq.num_prompt_tokens
+            if seq.index == 0:  # one prompt per request, however many choices
+                self.prompt_tokens += seq.num_prompt_tokens
         seq.last_token_time = now
         self.generation_tokens += 1
         seq.token_ids.append(token_id)
@@ -248,11 +325,13 @@ class LLMEngine:
         lps = None
         if seq.request.sampling.logprobs is not None:
             lps, seq.pending_logprobs = seq.pending_logprobs, []
-        return RequestOutput(seq.seq_id, new, finished, reason, lps, seq.num_prompt_tokens,
-                             seq.num_cached_prompt_tokens, kv)
+        return RequestOutput(seq.output_id, new, finished, reason, lps, seq.num_prompt_tokens,
+                             seq.num_cached_prompt_tokens, index=seq.index, kv=kv)
 
     def _final(self, seq: Sequence, reason: str, kv: KVHandoff | None = None) -> RequestOutput:
         self.seqs.pop(seq.seq_id, None)
+        if seq.group_id is not None and not any(c in self.seqs for c in self.groups.get(seq.group_id, ())):
+            self.groups.pop(seq.group_id, None)
         self.runner.release(seq.seq_id)
         if self.evictor is not None:
             self.evictor.release(seq.seq_id)
@@ -265,6 +344,8 @@ class LLMEngine:
         """Offline batch: run `prompts` together to completion; one aggregated output per prompt, in order."""
         sps = [sampling or SamplingParams()] * len(prompts) if not isinstance(sampling, list | tuple) \
             else list(sampling)
+        if any(sp.n != 1 for sp in sps):
+            raise ValueError("generate() returns one output per prompt: use add_request/step for n > 1")
         base = f"gen-{time.monotonic_ns()}"
         ids = [f"{base}-{i}" for i in range(len(prompts))]
         for rid, p, sp in zip(ids, prompts, sps, strict=True):
@@ -287,6 +368,7 @@ class LLMEngine:
             kv_blocks_total=s["kv_blocks_total"], kv_blocks_used=s["kv_blocks_used"],
             prefix_cache_hit_tokens=s["prefix_hit_tokens"], prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, num_preemptions=s["num_preemptions"],
+            prompt_tokens_computed=self.prompt_tokens_computed,
         )
 
 

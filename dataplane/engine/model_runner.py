@@ -20,8 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from kvfleet.dataplane.engine.api import TokenLogprob
+from kvfleet.dataplane.engine.logits_process import row_history
 from kvfleet.dataplane.engine.sampler import sample
 from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
+from kvfleet.dataplane.engine.sequence import Sequence
+from kvfleet.dataplane.engine.structured import StructuredOutputs
 from kvfleet.dataplane.kvcache.paged import (
     PagedAttention,
     PagedKVCache,
@@ -52,11 +55,16 @@ class ModelRunner:
         self.batch_prefill = device.type == "cuda" if batch_prefill is None else batch_prefill
         self.batch_prefill = self.batch_prefill and not self.quantized
         self.scores: Any = None  # kvcache/paged_scores.PagedScores when eviction needs attention (h2o, snapkv)
+        self.eos_token_ids: frozenset[int] = frozenset()  # banned while a request is short of min_tokens
+        self.fork_samples: dict[str, tuple[int, TokenLogprob | None]] = {}  # first tokens of forked choices
+        self.structured: StructuredOutputs | None = None  # grammar masks (json_schema requests)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its RNG) once the request is finished."""
         self._generators.pop(request_id, None)
         self.lanes.release(request_id)
+        if self.structured is not None:
+            self.structured.release(request_id)
 
     def restore_generator(self, seq: Any, state: bytes) -> None:
         """Continue a seeded request's random stream from another engine's generator state."""
@@ -64,11 +72,12 @@ class ModelRunner:
         g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
         self._generators[seq.seq_id] = g
 
-    def _generator(self, item: ScheduledSeq) -> torch.Generator | None:
-        sp = item.seq.request.sampling
+    def _generator(self, item: ScheduledSeq | Sequence) -> torch.Generator | None:
+        seq = item.seq if isinstance(item, ScheduledSeq) else item
+        sp = seq.request.sampling
         if sp.seed is None or sp.temperature == 0:
             return None
-        rid = item.seq.seq_id
+        rid = seq.seq_id
         g = self._generators.get(rid)
         if g is None:
             g = torch.Generator(device=self.device)
@@ -78,6 +87,7 @@ class ModelRunner:
 
     def run(self, out: SchedulerOutput) -> list[tuple[int, TokenLogprob | None] | None]:
         """Compute one step. Returns, aligned with `out.scheduled`, (token, logprob) or None."""
+        self.fork_samples = {}
         if out.is_empty:
             return []
         items = out.scheduled
@@ -95,11 +105,41 @@ class ModelRunner:
             if not which:
                 return result
             logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [N, V]
-            picked = [ordered[j] for j in which]
-            res = sample(logits, [p.seq.request.sampling for p in picked], [self._generator(p) for p in picked])
+            seqs = [ordered[j].seq for j in which]
+            # n > 1: the other choices' first tokens come from their leader's logits row (one prefill)
+            forks = [(k, c) for k, s in enumerate(seqs) for c in s.forks]
+            if forks:
+                seqs = seqs + [c for _, c in forks]
+            sps = [s.request.sampling for s in seqs]
+            # grammar masks on the CPU while the device still computes the forward (no sync before here)
+            mask = self._grammar_masks(seqs, sps)
+            if forks:
+                logits = logits[list(range(len(which))) + [k for k, _ in forks]]
+            hist = [row_history(sp, s.token_ids, s.num_prompt_tokens, self.eos_token_ids)
+                    for sp, s in zip(sps, seqs, strict=True)] if any(sp.has_logits_processing for sp in sps) \
+                else None
+            res = sample(logits, sps, [self._generator(s) for s in seqs], hist, mask)
+        if mask is not None:
+            for k in mask[0]:
+                self.structured.advance(seqs[k].seq_id, res.token_ids[k])
         for k, j in enumerate(which):
             result[order[j]] = (res.token_ids[k], res.logprobs[k])
+        self.fork_samples = {c.seq_id: (res.token_ids[len(which) + i], res.logprobs[len(which) + i])
+                             for i, (_, c) in enumerate(forks)}
         return result
+
+    def _grammar_masks(self, seqs: list[Sequence], sps: list[Any]) -> tuple[list[int], torch.Tensor] | None:
+        rows = [k for k, sp in enumerate(sps) if sp.json_schema is not None]
+        if not rows or self.structured is None:
+            return None
+        return rows, self.structured.masks([(seqs[k].seq_id, sps[k].json_schema) for k in rows])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block (all layers): copy-on-write of a prompt's last block for a forked choice."""
+        assert not self.quantized, "forks of a quantized cache recompute instead"
+        with torch.inference_mode():
+            for t in self.kv.k + self.kv.v:  # type: ignore[union-attr]
+                t[dst].copy_(t[src])
 
     def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
                                                             torch.Tensor, list[int]]:

@@ -1,7 +1,9 @@
 """Token sampling for a batch of sequences with per-request parameters.
 
 Greedy (temperature 0), temperature, top-k, top-p, per-request seeds and
-logprobs. Sampling uses the exponential-race trick: `argmax(p / E)` with
+logprobs, after the per-request processing of `logits_process.py` (logit_bias,
+min_tokens, penalties, a grammar's token mask). Logprobs are always those of the
+model's own distribution (before any of that), as in vLLM. Sampling uses the exponential-race trick: `argmax(p / E)` with
 `E ~ Exp(1)` i.i.d. is a draw from `p`. A request with a seed owns a
 `torch.Generator` and draws its own E row, so its tokens do not depend on
 which other requests share the batch.
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from kvfleet.dataplane.engine.api import SamplingParams, TokenLogprob
+from kvfleet.dataplane.engine.logits_process import RowHistory, apply_token_bitmask, process_logits
 
 
 @dataclass
@@ -25,15 +28,24 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> SampleResult:
-    """logits [N, V] (any float dtype) -> one token per row."""
+           generators: Sequence[torch.Generator | None],
+           histories: Sequence[RowHistory | None] | None = None,
+           mask: tuple[Sequence[int], torch.Tensor] | None = None) -> SampleResult:
+    """logits [N, V] (any float dtype) -> one token per row.
+
+    histories: per row, what logit_bias / min_tokens / penalties need (None = nothing to do).
+    mask: (rows, int32 bitmask [len(rows), ceil(V / 32)]): a grammar's allowed tokens for those rows.
+    """
     n = logits.shape[0]
     logits = logits.float()
+    x = process_logits(logits, params, histories) if histories is not None else logits
+    if mask is not None and len(mask[0]):
+        x = apply_token_bitmask(x.clone() if x is logits else x, mask[0], mask[1])
     greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
     if all(greedy):
-        tokens = logits.argmax(dim=-1)  # [N]
+        tokens = x.argmax(dim=-1)  # [N]
     else:
-        tokens = _sample_random(logits, params, generators, greedy)
+        tokens = _sample_random(x, params, generators, greedy)
     want = [p.logprobs for p in params]
     if not any(w is not None for w in want):
         return SampleResult(tokens.tolist(), [None] * n)

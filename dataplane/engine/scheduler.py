@@ -260,6 +260,27 @@ class Scheduler:
         out.preempted.append(victim.seq_id)
         return True, budget
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[bool, tuple[int, int] | None]:
+        """Run `child` (another choice of `parent`'s request, same prompt) on the parent's computed KV:
+        full blocks shared by reference, a partly filled last block copied on write. Returns (ok, the
+        (src, dst) block whose KV the caller must copy). Not ok when seats or blocks are short, or the
+        parent's KV has been compacted by eviction: the caller then queues the child for recompute."""
+        if len(self.running) >= self.max_num_seqs or parent.num_evicted:
+            return False, None
+        got = self.bm.fork(parent.block_table, parent.num_computed_tokens)
+        if got is None:
+            return False, None
+        child.block_table, copy = got
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = parent.block_hashes[:parent.num_computed_tokens // self.bm.block_size]
+        child.num_cached_blocks = min(parent.num_cached_blocks, len(child.block_hashes))
+        child.num_hit_blocks = parent.num_hit_blocks
+        child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+        child.status = SeqStatus.RUNNING
+        child.scheduled_step = self._step
+        self.running.append(child)
+        return True, copy
+
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         bs = self.bm.block_size
         extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_tokens, bs, seq.extra_key)

@@ -52,6 +52,11 @@ class Sequence:
     num_evicted: int = 0  # tokens dropped from the KV so far (0 = KV is the plain prefix)
     kept_positions: list[int] | None = None  # logical positions of the slots kept by the last compaction
     num_hit_blocks: int = 0  # leading blocks taken from the prefix cache at admission (never compacted)
+    # n > 1: choice `index` of request `group_id` (its own request_id is choice_request_id(group_id, index));
+    # the leader (index 0) holds the other choices in `forks` until its prompt is computed
+    group_id: str | None = None
+    index: int = 0
+    forks: list[Sequence] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -61,6 +66,11 @@ class Sequence:
     @property
     def seq_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def output_id(self) -> str:
+        """The request id its outputs carry (the group's for a choice of n > 1)."""
+        return self.group_id or self.request.request_id
 
     @property
     def num_tokens(self) -> int:

@@ -177,6 +177,25 @@ class BlockManager:
                     self.free_queue[b] = None  # tail = most recently used
         block_table.clear()
 
+    def fork(self, block_table: Sequence[int], num_tokens: int) -> tuple[list[int], tuple[int, int] | None] | None:
+        """A child table sharing the blocks that hold `num_tokens` computed tokens.
+
+        Full blocks are shared (one more reference each); a partly filled last block is
+        copied on write at once (the child will write its next token into it): a fresh block
+        is taken and `(src, dst)` returned for the caller to copy the KV. None when no block is free.
+        """
+        full, partial = divmod(num_tokens, self.block_size)
+        if partial and not self.free_queue:
+            return None
+        child = list(block_table[:full])
+        for b in child:
+            self.ref_counts[b] += 1
+        if not partial:
+            return child, None
+        dst = self._take_free_block()
+        child.append(dst)
+        return child, (block_table[full], dst)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix of a free block (e.g. after weights change)."""
         for b in self.free_queue:

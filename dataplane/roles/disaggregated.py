@@ -118,6 +118,7 @@ class DisaggregatedEngine(AsyncEngine):
     async def admit(self, request: GenerationRequest) -> None:
         """Reserve KV room on a decode pod before anything is sent to the client."""
         await self.start()
+        wire.check_disaggregatable(request.sampling)  # before anything is reserved
         self.counters["requests"] += 1
         klass = request.slo_class or self.policy.default_slo_class
         deadline = time.monotonic() + self.policy.queue_timeout_s

@@ -12,7 +12,14 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from kvfleet.dataplane.engine.api import GenerationRequest, KVBlock, KVHandoff, SamplingParams, TokenLogprob
+from kvfleet.dataplane.engine.api import (
+    GenerationRequest,
+    InvalidRequest,
+    KVBlock,
+    KVHandoff,
+    SamplingParams,
+    TokenLogprob,
+)
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -24,15 +31,34 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 
 
 def sampling_to_pb(sp: SamplingParams) -> pb.Sampling:
+    """What crosses between roles; n > 1 and grammars stay in one engine (`check_disaggregatable`)."""
+    check_disaggregatable(sp)
     return pb.Sampling(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                        has_seed=sp.seed is not None, seed=sp.seed or 0, stop_token_ids=list(sp.stop_token_ids),
-                       ignore_eos=sp.ignore_eos, logprobs=-1 if sp.logprobs is None else sp.logprobs)
+                       ignore_eos=sp.ignore_eos, logprobs=-1 if sp.logprobs is None else sp.logprobs,
+                       presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+                       repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_tokens,
+                       logit_bias=[pb.TopLogprob(token_id=t, logprob=b) for t, b in sp.logit_bias])
 
 
 def sampling_from_pb(m: pb.Sampling) -> SamplingParams:
     return SamplingParams(max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
                           seed=m.seed if m.has_seed else None, stop_token_ids=tuple(m.stop_token_ids),
-                          ignore_eos=m.ignore_eos, logprobs=None if m.logprobs < 0 else m.logprobs)
+                          ignore_eos=m.ignore_eos, logprobs=None if m.logprobs < 0 else m.logprobs,
+                          presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
+                          repetition_penalty=m.repetition_penalty or 1.0, min_tokens=m.min_tokens,
+                          logit_bias=tuple((b.token_id, b.logprob) for b in m.logit_bias))
+
+
+def check_disaggregatable(sp: SamplingParams) -> None:
+    """Refuse (a 400 naming the parameter) what the prefill -> decode hand-off does not carry yet."""
+    if sp.n != 1:
+        raise InvalidRequest("n > 1 (and best_of) is not served by a disaggregated fleet yet; send n = 1 or use a "
+                             "colocated fleet", param="n")
+    if sp.json_schema is not None:
+        raise InvalidRequest("structured output (response_format, or tools with a required or named tool_choice) "
+                             "is not served by a disaggregated fleet yet: the grammar state does not travel from "
+                             "prefill to decode; use a colocated fleet", param="response_format")
 
 
 def request_to_pb(r: GenerationRequest) -> pb.Request:

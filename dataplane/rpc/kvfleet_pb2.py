@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kvfleet/dataplane/rpc/kvfleet.proto\x12\x10kvfleet.v1alpha1\"\xaf\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12)\n\x03top\x18\x03 \x03(\x0b\x32\x1c.kvfleet.v1alpha1.TopLogprob\"\x89\x01\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvfleet.v1alpha1.Sampling\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x11\n\tslo_class\x18\x05 \x01(\t\"0\n\x08KVTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0breservation\x18\x02 \x01(\t\"h\n\x0ePrefillRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.kvfleet.v1alpha1.Request\x12*\n\x06target\x18\x02 \x01(\x0b\x32\x1a.kvfleet.v1alpha1.KVTarget\"\x87\x02\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12*\n\x07logprob\x18\x02 \x01(\x0b\x32\x19.kvfleet.v1alpha1.Logprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12 \n\x18num_cached_prompt_tokens\x18\x05 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x03\x12\x11\n\tkv_blocks\x18\x07 \x01(\x05\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x12\n\ntransfer_s\x18\t \x01(\x01\x12\x13\n\x0btransfer_ok\x18\n \x01(\x08\"\xf5\x01\n\x07KVChunk\x12\x13\n\x0breservation\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nblock_hash\x18\x06 \x01(\x0c\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x08 \x01(\x07\x12\x0c\n\x04lane\x18\t \x01(\x08\x12\x11\n\trng_state\x18\n \x01(\x0c\x12\x16\n\x0enum_hit_blocks\x18\x0b \x01(\x05\x12 \n\x18num_cached_prompt_tokens\x18\x0c \x01(\x05\"*\n\tPushReply\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"S\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\"8\n\x0cReserveReply\x12\x13\n\x0breservation\x18\x01 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x05\"j\n\x0fGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.kvfleet.v1alpha1.Request\x12\x13\n\x0breservation\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\"\xb4\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.kvfleet.v1alpha1.Logprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12 \n\x18num_cached_prompt_tokens\x18\x05 \x01(\x05\x12\x12\n\nrecomputed\x18\x06 \x01(\x08\"%\n\x0eReleaseRequest\x12\x13\n\x0breservation\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\"\xa2\x03\n\tRoleStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x05\x12\x14\n\x0creservations\x18\x06 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x03\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\t \x01(\x03\x12\x1a\n\x12kv_blocks_received\x18\n \x01(\x03\x12\x19\n\x11kv_bytes_received\x18\x0b \x01(\x03\x12\x1c\n\x14kv_checksum_failures\x18\x0c \x01(\x03\x12\x12\n\nrecomputes\x18\r \x01(\x03\x12\x16\n\x0ekv_blocks_sent\x18\x0e \x01(\x03\x12\x15\n\rkv_bytes_sent\x18\x0f \x01(\x03\x12\x15\n\rmax_model_len\x18\x10 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x11 \x01(\x05\x32\x95\x01\n\x07Prefill\x12K\n\x07Prefill\x12 .kvfleet.v1alpha1.PrefillRequest\x1a\x1e.kvfleet.v1alpha1.PrefillReply\x12=\n\x05Stats\x12\x17.kvfleet.v1alpha1.Empty\x1a\x1b.kvfleet.v1alpha1.RoleStats2\xed\x02\n\x06\x44\x65\x63ode\x12K\n\x07Reserve\x12 .kvfleet.v1alpha1.ReserveRequest\x1a\x1e.kvfleet.v1alpha1.ReserveReply\x12\x42\n\x06PushKV\x12\x19.kvfleet.v1alpha1.KVChunk\x1a\x1b.kvfleet.v1alpha1.PushReply(\x01\x12M\n\x08Generate\x12!.kvfleet.v1alpha1.GenerateRequest\x1a\x1c.kvfleet.v1alpha1.TokenChunk0\x01\x12\x44\n\x07Release\x12 .kvfleet.v1alpha1.ReleaseRequest\x1a\x17.kvfleet.v1alpha1.Empty\x12=\n\x05Stats\x12\x17.kvfleet.v1alpha1.Empty\x1a\x1b.kvfleet.v1alpha1.RoleStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kvfleet/dataplane/rpc/kvfleet.proto\x12\x10kvfleet.v1alpha1\"\xc6\x02\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x30\n\nlogit_bias\x18\r \x03(\x0b\x32\x1c.kvfleet.v1alpha1.TopLogprob\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12)\n\x03top\x18\x03 \x03(\x0b\x32\x1c.kvfleet.v1alpha1.TopLogprob\"\x89\x01\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvfleet.v1alpha1.Sampling\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x11\n\tslo_class\x18\x05 \x01(\t\"0\n\x08KVTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0breservation\x18\x02 \x01(\t\"h\n\x0ePrefillRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.kvfleet.v1alpha1.Request\x12*\n\x06target\x18\x02 \x01(\x0b\x32\x1a.kvfleet.v1alpha1.KVTarget\"\x87\x02\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12*\n\x07logprob\x18\x02 \x01(\x0b\x32\x19.kvfleet.v1alpha1.Logprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12 \n\x18num_cached_prompt_tokens\x18\x05 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x03\x12\x11\n\tkv_blocks\x18\x07 \x01(\x05\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x12\n\ntransfer_s\x18\t \x01(\x01\x12\x13\n\x0btransfer_ok\x18\n \x01(\x08\"\xf5\x01\n\x07KVChunk\x12\x13\n\x0breservation\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nblock_hash\x18\x06 \x01(\x0c\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x08 \x01(\x07\x12\x0c\n\x04lane\x18\t \x01(\x08\x12\x11\n\trng_state\x18\n \x01(\x0c\x12\x16\n\x0enum_hit_blocks\x18\x0b \x01(\x05\x12 \n\x18num_cached_prompt_tokens\x18\x0c \x01(\x05\"*\n\tPushReply\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"S\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\"8\n\x0cReserveReply\x12\x13\n\x0breservation\x18\x01 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x05\"j\n\x0fGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.kvfleet.v1alpha1.Request\x12\x13\n\x0breservation\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\"\xb4\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.kvfleet.v1alpha1.Logprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12 \n\x18num_cached_prompt_tokens\x18\x05 \x01(\x05\x12\x12\n\nrecomputed\x18\x06 \x01(\x08\"%\n\x0eReleaseRequest\x12\x13\n\x0breservation\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\"\xa2\x03\n\tRoleStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x05\x12\x14\n\x0creservations\x18\x06 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x03\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\t \x01(\x03\x12\x1a\n\x12kv_blocks_received\x18\n \x01(\x03\x12\x19\n\x11kv_bytes_received\x18\x0b \x01(\x03\x12\x1c\n\x14kv_checksum_failures\x18\x0c \x01(\x03\x12\x12\n\nrecomputes\x18\r \x01(\x03\x12\x16\n\x0ekv_blocks_sent\x18\x0e \x01(\x03\x12\x15\n\rkv_bytes_sent\x18\x0f \x01(\x03\x12\x15\n\rmax_model_len\x18\x10 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x11 \x01(\x05\x32\x95\x01\n\x07Prefill\x12K\n\x07Prefill\x12 .kvfleet.v1alpha1.PrefillRequest\x1a\x1e.kvfleet.v1alpha1.PrefillReply\x12=\n\x05Stats\x12\x17.kvfleet.v1alpha1.Empty\x1a\x1b.kvfleet.v1alpha1.RoleStats2\xed\x02\n\x06\x44\x65\x63ode\x12K\n\x07Reserve\x12 .kvfleet.v1alpha1.ReserveRequest\x1a\x1e.kvfleet.v1alpha1.ReserveReply\x12\x42\n\x06PushKV\x12\x19.kvfleet.v1alpha1.KVChunk\x1a\x1b.kvfleet.v1alpha1.PushReply(\x01\x12M\n\x08Generate\x12!.kvfleet.v1alpha1.GenerateRequest\x1a\x1c.kvfleet.v1alpha1.TokenChunk0\x01\x12\x44\n\x07Release\x12 .kvfleet.v1alpha1.ReleaseRequest\x1a\x17.kvfleet.v1alpha1.Empty\x12=\n\x05Stats\x12\x17.kvfleet.v1alpha1.Empty\x1a\x1b.kvfleet.v1alpha1.RoleStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,39 +32,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvfleet.dataplane.rpc.kvfle
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLING']._serialized_start=58
-  _globals['_SAMPLING']._serialized_end=233
-  _globals['_TOPLOGPROB']._serialized_start=235
-  _globals['_TOPLOGPROB']._serialized_end=282
-  _globals['_LOGPROB']._serialized_start=284
-  _globals['_LOGPROB']._serialized_end=371
-  _globals['_REQUEST']._serialized_start=374
-  _globals['_REQUEST']._serialized_end=511
-  _globals['_KVTARGET']._serialized_start=513
-  _globals['_KVTARGET']._serialized_end=561
-  _globals['_PREFILLREQUEST']._serialized_start=563
-  _globals['_PREFILLREQUEST']._serialized_end=667
-  _globals['_PREFILLREPLY']._serialized_start=670
-  _globals['_PREFILLREPLY']._serialized_end=933
-  _globals['_KVCHUNK']._serialized_start=936
-  _globals['_KVCHUNK']._serialized_end=1181
-  _globals['_PUSHREPLY']._serialized_start=1183
-  _globals['_PUSHREPLY']._serialized_end=1225
-  _globals['_RESERVEREQUEST']._serialized_start=1227
-  _globals['_RESERVEREQUEST']._serialized_end=1310
-  _globals['_RESERVEREPLY']._serialized_start=1312
-  _globals['_RESERVEREPLY']._serialized_end=1368
-  _globals['_GENERATEREQUEST']._serialized_start=1370
-  _globals['_GENERATEREQUEST']._serialized_end=1476
-  _globals['_TOKENCHUNK']._serialized_start=1479
-  _globals['_TOKENCHUNK']._serialized_end=1659
-  _globals['_RELEASEREQUEST']._serialized_start=1661
-  _globals['_RELEASEREQUEST']._serialized_end=1698
-  _globals['_EMPTY']._serialized_start=1700
-  _globals['_EMPTY']._serialized_end=1707
-  _globals['_ROLESTATS']._serialized_start=1710
-  _globals['_ROLESTATS']._serialized_end=2128
-  _globals['_PREFILL']._serialized_start=2131
-  _globals['_PREFILL']._serialized_end=2280
-  _globals['_DECODE']._serialized_start=2283
-  _globals['_DECODE']._serialized_end=2648
+  _globals['_SAMPLING']._serialized_end=384
+  _globals['_TOPLOGPROB']._serialized_start=386
+  _globals['_TOPLOGPROB']._serialized_end=433
+  _globals['_LOGPROB']._serialized_start=435
+  _globals['_LOGPROB']._serialized_end=522
+  _globals['_REQUEST']._serialized_start=525
+  _globals['_REQUEST']._serialized_end=662
+  _globals['_KVTARGET']._serialized_start=664
+  _globals['_KVTARGET']._serialized_end=712
+  _globals['_PREFILLREQUEST']._serialized_start=714
+  _globals['_PREFILLREQUEST']._serialized_end=818
+  _globals['_PREFILLREPLY']._serialized_start=821
+  _globals['_PREFILLREPLY']._serialized_end=1084
+  _globals['_KVCHUNK']._serialized_start=1087
+  _globals['_KVCHUNK']._serialized_end=1332
+  _globals['_PUSHREPLY']._serialized_start=1334
+  _globals['_PUSHREPLY']._serialized_end=1376
+  _globals['_RESERVEREQUEST']._serialized_start=1378
+  _globals['_RESERVEREQUEST']._serialized_end=1461
+  _globals['_RESERVEREPLY']._serialized_start=1463
+  _globals['_RESERVEREPLY']._serialized_end=1519
+  _globals['_GENERATEREQUEST']._serialized_start=1521
+  _globals['_GENERATEREQUEST']._serialized_end=1627
+  _globals['_TOKENCHUNK']._serialized_start=1630
+  _globals['_TOKENCHUNK']._serialized_end=1810
+  _globals['_RELEASEREQUEST']._serialized_start=1812
+  _globals['_RELEASEREQUEST']._serialized_end=1849
+  _globals['_EMPTY']._serialized_start=1851
+  _globals['_EMPTY']._serialized_end=1858
+  _globals['_ROLESTATS']._serialized_start=1861
+  _globals['_ROLESTATS']._serialized_end=2279
+  _globals['_PREFILL']._serialized_start=2282
+  _globals['_PREFILL']._serialized_end=2431
+  _globals['_DECODE']._serialized_start=2434
+  _globals['_DECODE']._serialized_end=2799
 # @@protoc_insertion_point(module_scope)

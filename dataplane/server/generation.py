@@ -7,6 +7,10 @@ a stop string matched, the client disconnected (the handler task is
 cancelled), or an error. Each of those aborts the request in the engine, so
 its KV blocks are freed at once. When it ends, the request's counts and
 latencies are recorded in the server's metrics exactly once.
+
+A request with `sampling.n` > 1 has n choices; each has its own detokenizer and
+stop-string matcher, and its pieces carry its `index`. A stop string ends that
+choice alone (its engine sequence is aborted by `choice_request_id`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvfleet.dataplane.engine.api import AsyncEngine, GenerationRequest, TokenLogprob
+from kvfleet.dataplane.engine.api import AsyncEngine, GenerationRequest, TokenLogprob, choice_request_id
 from kvfleet.dataplane.server.metrics import ServerMetrics
 from kvfleet.dataplane.server.textstream import StopStringMatcher
 
@@ -40,6 +44,15 @@ class Piece:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    index: int = 0  # the choice (0 .. n-1)
+
+
+@dataclass
+class _Choice:
+    detok: Detokenizer
+    stops: StopStringMatcher
+    num_output_tokens: int = 0
+    finish_reason: str | None = None
 
 
 class Generation:
@@ -49,7 +62,7 @@ class Generation:
         self,
         engine: AsyncEngine,
         request: GenerationRequest,
-        detokenizer: Detokenizer,
+        detokenizer: Detokenizer | Sequence[Detokenizer],  # one per choice when sampling.n > 1
         stop: Sequence[str],
         metrics: ServerMetrics,
         model: str,
@@ -58,47 +71,69 @@ class Generation:
         self.request = request
         self.metrics = metrics
         self.model = model
-        self._detok = detokenizer
-        self._stops = StopStringMatcher(stop)
+        detoks = list(detokenizer) if isinstance(detokenizer, Sequence) else [detokenizer]
+        if len(detoks) != request.sampling.n:
+            raise ValueError(f"need one detokenizer per choice ({request.sampling.n}), got {len(detoks)}")
+        self._choices = [_Choice(d, StopStringMatcher(stop)) for d in detoks]
         self.start_time = request.arrival_time
         self.first_token_time: float | None = None
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_cached_tokens = 0
-        self.num_output_tokens = 0
-        self.finish_reason: str | None = None
 
     @property
     def text(self) -> str:
-        """All text shown to the client so far."""
-        return self._stops.released_text
+        """All text of choice 0 shown to the client so far."""
+        return self._choices[0].stops.released_text
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens of all choices together (what `usage.completion_tokens` counts)."""
+        return sum(c.num_output_tokens for c in self._choices)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Choice 0's finish reason (None while it runs)."""
+        return self._choices[0].finish_reason
+
+    def finish_reasons(self) -> list[str | None]:
+        return [c.finish_reason for c in self._choices]
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        """Yield text pieces; the last one carries `finish_reason`. Always frees the engine request."""
+        """Yield text pieces; each choice's last one carries `finish_reason`. Always frees the engine request."""
         engine_done = False
         stream = self.engine.generate(self.request)
+        choices = self._choices
+        open_choices = len(choices)
+        any_stopped = False  # a stop string ended a choice: the engine may still hold (or report) it
         try:
             async for out in stream:
                 self.num_cached_tokens = out.num_cached_prompt_tokens
                 if out.num_prompt_tokens:
                     self.num_prompt_tokens = out.num_prompt_tokens
+                c = choices[out.index]
+                if c.finish_reason is not None:
+                    continue  # a choice ended by a stop string: its engine sequence's final output
                 if out.new_token_ids and self.first_token_time is None:
                     self.first_token_time = time.monotonic()
-                self.num_output_tokens += len(out.new_token_ids)
-                text = "".join(self._detok.push(t) for t in out.new_token_ids)
+                c.num_output_tokens += len(out.new_token_ids)
+                text = "".join(c.detok.push(t) for t in out.new_token_ids)
                 if out.finished:
-                    text += self._detok.flush()
-                shown, stopped = self._stops.push(text)
-                piece = Piece(shown, list(out.new_token_ids), list(out.logprobs or ()))
-                if stopped:
-                    self.finish_reason = piece.finish_reason = "stop"
+                    text += c.detok.flush()
+                shown, stopped = c.stops.push(text)
+                piece = Piece(shown, list(out.new_token_ids), list(out.logprobs or ()), index=out.index)
+                if stopped or out.finished:
+                    if not stopped:
+                        piece.text += c.stops.flush()
+                    c.finish_reason = piece.finish_reason = "stop" if stopped else (out.finish_reason or "stop")
+                    open_choices -= 1
+                    any_stopped = any_stopped or stopped
+                    engine_done = open_choices == 0 and not any_stopped
                     yield piece
-                    return
-                if out.finished:
-                    engine_done = True
-                    piece.text += self._stops.flush()
-                    self.finish_reason = piece.finish_reason = out.finish_reason or "stop"
-                    yield piece
-                    return
+                    if open_choices == 0:
+                        return
+                    if stopped and len(choices) > 1:
+                        await self._abort_quietly(choice_request_id(self.request.request_id, out.index))
+                    continue
                 if piece.text or piece.logprobs:
                     yield piece
         finally:
@@ -106,14 +141,18 @@ class Generation:
                 await self._release_engine_request(stream)
             self._record()
 
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - best effort
+            log.debug("abort of %s failed", request_id, exc_info=True)
+
     async def _release_engine_request(self, stream: AsyncIterator[object]) -> None:
         """Stop the engine working for a client that no longer listens."""
-        if self.finish_reason is None:
-            self.finish_reason = "abort"
-        try:
-            await self.engine.abort(self.request.request_id)
-        except Exception:  # noqa: BLE001 - the request may already be gone; freeing is best effort
-            log.debug("abort of %s failed", self.request.request_id, exc_info=True)
+        for c in self._choices:
+            if c.finish_reason is None:
+                c.finish_reason = "abort"
+        await self._abort_quietly(self.request.request_id)
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             try:

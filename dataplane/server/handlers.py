@@ -12,17 +12,21 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 from kvfleet.dataplane.engine.api import AsyncEngine, GenerationRequest, SamplingParams, TokenLogprob
+from kvfleet.dataplane.server.choices import ChoiceResult, collect, merged
 from kvfleet.dataplane.server.errors import APIError, from_validation_error, model_not_found
 from kvfleet.dataplane.server.generation import Detokenizer, Generation, Piece
 from kvfleet.dataplane.server.metrics import ServerMetrics
 from kvfleet.dataplane.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields, usage
+from kvfleet.dataplane.server.tools import ToolStream
+from kvfleet.dataplane.server.tools import constraint as tool_constraint
+from kvfleet.dataplane.server.tools import parse as parse_tool_calls
 from pydantic import ValidationError
 
 SLO_CLASS_HEADER = "x-kvfleet-slo-class"
@@ -36,7 +40,8 @@ class ServerTokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    **template_kw: Any) -> list[int]: ...
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> Detokenizer: ...
 
@@ -85,35 +90,91 @@ class OpenAIHandlers:
         body: CompletionRequest = await read_json(request, CompletionRequest)
         self._check_common(body)
         try:
-            prompt = body.single_prompt()
+            prompts = body.prompt_list()
         except ValueError as e:
             raise APIError(str(e), param="prompt") from e
-        prompt_ids = self._encode_text(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        max_tokens = self._check_length(len(prompt_ids), body.max_tokens, "prompt")
-        gen = self._start(request, body, "cmpl", prompt_ids, max_tokens, body.logprobs)
-        await self.state.engine.admit(gen.request)  # may answer 429 before any byte is sent
+        encoded = [self._encode_text(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        seqs = body.num_sequences()
+        # best_of ranks sequences by their summed logprob: ask for the chosen tokens' logprobs
+        lp = body.logprobs if seqs == body.n else (body.logprobs or 0)
+        gens = [self._start(request, body, rid if len(encoded) == 1 else f"{rid}-{i}", ids,
+                            self._check_length(len(ids), body.max_tokens, "prompt"), lp, seqs)
+                for i, ids in enumerate(encoded)]
+        echo = [p if isinstance(p, str) else self.state.tokenizer.decode(p) for p in prompts] if body.echo else None
+        n = body.n
+        await self._admit(gens)  # may answer 429 before any byte is sent
         if body.stream:
-            return await self._stream(request, gen, body, self._completion_chunk)
-        text, logprobs = await self._collect(gen)
-        choice = {"index": 0, "text": text, "logprobs": self._completion_logprobs(logprobs) if
-                  body.logprobs is not None else None, "finish_reason": gen.finish_reason}
-        return web.json_response(self._envelope(gen, body, "text_completion", choice, with_usage=True))
+            def chunk(g: int, piece: Piece, first: bool) -> list[dict[str, Any]]:
+                text = (echo[g] if echo and first else "") + piece.text
+                lp = self._completion_logprobs(piece.logprobs) if body.logprobs is not None else None
+                return [{"index": g * n + piece.index, "text": text, "logprobs": lp,
+                         "finish_reason": piece.finish_reason}]
+            return await self._stream(request, rid, gens, body, chunk)
+        results = await self._collect(gens, seqs)
+        if seqs > n:
+            results = [sorted(r, key=lambda c: -sum(lp.logprob for lp in c.logprobs))[:n] for r in results]
+        choices = [{"index": g * n + i, "text": (echo[g] if echo else "") + r.text,
+                    "logprobs": self._completion_logprobs(r.logprobs) if body.logprobs is not None else None,
+                    "finish_reason": r.finish_reason}
+                   for g, per_gen in enumerate(results) for i, r in enumerate(per_gen)]
+        return web.json_response(self._envelope(rid, body, "text_completion", choices, gens))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         self._check_common(body)
-        prompt_ids = self._encode_chat(body.chat_messages())
+        bad = body.tool_error()
+        if bad is not None:
+            raise APIError(f"Invalid value for '{bad[0]}': {bad[1]}.", param=bad[0], code="invalid_value")
+        tools, choice = body.tools or [], body.tool_choice
+        if tools and "tools" not in (getattr(self.state.tokenizer, "chat_template", None) or ""):
+            raise APIError("This model's chat template does not support tools (it never reads 'tools'), so the "
+                           "model cannot see them; send the request without tools.", param="tools",
+                           code="unsupported_value")
+        kw = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+        prompt_ids = self._encode_chat(body.chat_messages(), **kw)
         max_tokens = self._check_length(len(prompt_ids), body.requested_max_tokens(), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        gen = self._start(request, body, "chatcmpl", prompt_ids, max_tokens, top)
-        await self.state.engine.admit(gen.request)  # may answer 429 before any byte is sent
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gen = self._start(request, body, rid, prompt_ids, max_tokens, top,
+                          json_schema=tool_constraint(tools, choice, body.parallel_tool_calls is not False)
+                          if tools else None)
+        max_calls = 1 if body.parallel_tool_calls is False else None
+        await self._admit([gen])  # may answer 429 before any byte is sent
         if body.stream:
-            return await self._stream(request, gen, body, self._chat_chunk)
-        text, logprobs = await self._collect(gen)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": {"content": self._chat_logprobs(logprobs)} if body.logprobs else None,
-                  "finish_reason": gen.finish_reason}
-        return web.json_response(self._envelope(gen, body, "chat.completion", choice, with_usage=True))
+            streams = [ToolStream(tools, choice, max_calls) for _ in range(body.n)]
+            return await self._stream(request, rid, [gen], body,
+                                      lambda g, piece, first: self._chat_chunks(body, streams[piece.index], piece))
+        results = (await self._collect([gen], body.n))[0]
+        choices = []
+        for i, r in enumerate(results):
+            content, calls = parse_tool_calls(r.text, tools, choice)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls[:max_calls]
+            choices.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else r.finish_reason,
+                            "logprobs": {"content": self._chat_logprobs(r.logprobs)} if body.logprobs else None})
+        return web.json_response(self._envelope(rid, body, "chat.completion", choices, [gen]))
+
+    def _chat_chunks(self, body: ChatCompletionRequest, ts: ToolStream, piece: Piece) -> list[dict[str, Any]]:
+        """The chunks' choices for one piece: content deltas, tool-call deltas at the end."""
+        deltas = ts.push(piece.text)
+        reason = piece.finish_reason
+        if reason is not None:
+            extra, called = ts.finish()
+            deltas += extra
+            reason = "tool_calls" if called else reason
+        if not deltas and (reason is not None or piece.logprobs or not ts.tools):
+            deltas = [{"content": ""} if not ts.tools else {}]
+        out = []
+        for k, d in enumerate(deltas):
+            if not ts.role_sent:
+                d = {"role": "assistant"} | ({"content": None} if "tool_calls" in d else {}) | d
+                ts.role_sent = True
+            lp = {"content": self._chat_logprobs(piece.logprobs)} if body.logprobs and k == 0 else None
+            out.append({"index": piece.index, "delta": d, "logprobs": lp,
+                        "finish_reason": reason if k == len(deltas) - 1 else None})
+        return out
 
     # -- request -> engine ------------------------------------------------------
 
@@ -130,9 +191,9 @@ class OpenAIHandlers:
             raise APIError("The prompt is empty after tokenization.", param="prompt")
         return ids
 
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
         try:
-            ids = list(self.state.tokenizer.encode_chat(messages, add_generation_prompt=True))
+            ids = list(self.state.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kw))
         except Exception as e:  # noqa: BLE001 - a template may reject a message order; that is the client's
             raise APIError(f"The chat template rejected these messages: {e}", param="messages") from e
         if not ids:
@@ -172,8 +233,17 @@ class OpenAIHandlers:
                            param="kvfleet_slo_class", code="invalid_value")
         return name
 
-    def _start(self, request: web.Request, body: _SamplingFields, prefix: str, prompt_ids: list[int],
-               max_tokens: int, logprobs: int | None) -> Generation:
+    def _start(self, request: web.Request, body: _SamplingFields, request_id: str, prompt_ids: list[int],
+               max_tokens: int, logprobs: int | None, n: int | None = None,
+               json_schema: str | None = None) -> Generation:
+        n = body.n if n is None else n
+        try:
+            bias = body.logit_bias_pairs(self.state.vocab_size)
+        except ValueError as e:
+            raise APIError(str(e), param="logit_bias", code="invalid_value") from e
+        if body.min_tokens > max_tokens:
+            raise APIError(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+                           param="min_tokens", code="invalid_value")
         sampling = SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -182,54 +252,73 @@ class OpenAIHandlers:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=bias,
+            min_tokens=body.min_tokens,
+            n=n,
+            json_schema=json_schema or (body.response_format.schema_text() if body.response_format else None),
         )
-        greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, sampling,
+        greq = GenerationRequest(request_id, prompt_ids, sampling,
                                  variant=(self.state.variants or {}).get(body.model, self.state.variant),
                                  slo_class=self._slo_class(request, body))
-        return Generation(self.state.engine, greq, self.state.tokenizer.detokenizer(prompt_ids), body.stop_list(),
-                          self.state.metrics, body.model)
+        detoks = [self.state.tokenizer.detokenizer(prompt_ids) for _ in range(n)]
+        return Generation(self.state.engine, greq, detoks, body.stop_list(), self.state.metrics, body.model)
+
+    async def _admit(self, gens: list[Generation]) -> None:
+        """Let the engine refuse (429) before any byte is sent; on a refusal, admitted siblings are released."""
+        done: list[Generation] = []
+        try:
+            for g in gens:
+                try:
+                    await self.state.engine.admit(g.request)
+                except ValueError as e:  # the engine refuses this request as it is (InvalidRequest names why)
+                    raise APIError(str(e), param=getattr(e, "param", None), code="unsupported_value") from e
+                done.append(g)
+        except BaseException:
+            for g in done:
+                await self.state.engine.abort(g.request.request_id)
+            raise
 
     # -- engine -> response -----------------------------------------------------
 
-    async def _collect(self, gen: Generation) -> tuple[str, list[TokenLogprob]]:
-        text: list[str] = []
-        logprobs: list[TokenLogprob] = []
+    async def _collect(self, gens: list[Generation], n: int) -> list[list[ChoiceResult]]:
         try:
-            async with aclosing(gen.pieces()) as pieces:
-                async for piece in pieces:
-                    text.append(piece.text)
-                    logprobs.extend(piece.logprobs)
+            return await collect(gens, n)
         except ValueError as e:  # the engine's way of refusing a request it cannot serve
-            raise APIError(str(e)) from e
-        return "".join(text), logprobs
+            raise APIError(str(e), param=getattr(e, "param", None)) from e
 
-    async def _stream(self, request: web.Request, gen: Generation, body: _SamplingFields,
-                      chunk: Any) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, rid: str, gens: list[Generation], body: _SamplingFields,
+                      chunk: Callable[[int, Piece, bool], list[dict[str, Any]]]) -> web.StreamResponse:
+        """Server-sent events: per piece, one chunk per choice delta that `chunk` renders (maybe none)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": gen.request.request_id})
+                                           "X-Request-Id": rid})
         await resp.prepare(request)
         include_usage = body.include_usage()
-        first = True
+        obj = _chunk_object(body)
+        seen: set[tuple[int, int]] = set()
         try:
-            async with aclosing(gen.pieces()) as pieces:
-                async for piece in pieces:
-                    payload = chunk(gen, body, piece, first)
-                    first = False
-                    if include_usage:
-                        payload["usage"] = None
-                    await resp.write(_sse(payload))
+            async with aclosing(merged(gens)) as pieces:
+                async for g, piece in pieces:
+                    first = (g, piece.index) not in seen
+                    seen.add((g, piece.index))
+                    for choice in chunk(g, piece, first):
+                        payload = self._envelope(rid, body, obj, [choice])
+                        if include_usage:
+                            payload["usage"] = None
+                        await resp.write(_sse(payload))
             if include_usage:
-                final = self._envelope(gen, body, _chunk_object(body), None, with_usage=True)
-                await resp.write(_sse(final))
+                await resp.write(_sse(self._envelope(rid, body, obj, [], gens)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionError:
-            pass  # the client went away; leaving `pieces` has already freed the engine request
+            pass  # the client went away; leaving `pieces` has already freed the engine requests
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
-            err = APIError(str(e)) if isinstance(e, ValueError) else APIError(
+            err = APIError(str(e), param=getattr(e, "param", None)) if isinstance(e, ValueError) else APIError(
                 "The server had an error while generating.", status=500, type="server_error")
             if err.status >= 500:
-                log.exception("generation of %s failed", gen.request.request_id)
+                log.exception("generation of %s failed", rid)
             try:
                 await resp.write(_sse(err.body()) + b"data: [DONE]\n\n")
                 await resp.write_eof()
@@ -237,24 +326,14 @@ class OpenAIHandlers:
                 pass
         return resp
 
-    def _completion_chunk(self, gen: Generation, body: _SamplingFields, piece: Piece, first: bool) -> dict[str, Any]:
-        lp = self._completion_logprobs(piece.logprobs) if getattr(body, "logprobs", None) is not None else None
-        choice = {"index": 0, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
-        return self._envelope(gen, body, "text_completion", choice)
-
-    def _chat_chunk(self, gen: Generation, body: _SamplingFields, piece: Piece, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"role": "assistant", "content": piece.text} if first else {"content": piece.text}
-        lp = {"content": self._chat_logprobs(piece.logprobs)} if getattr(body, "logprobs", False) else None
-        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": piece.finish_reason}
-        return self._envelope(gen, body, "chat.completion.chunk", choice)
-
-    def _envelope(self, gen: Generation, body: _SamplingFields, obj: str, choice: dict[str, Any] | None,
-                  with_usage: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": gen.request.request_id, "object": obj, "created": int(time.time()),
-                               "model": body.model, "system_fingerprint": None,
-                               "choices": [choice] if choice is not None else []}
-        if with_usage:
-            out["usage"] = usage(gen.num_prompt_tokens, gen.num_output_tokens, gen.num_cached_tokens)
+    def _envelope(self, rid: str, body: _SamplingFields, obj: str, choices: list[dict[str, Any]],
+                  gens: list[Generation] | None = None) -> dict[str, Any]:
+        """The response object; with `gens`, the usage of all of them (every prompt and choice)."""
+        out: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
+                               "model": body.model, "system_fingerprint": None, "choices": choices}
+        if gens is not None:
+            out["usage"] = usage(sum(g.num_prompt_tokens for g in gens), sum(g.num_output_tokens for g in gens),
+                                 sum(g.num_cached_tokens for g in gens))
         return out
 
     def _token_text(self, token_id: int) -> str:

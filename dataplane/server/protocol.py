@@ -2,20 +2,25 @@
 
 Validation is strict about types (a string where a number belongs is a 400,
 as with OpenAI), accepts the fields the `openai` SDK sends, and rejects the
-ones this server cannot honour (n > 1, echo, non-zero penalties, images):
+ones this server cannot honour (`suffix`, echo with logprobs, images):
 `unsupported()` names them, so the client gets a message rather than silence.
 
-Extensions (as in vLLM): `top_k`, `ignore_eos`, `kvfleet_slo_class`.
+Extensions (as in vLLM): `top_k`, `ignore_eos`, `repetition_penalty`, `min_tokens`,
+`kvfleet_slo_class`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from kvfleet.dataplane.server.tools import NamedToolChoice, Tool, ToolCallMessage, ToolChoice
+from kvfleet.dataplane.server.tools import mode as tools_mode
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128  # prompts x n (or best_of) in one request
 
 
 class _Request(BaseModel):
@@ -24,6 +29,32 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # always honoured: constrained output parses against the schema either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must satisfy (any JSON object for json_object), as JSON text."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json.dumps(self.json_schema.schema_ if self.json_schema.schema_ is not None else {})
+        return None
 
 
 class _SamplingFields(_Request):
@@ -35,15 +66,18 @@ class _SamplingFields(_Request):
     top_k: Annotated[int, Field(ge=-1)] | None = None  # extension; -1 or 0 = disabled
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None  # extension (HF/vLLM)
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # extension (vLLM): no eos / stop token before this many
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens tokens (benchmarks)
     kvfleet_slo_class: str | None = None  # extension: the SLOClass (the header wins when both are set)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -57,14 +91,20 @@ class _SamplingFields(_Request):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, reason) for a well-formed value this server cannot honour, else None."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                return name, "only 0 is supported"
         return None
+
+    def logit_bias_pairs(self, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias); ValueError naming the bad key."""
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                tok = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                raise ValueError(f"logit_bias token id {tok} is out of range [0, {vocab_size})")
+            out.append((tok, float(bias)))
+        return tuple(out)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -76,34 +116,41 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions. `prompt`: a string, a token-id list, or a one-element list of either."""
+    """POST /v1/completions. `prompt`: a string, a token-id list, or a list (a batch) of either."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+    def num_sequences(self) -> int:
+        """Sequences to generate per prompt: best_of when given (the n best are returned), else n."""
+        return max(self.n, self.best_of or 1)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo together with logprobs (prompt logprobs) is not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "only best_of=1 is supported"
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", "best_of must be at least n"
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            return "best_of", "best_of > 1 cannot be streamed"
         return super().unsupported()
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt, unwrapped from a one-element batch; ValueError for batches or empty prompts."""
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts of the batch (one for a single prompt); ValueError for empty ones."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str | list):
-            if len(p) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
-            p = p[0]
+        prompts = list(p) if isinstance(p, list) and p and isinstance(p[0], str | list) else [p]
         if isinstance(p, list) and not p:
             raise ValueError("prompt must not be empty")
-        return p  # type: ignore[return-value]
+        if any(isinstance(x, list) and not x for x in prompts):
+            raise ValueError("a token-id prompt must not be empty")
+        if len(prompts) * max(self.n, self.best_of or 1) > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
+        return prompts  # type: ignore[return-value]
 
 
 class TextPart(_Request):
@@ -115,6 +162,27 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool-call arguments as objects, as HF templates expect)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args: Any = json.loads(c.function.arguments)
+                except json.JSONDecodeError:
+                    args = c.function.arguments
+                calls.append({"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": args}})
+            out["tool_calls"] = calls
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -132,6 +200,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # False: at most one call is returned
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
@@ -141,9 +212,26 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for a chat template (content parts joined)."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    def tool_error(self) -> tuple[str, str] | None:
+        """(param, reason) when tools / tool_choice do not fit together."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                return "tool_choice", "tool_choice needs tools"
+            return None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            return "tools", "function names must be unique"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return "tool_choice", f"no tool named '{choice.function.name}'"
+        if tools_mode(choice) in ("required", "named") and self.response_format is not None \
+                and self.response_format.type != "text":
+            return "response_format", "a required or named tool_choice already fixes the output format"
+        return None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, object]:

@@ -84,3 +84,31 @@ def test_chat_stream_and_first_token_only(fleet):
     one = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1, **GREEDY)
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
     assert stats(fleet["decode"].address, "decode").reservations == 0  # a 1-token request releases its room
+
+
+@pytest.mark.parametrize("fleet", ["fp32"], indirect=True)  # one policy is enough for the sampling surface
+def test_penalties_cross_the_hand_off_and_what_cannot_is_refused(fleet, tiny_model_dir):
+    """Penalties and biases travel to decode (same tokens as colocated); n > 1 and grammars get a 400."""
+    tok = Tokenizer.from_dir(str(tiny_model_dir))
+    client = openai.OpenAI(base_url=f"{fleet['router'].address}/v1", api_key="unused", max_retries=0)
+    prompt = "Penalties: one two three four"
+    ids = tok.encode(prompt)
+    eng = LLMEngine.from_config(EngineConfig(model_dir=str(tiny_model_dir), variant="tiny", block_size=4,
+                                             max_num_seqs=8, max_num_batched_tokens=512))
+    banned = eng.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0].new_token_ids[0]
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=1.5,
+                        presence_penalty=0.5, repetition_penalty=1.3, logit_bias=((banned, -100.0),))
+    want = eng.generate([ids], sp)[0].new_token_ids
+    assert banned not in want
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0.0, frequency_penalty=1.5,
+                                  presence_penalty=0.5, logit_bias={str(banned): -100},
+                                  extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    assert r.choices[0].text == tok.decode(want)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4, n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+    assert stats(fleet["decode"].address, "decode").reservations == 0
