@@ -31,8 +31,8 @@ from kvfleet.dataplane.engine.api import (
 )
 from kvfleet.dataplane.roles import wire
 from kvfleet.dataplane.roles.discovery import Endpoint, PodDiscovery
+from kvfleet.dataplane.roles.transport import CallError, GrpcTransport, RoleTransport
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
-from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,13 @@ class RouterPolicy:
 class DisaggregatedEngine(AsyncEngine):
     """Routes each request over prefill and decode pods found by `discovery`."""
 
-    def __init__(self, discovery: PodDiscovery, variants: Iterable[str], policy: RouterPolicy | None = None) -> None:
+    def __init__(self, discovery: PodDiscovery, variants: Iterable[str], policy: RouterPolicy | None = None,
+                 transport: RoleTransport | None = None) -> None:
         self.discovery = discovery
         self.variants = list(variants)
+        self.transport = transport or GrpcTransport()
         self.policy = policy or RouterPolicy()
         self.loads: dict[str, PodLoad] = {}  # address -> load
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self._reserved: dict[str, Endpoint] = {}  # request id -> decode pod holding its reservation
         self._poller: asyncio.Task[None] | None = None
         self.queued = 0  # requests waiting in `admit` for KV room
@@ -106,9 +107,7 @@ class DisaggregatedEngine(AsyncEngine):
             self._poller.cancel()
             self._poller = None
         self.discovery.stop()
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        await self.transport.close()
 
     async def abort(self, request_id: str) -> None:
         ep = self._reserved.pop(request_id, None)
@@ -139,12 +138,11 @@ class DisaggregatedEngine(AsyncEngine):
         while True:
             for ep in self._decode_candidates(request.variant):
                 try:
-                    await pb_grpc.DecodeStub(self._channel(ep)).Reserve(
-                        pb.ReserveRequest(request_id=request.request_id, num_prompt_tokens=n,
-                                          max_tokens=max_tokens), timeout=5.0)
-                except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                        raise ValueError(e.details()) from e
+                    await self.transport.reserve(ep.address, pb.ReserveRequest(
+                        request_id=request.request_id, num_prompt_tokens=n, max_tokens=max_tokens))
+                except CallError as e:
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise ValueError(e.details) from e
                     continue  # full (RESOURCE_EXHAUSTED) or gone: the next pod
                 self._reserved[request.request_id] = ep
                 return
@@ -189,14 +187,14 @@ class DisaggregatedEngine(AsyncEngine):
             tried.add(ep.address)
             with self._busy(ep):
                 try:
-                    return await pb_grpc.PrefillStub(self._channel(ep)).Prefill(msg, timeout=600.0)
-                except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                        raise ValueError(e.details()) from e
-                    if e.code() not in RETRYABLE:
+                    return await self.transport.prefill(ep.address, msg)
+                except CallError as e:
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise ValueError(e.details) from e
+                    if e.code not in RETRYABLE:
                         raise
                     self.counters["prefill_retries"] += 1
-                    log.warning("prefill pod %s failed (%s); trying another", ep.name, e.code())
+                    log.warning("prefill pod %s failed (%s); trying another", ep.name, e.code)
 
     async def _decode(self, request: GenerationRequest, decode: Endpoint,
                       reply: pb.PrefillReply) -> AsyncIterator[RequestOutput]:
@@ -205,10 +203,10 @@ class DisaggregatedEngine(AsyncEngine):
         while True:
             msg = pb.GenerateRequest(request=wire.request_to_pb(request), reservation=reservation,
                                      first_token_id=reply.first_token_id)
-            call = pb_grpc.DecodeStub(self._channel(ep)).Generate(msg)
+            stream = self.transport.generate(ep.address, msg)
             try:
                 with self._busy(ep):
-                    async for chunk in call:
+                    async for chunk in stream:
                         streamed = True
                         self.counters["recomputed"] += chunk.recomputed
                         done = bool(chunk.finish_reason)
@@ -220,20 +218,20 @@ class DisaggregatedEngine(AsyncEngine):
                         if done:
                             return
                 raise RuntimeError(f"decode pod {ep.name} ended the stream without finishing")
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ValueError(e.details()) from e
+            except CallError as e:
+                if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(e.details) from e
                 nxt = [c for c in self._decode_candidates(request.variant) if c.address not in tried]
-                if streamed or e.code() not in RETRYABLE or not nxt:
-                    raise RuntimeError(f"decode pod {ep.name} failed mid-stream ({e.code().name})") from e
+                if streamed or e.code not in RETRYABLE or not nxt:
+                    raise RuntimeError(f"decode pod {ep.name} failed mid-stream ({e.code.name})") from e
                 # nothing streamed yet: another decode pod recomputes prompt + first token
                 self.counters["decode_retries"] += 1
-                log.warning("decode pod %s failed (%s) before streaming; retrying on %s", ep.name, e.code(),
+                log.warning("decode pod %s failed (%s) before streaming; retrying on %s", ep.name, e.code,
                             nxt[0].name)
                 ep, reservation = nxt[0], ""
                 tried.add(ep.address)
             finally:
-                call.cancel()  # no-op once finished; a client gone mid-stream frees decode's blocks
+                await stream.aclose()  # a client gone mid-stream cancels the call: decode frees its blocks
 
     # -- picking -----------------------------------------------------------------------------
 
@@ -257,15 +255,9 @@ class DisaggregatedEngine(AsyncEngine):
         finally:
             load.in_flight -= 1
 
-    def _channel(self, ep: Endpoint) -> grpc.aio.Channel:
-        ch = self._channels.get(ep.address)
-        if ch is None:
-            ch = self._channels[ep.address] = wire.channel(ep.address)
-        return ch
-
     async def _release(self, ep: Endpoint, rid: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await pb_grpc.DecodeStub(self._channel(ep)).Release(pb.ReleaseRequest(reservation=rid), timeout=5.0)
+        with contextlib.suppress(CallError):
+            await self.transport.release(ep.address, rid)
 
     async def _poll_stats(self) -> None:
         """Refresh every known pod's Stats; forget pods that left discovery."""
@@ -277,13 +269,9 @@ class DisaggregatedEngine(AsyncEngine):
                         eps[ep.address] = ep
             for addr in [a for a in self.loads if a not in eps]:
                 self.loads.pop(addr, None)
-                ch = self._channels.pop(addr, None)
-                if ch is not None:
-                    await ch.close()
+                await self.transport.forget(addr)
             await asyncio.gather(*(self._refresh(ep) for ep in eps.values()), return_exceptions=True)
             await asyncio.sleep(self.policy.stats_interval_s)
 
     async def _refresh(self, ep: Endpoint) -> None:
-        stub = pb_grpc.DecodeStub(self._channel(ep)) if ep.role == "decode" else \
-            pb_grpc.PrefillStub(self._channel(ep))
-        self._load(ep).stats = await stub.Stats(pb.Empty(), timeout=2.0)
+        self._load(ep).stats = await self.transport.stats(ep.address, ep.role)

@@ -24,6 +24,7 @@ from kvfleet.dataplane.engine.api import KVHandoff
 from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
 from kvfleet.dataplane.engine.handoff import usable
 from kvfleet.dataplane.roles import wire
+from kvfleet.dataplane.roles.transport import CallError, GrpcTransport, RoleTransport
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
@@ -48,8 +49,10 @@ async def _invalid(context: grpc.aio.ServicerContext, e: Exception) -> None:
 class PrefillService(pb_grpc.PrefillServicer):
     """Prompt KV and first token; KV pushed to the decode pod named in the call."""
 
-    def __init__(self, engine: AsyncLLMEngine, corrupt_for_test: bool = False) -> None:
+    def __init__(self, engine: AsyncLLMEngine, transport: RoleTransport | None = None,
+                 corrupt_for_test: bool = False) -> None:
         self.engine = engine
+        self.transport = transport or GrpcTransport()
         self.kv_blocks_sent = 0
         self.kv_bytes_sent = 0
         self.corrupt_for_test = corrupt_for_test  # flips one byte of every push (failure tests only)
@@ -90,11 +93,10 @@ class PrefillService(pb_grpc.PrefillServicer):
             bad[len(bad) // 2] ^= 0xFF
             chunks[0].payload = bytes(bad)
         try:
-            async with wire.channel(target.address) as ch:
-                await pb_grpc.DecodeStub(ch).PushKV(iter(chunks), timeout=30.0, metadata=metadata)
+            await self.transport.push_kv(target.address, chunks, metadata)
             reply.transfer_ok = True
-        except grpc.aio.AioRpcError as e:
-            log.warning("KV push to %s failed (%s: %s); decode will recompute", target.address, e.code(), e.details())
+        except CallError as e:
+            log.warning("KV push to %s failed (%s); decode will recompute", target.address, e)
         reply.kv_blocks, reply.kv_bytes = len(kv.blocks), kv.nbytes
         reply.transfer_s = time.monotonic() - t0
         if reply.transfer_ok:

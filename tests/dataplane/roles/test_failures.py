@@ -99,6 +99,7 @@ def test_decode_pod_killed(tmp_path, tiny_model_dir, clean_ref):
             assert _text(rtr) == clean_ref[10]
         s = stats(survivor.address, "decode")
         assert s.kv_blocks_used == 0 and s.reservations == 0
+        assert stats(pre.address, "prefill").kv_blocks_used == 0  # prefill freed its blocks after the push
     finally:
         for p in (rtr, pre, d1, d2):
             p.kill() if p in (d1, d2) else p.stop()
