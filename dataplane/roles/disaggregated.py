@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from kvfleet.dataplane import tracing
 from kvfleet.dataplane.engine.api import (
     AsyncEngine,
     EngineOverloaded,
@@ -78,6 +79,7 @@ class DisaggregatedEngine(AsyncEngine):
         self._reserved: dict[str, Endpoint] = {}  # request id -> decode pod holding its reservation
         self._poller: asyncio.Task[None] | None = None
         self.queued = 0  # requests waiting in `admit` for KV room
+        self._queue_ms: dict[str, float] = {}  # request id -> time it waited for room (until generate)
         self.counters = {"requests": 0, "shed": 0, "decode_retries": 0, "prefill_retries": 0, "recomputed": 0}
 
     # -- AsyncEngine -------------------------------------------------------------------
@@ -128,10 +130,12 @@ class DisaggregatedEngine(AsyncEngine):
             raise EngineOverloaded(f"{self.queued} requests are queued for KV room; class {klass!r} is shed",
                                    self.policy.retry_after_s)
         self.queued += 1
+        t0 = time.monotonic()
         try:
             await self._reserve(request, n, sp.max_tokens, sheddable, deadline)
         finally:
             self.queued -= 1
+            self._queue_ms[request.request_id] = (time.monotonic() - t0) * 1000
 
     async def _reserve(self, request: GenerationRequest, n: int, max_tokens: int, sheddable: bool,
                        deadline: float) -> None:
@@ -158,8 +162,13 @@ class DisaggregatedEngine(AsyncEngine):
             await self.admit(request)
         decode = self._reserved.pop(rid)
         decoded = False  # decode claimed the reservation and finished: nothing to release
+        tracing.annotate(**{"kvfleet.queue_ms": self._queue_ms.pop(rid, None), "kvfleet.decode_pod": decode.name})
         try:
+            t0 = time.monotonic()
             reply = await self._prefill(request, decode)
+            tracing.annotate(**{"kvfleet.prefill_ms": reply.prefill_s * 1000, "kvfleet.transfer_ms": reply.transfer_s * 1000,
+                                "kvfleet.kv_transfer_bytes": reply.kv_bytes, "kvfleet.kv_transfer_ok": reply.transfer_ok,
+                                "kvfleet.prefill_call_ms": (time.monotonic() - t0) * 1000})
             lps = [wire.logprob_from_pb(reply.logprob)] if request.sampling.logprobs is not None else None
             yield RequestOutput(rid, [reply.first_token_id], bool(reply.finish_reason), reply.finish_reason or None,
                                 lps, reply.num_prompt_tokens, reply.num_cached_prompt_tokens)
@@ -187,7 +196,8 @@ class DisaggregatedEngine(AsyncEngine):
             tried.add(ep.address)
             with self._busy(ep):
                 try:
-                    return await self.transport.prefill(ep.address, msg)
+                    tracing.annotate(**{"kvfleet.prefill_pod": ep.name})
+                    return await self.transport.prefill(ep.address, msg, tracing.inject())
                 except CallError as e:
                     if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise ValueError(e.details) from e
@@ -203,7 +213,7 @@ class DisaggregatedEngine(AsyncEngine):
         while True:
             msg = pb.GenerateRequest(request=wire.request_to_pb(request), reservation=reservation,
                                      first_token_id=reply.first_token_id)
-            stream = self.transport.generate(ep.address, msg)
+            stream = self.transport.generate(ep.address, msg, tracing.inject())
             try:
                 with self._busy(ep):
                     async for chunk in stream:

@@ -51,17 +51,21 @@ def load_engine(config_path: Path) -> Any:
 
 
 async def serve(role: str, args: argparse.Namespace) -> None:
+    from kvfleet.dataplane import tracing
     from kvfleet.dataplane.roles import wire
     from kvfleet.dataplane.roles.services import DecodeService, PrefillService
     from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
     engine = load_engine(args.config)
     await engine.start()
+    telemetry = tracing.configure(role)
+    telemetry.observe_engine(engine.stats)
     if role == "prefill":
         servicers = [(pb_grpc.add_PrefillServicer_to_server,
-                      PrefillService(engine, corrupt_for_test=os.environ.get("KVFLEET_TEST_CORRUPT_KV") == "1"))]
+                      PrefillService(engine, corrupt_for_test=os.environ.get("KVFLEET_TEST_CORRUPT_KV") == "1",
+                                     telemetry=telemetry))]
     else:
-        servicers = [(pb_grpc.add_DecodeServicer_to_server, DecodeService(engine))]
+        servicers = [(pb_grpc.add_DecodeServicer_to_server, DecodeService(engine, telemetry))]
     server, port = await wire.start_grpc(servicers, args.host, args.grpc_port)
     health = await wire.start_health(args.host, args.http_port, lambda: engine.error is None)
     stop = asyncio.Event()
@@ -75,6 +79,7 @@ async def serve(role: str, args: argparse.Namespace) -> None:
         await server.stop(grace=5.0)  # in-flight calls get 5 s to finish
         await health.cleanup()
         await engine.shutdown()
+        telemetry.shutdown()
 
 
 def main(role: str, argv: list[str] | None = None) -> int:

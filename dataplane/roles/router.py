@@ -73,9 +73,15 @@ async def serve(args: argparse.Namespace) -> None:
                           default_max_model_len=int(cfg.get("maxModelLen") or 2048),
                           max_queued_requests=int(cfg.get("maxQueuedRequests") or 256))
     engine = DisaggregatedEngine(discovery, [m["variant"] for m in models], policy)
+    from kvfleet.dataplane import tracing
+
+    telemetry = tracing.configure("router")
+    targets = {c["name"]: tracing.SLOTarget(float(c["ttftMs"]), float(c["tpotMs"])) for c in classes
+               if "ttftMs" in c and "tpotMs" in c}
     app = build_app(engine, load_tokenizer(models), [m["model"] for m in models],
                     slo_classes=[c["name"] for c in classes] or None,
-                    variants={m["model"]: m["variant"] for m in models})
+                    variants={m["model"]: m["variant"] for m in models}, telemetry=telemetry,
+                    slo_targets=targets, default_slo_class=cfg.get("defaultSloClass"))
     runner, url = await start_server(app, args.host, cfg.get("port", 8000) if args.port is None else args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,6 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+        telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 import grpc
+from kvfleet.dataplane import tracing
 from kvfleet.dataplane.engine.api import KVHandoff
 from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
 from kvfleet.dataplane.engine.handoff import usable
@@ -50,14 +51,25 @@ class PrefillService(pb_grpc.PrefillServicer):
     """Prompt KV and first token; KV pushed to the decode pod named in the call."""
 
     def __init__(self, engine: AsyncLLMEngine, transport: RoleTransport | None = None,
-                 corrupt_for_test: bool = False) -> None:
+                 corrupt_for_test: bool = False, telemetry: tracing.Telemetry | None = None) -> None:
         self.engine = engine
+        self.telemetry = telemetry
         self.transport = transport or GrpcTransport()
         self.kv_blocks_sent = 0
         self.kv_bytes_sent = 0
         self.corrupt_for_test = corrupt_for_test  # flips one byte of every push (failure tests only)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:
+        with tracing.hop_span(self.telemetry, "prefill", context.invocation_metadata(),
+                              **{"kvfleet.request_id": request.request.request_id,
+                                 "gen_ai.usage.input_tokens": len(request.request.prompt_token_ids)}):
+            reply = await self._prefill(request, context)
+            tracing.annotate(**{"kvfleet.prefix_hit_tokens": reply.num_cached_prompt_tokens,
+                                "kvfleet.kv_transfer_bytes": reply.kv_bytes, "kvfleet.transfer_ms": reply.transfer_s * 1000,
+                                "kvfleet.kv_transfer_ok": reply.transfer_ok})
+            return reply
+
+    async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:
         try:
             greq = wire.request_from_pb(request.request)
         except ValueError as e:
@@ -81,7 +93,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         if final.finish_reason == "stop" or want == 1:
             reply.finish_reason = final.finish_reason or "length"
         if final.kv is not None and not reply.finish_reason:
-            await self._push(final.kv, request.target, reply, wire.trace_metadata(context))
+            await self._push(final.kv, request.target, reply, tracing.inject())
         return reply
 
     async def _push(self, kv: KVHandoff, target: pb.KVTarget, reply: pb.PrefillReply,
@@ -110,8 +122,9 @@ class PrefillService(pb_grpc.PrefillServicer):
 class DecodeService(pb_grpc.DecodeServicer):
     """Reservations, KV intake and token streaming over a decode engine."""
 
-    def __init__(self, engine: AsyncLLMEngine) -> None:
+    def __init__(self, engine: AsyncLLMEngine, telemetry: tracing.Telemetry | None = None) -> None:
         self.engine = engine
+        self.telemetry = telemetry
         self.pushed: dict[str, KVHandoff] = {}  # reservation -> KV, until Generate claims it
         self.kv_blocks_received = 0
         self.kv_bytes_received = 0
@@ -159,6 +172,17 @@ class DecodeService(pb_grpc.DecodeServicer):
             greq.request_id = f"{greq.request_id}-{uuid.uuid4().hex[:8]}"  # a retry: never collide with a reservation
         before = self.engine.recomputed
         first = True
+        with tracing.hop_span(self.telemetry, "decode", context.invocation_metadata(),
+                              **{"kvfleet.request_id": greq.request_id, "kvfleet.kv_received": kv is not None}):
+            async for chunk in self._generate(greq, request, kv, context):
+                if first:
+                    chunk.recomputed = self.engine.recomputed > before
+                    tracing.annotate(**{"kvfleet.recomputed": chunk.recomputed})
+                    first = False
+                yield chunk
+
+    async def _generate(self, greq: Any, request: pb.GenerateRequest, kv: KVHandoff | None,
+                        context: grpc.aio.ServicerContext) -> Any:
         try:
             async for out in self.engine.continue_prefilled(greq, request.first_token_id, kv):
                 chunk = pb.TokenChunk(token_ids=out.new_token_ids,
@@ -166,9 +190,6 @@ class DecodeService(pb_grpc.DecodeServicer):
                                       finish_reason=out.finish_reason or "" if out.finished else "",
                                       num_prompt_tokens=out.num_prompt_tokens,
                                       num_cached_prompt_tokens=out.num_cached_prompt_tokens)
-                if first:
-                    chunk.recomputed = self.engine.recomputed > before
-                    first = False
                 yield chunk
         except ValueError as e:
             await _invalid(context, e)

@@ -24,7 +24,6 @@ from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-TRACEPARENT = "traceparent"  # W3C trace context travels in call metadata under this key
 MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -118,12 +117,6 @@ async def handoff_from_chunks(chunks: AsyncIterator[pb.KVChunk]) -> tuple[str, K
 
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-
-
-def trace_metadata(context: Any) -> tuple[tuple[str, str], ...]:
-    """The incoming call's `traceparent` (if any), to pass on to the next hop."""
-    md = dict(context.invocation_metadata() or ()) if context is not None else {}
-    return ((TRACEPARENT, md[TRACEPARENT]),) if TRACEPARENT in md else ()
 
 
 async def start_grpc(servicers: list[tuple[Any, Any]], host: str, port: int) -> tuple[grpc.aio.Server, int]:

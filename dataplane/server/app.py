@@ -21,6 +21,7 @@ from kvfleet.dataplane.engine.api import AsyncEngine, EngineOverloaded
 from kvfleet.dataplane.server.errors import APIError
 from kvfleet.dataplane.server.handlers import OpenAIHandlers, ServerState, ServerTokenizer
 from kvfleet.dataplane.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvfleet.dataplane.tracing import SLOTarget, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ def build_app(
     vocab_size: int | None = None,
     manage_engine: bool = True,
     variants: dict[str, str] | None = None,
+    telemetry: Telemetry | None = None,
+    slo_targets: dict[str, SLOTarget] | None = None,
+    default_slo_class: str | None = None,
 ) -> web.Application:
     """An aiohttp app serving `engine` under the given model names.
 
@@ -53,6 +57,8 @@ def build_app(
         vocab_size: token-id prompts are checked against it when given.
         manage_engine: start the engine with the app and shut it down on cleanup.
         variants: served model name -> ModelVariant name, when one engine (a router) serves several.
+        telemetry: a span per request and unsampled SLO counts (`tracing.configure`); None = none.
+        slo_targets, default_slo_class: what each class promises, to count a request attained or not.
     """
     names = list(served_model_names)
     if not names:
@@ -68,6 +74,9 @@ def build_app(
         slo_classes=None if slo_classes is None else frozenset(slo_classes),
         vocab_size=vocab_size if isinstance(vocab_size, int) else None,
         variants=variants,
+        telemetry=telemetry,
+        slo_targets=slo_targets,
+        default_slo_class=default_slo_class,
     )
     app = web.Application(middlewares=[_errors_and_counts], client_max_size=MAX_BODY_BYTES)
     app[STATE_KEY] = state

@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvfleet.dataplane.engine.api import AsyncEngine, GenerationRequest, TokenLogprob, choice_request_id
 from kvfleet.dataplane.server.metrics import ServerMetrics
 from kvfleet.dataplane.server.textstream import StopStringMatcher
 
 log = logging.getLogger(__name__)
+
+
+class RequestTracer(Protocol):
+    """A request's trace as `Generation` drives it (`kvfleet.dataplane.tracing.RequestTrace`)."""
+
+    def first_token(self) -> None: ...
+
+    def finish(self, input_tokens: int, output_tokens: int, finish_reason: str, cached_tokens: int = 0) -> Any: ...
 
 
 class Detokenizer(Protocol):
@@ -66,8 +74,12 @@ class Generation:
         stop: Sequence[str],
         metrics: ServerMetrics,
         model: str,
+        trace: Callable[[Generation], RequestTracer] | None = None,
     ) -> None:
+        """trace: makes the request's span when `pieces()` starts (`tracing.RequestTrace`), or None."""
         self.engine = engine
+        self._make_trace = trace
+        self._trace: RequestTracer | None = None
         self.request = request
         self.metrics = metrics
         self.model = model
@@ -101,6 +113,8 @@ class Generation:
     async def pieces(self) -> AsyncIterator[Piece]:
         """Yield text pieces; each choice's last one carries `finish_reason`. Always frees the engine request."""
         engine_done = False
+        if self._make_trace is not None:  # in this task, so the engine's hops are its children
+            self._trace = self._make_trace(self)
         stream = self.engine.generate(self.request)
         choices = self._choices
         open_choices = len(choices)
@@ -115,6 +129,8 @@ class Generation:
                     continue  # a choice ended by a stop string: its engine sequence's final output
                 if out.new_token_ids and self.first_token_time is None:
                     self.first_token_time = time.monotonic()
+                    if self._trace is not None:
+                        self._trace.first_token()
                 c.num_output_tokens += len(out.new_token_ids)
                 text = "".join(c.detok.push(t) for t in out.new_token_ids)
                 if out.finished:
@@ -161,6 +177,9 @@ class Generation:
                 log.debug("closing the engine stream of %s failed", self.request.request_id, exc_info=True)
 
     def _record(self) -> None:
+        if self._trace is not None:
+            self._trace.finish(self.num_prompt_tokens, self.num_output_tokens, self.finish_reason or "abort",
+                               self.num_cached_tokens)
         now = time.monotonic()
         ttft = None if self.first_token_time is None else self.first_token_time - self.start_time
         self.metrics.observe_request(

@@ -27,6 +27,7 @@ from kvfleet.dataplane.server.protocol import ChatCompletionRequest, CompletionR
 from kvfleet.dataplane.server.tools import ToolStream
 from kvfleet.dataplane.server.tools import constraint as tool_constraint
 from kvfleet.dataplane.server.tools import parse as parse_tool_calls
+from kvfleet.dataplane.tracing import RequestTrace, SLOTarget, Telemetry
 from pydantic import ValidationError
 
 SLO_CLASS_HEADER = "x-kvfleet-slo-class"
@@ -58,6 +59,9 @@ class ServerState:
     slo_classes: frozenset[str] | None = None  # None: any name is passed on to the engine
     vocab_size: int | None = None
     variants: dict[str, str] | None = None  # served model name -> variant (a router of several); else `variant`
+    telemetry: Telemetry | None = None  # spans per request and unsampled SLO counts (kvfleet.dataplane.tracing)
+    slo_targets: dict[str, SLOTarget] | None = None  # class name -> TTFT/TPOT targets (attained or not)
+    default_slo_class: str | None = None
 
 
 async def read_json(request: web.Request, model: type[_SamplingFields]) -> Any:
@@ -264,7 +268,27 @@ class OpenAIHandlers:
                                  variant=(self.state.variants or {}).get(body.model, self.state.variant),
                                  slo_class=self._slo_class(request, body))
         detoks = [self.state.tokenizer.detokenizer(prompt_ids) for _ in range(n)]
-        return Generation(self.state.engine, greq, detoks, body.stop_list(), self.state.metrics, body.model)
+        return Generation(self.state.engine, greq, detoks, body.stop_list(), self.state.metrics, body.model,
+                          trace=self._tracer(body, greq))
+
+    def _tracer(self, body: _SamplingFields, greq: GenerationRequest) -> Callable[[Generation], RequestTrace] | None:
+        """The factory of this request's span (None without telemetry)."""
+        tel = self.state.telemetry
+        if tel is None:
+            return None
+        klass = greq.slo_class or self.state.default_slo_class
+        target = (self.state.slo_targets or {}).get(klass or "")
+        operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
+
+        def make(gen: Generation) -> RequestTrace:
+            s = self.state.engine.stats()
+            return RequestTrace(tel, operation, body.model, greq.variant, klass, target, start=greq.arrival_time,
+                                **{"kvfleet.request_id": greq.request_id,
+                                   "gen_ai.request.max_tokens": greq.sampling.max_tokens,
+                                   "kvfleet.kv_utilisation": s.kv_blocks_used / s.kv_blocks_total
+                                   if s.kv_blocks_total else None})
+
+        return make
 
     async def _admit(self, gens: list[Generation]) -> None:
         """Let the engine refuse (429) before any byte is sent; on a refusal, admitted siblings are released."""

@@ -88,7 +88,8 @@ def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> Eng
     )
 
 
-async def run_server(config: EngineConfig, served_model_names: list[str], host: str, port: int) -> None:
+async def run_server(config: EngineConfig, served_model_names: list[str], host: str, port: int,
+                     role: str = "engine") -> None:
     """Load the engine for `config`, serve the OpenAI API on host:port until SIGTERM/SIGINT, shut down.
 
     `kvfleet serve` and the colocated `engine` role both run through here.
@@ -101,7 +102,13 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     tokenizer = Tokenizer.from_dir(config.model_dir)
     engine = AsyncLLMEngine.from_config(config)
     slo_names = [c.name for c in config.slo_classes] or None
-    app = build_app(engine, tokenizer, served_model_names, variant=config.variant, slo_classes=slo_names)
+    from kvfleet.dataplane import tracing
+
+    telemetry = tracing.configure(role)
+    telemetry.observe_engine(engine.stats)
+    targets = {c.name: tracing.SLOTarget(c.ttft_ms, c.tpot_ms) for c in config.slo_classes}
+    app = build_app(engine, tokenizer, served_model_names, variant=config.variant, slo_classes=slo_names,
+                    telemetry=telemetry, slo_targets=targets, default_slo_class=config.default_slo_class)
     runner, url = await start_server(app, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,6 +122,7 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     finally:
         log.info("shutting down")
         await runner.cleanup()  # closes connections, then the app's cleanup stops the engine
+        telemetry.shutdown()  # flushes the last spans and counts
         log.info("stopped")
 
 
@@ -126,7 +134,7 @@ async def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     model_dir, default_name = resolve_model_dir(args.model)
     names = args.served_model_name or [default_name]
-    await run_server(build_config(args, model_dir, names[0]), names, args.host, args.port)
+    await run_server(build_config(args, model_dir, names[0]), names, args.host, args.port, role="serve")
 
 
 def main(argv: list[str]) -> int:

@@ -84,7 +84,9 @@ def probes() -> dict[str, Any]:
 def env(inputs: FleetInputs, role: str, variant: str | None) -> list[dict[str, Any]]:
     """Identity (downward API), and OTel export to the operator's receiver plus the user's collector."""
     telemetry = inputs.fleet.spec.telemetry
-    attrs = f"kvfleet.fleet={inputs.name},kvfleet.role={role},k8s.namespace.name={inputs.namespace}"
+    # k8s.pod.name expands $(POD_NAME) (declared above it): the receiver tells pods apart by it
+    attrs = (f"kvfleet.fleet={inputs.name},kvfleet.role={role},k8s.namespace.name={inputs.namespace},"
+             "k8s.pod.name=$(POD_NAME)")
     if variant:
         attrs += f",kvfleet.variant={variant}"
     out: list[dict[str, Any]] = [

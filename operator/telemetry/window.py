@@ -1,0 +1,180 @@
+"""Sliding-window aggregates of what the dataplane exports, per fleet (pure, bounded memory).
+
+Inputs are OTLP metric points already flattened by the receiver: cumulative counters
+(`kvfleet.requests`, `kvfleet.tokens`), cumulative histograms (`kvfleet.ttft`, `kvfleet.tpot`) and
+gauges (`kvfleet.kv.utilisation`, `kvfleet.queue.depth`), each with the exporting pod's identity
+(namespace, fleet, role, variant, pod) and its attributes. Cumulative series are differenced over the
+window, so a request counts exactly once however often it is exported, and spans being sampled
+never changes a count. A series is identified by its pod and its start time, so a restarted pod is a
+new series rather than a counter reset.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+Attrs = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Who exported a point (from the OTLP resource)."""
+
+    namespace: str
+    fleet: str
+    role: str
+    variant: str
+    pod: str
+
+
+@dataclass(frozen=True)
+class ClassWindow:
+    """One SLO class over the window (finished requests; percentiles from the histograms)."""
+
+    name: str
+    requests: int
+    attained: int
+    ttft_p90_ms: float | None
+    tpot_p90_ms: float | None
+
+    @property
+    def attainment(self) -> float | None:
+        return self.attained / self.requests if self.requests else None
+
+
+@dataclass(frozen=True)
+class RoleWindow:
+    """One role of one variant: its pods' latest gauges."""
+
+    role: str
+    variant: str
+    pods: int
+    kv_pressure: float | None  # mean KV utilisation over its pods
+    queue_depth: float | None  # mean waiting requests per pod
+
+
+@dataclass(frozen=True)
+class FleetWindow:
+    """Everything the window holds about one fleet."""
+
+    classes: list[ClassWindow]
+    roles: list[RoleWindow]
+    output_tokens: int
+    data_age_s: float | None  # since the newest point; None = nothing seen
+
+
+@dataclass
+class _Series:
+    start: float
+    points: deque[tuple[float, tuple[float, ...]]] = field(default_factory=deque)
+
+
+class Windows:
+    """All fleets' series; `fleet()` reads one fleet's window at `now`."""
+
+    def __init__(self, window_s: float = 60.0, max_series: int = 20000) -> None:
+        self.window_s = window_s
+        self.max_series = max_series
+        self._series: dict[tuple[Source, str, Attrs, float], _Series] = {}
+        self._bounds: dict[str, tuple[float, ...]] = {}
+        self._last_seen: dict[tuple[str, str], float] = {}
+        self.dropped = 0  # points nobody could attribute to a fleet, or over the series bound
+
+    # -- intake ----------------------------------------------------------------------
+
+    def add(self, src: Source | None, metric: str, attrs: Attrs, start: float, t: float,
+            values: tuple[float, ...], bounds: tuple[float, ...] = ()) -> None:
+        """One point: a cumulative value (counter) or bucket counts (histogram), or a gauge (start = t)."""
+        if src is None or not src.fleet or not src.namespace:
+            self.dropped += 1
+            return
+        key = (src, metric, attrs, start)
+        s = self._series.get(key)
+        if s is None:
+            if len(self._series) >= self.max_series:
+                self._expire(t)
+                if len(self._series) >= self.max_series:
+                    self.dropped += 1
+                    return
+            s = self._series[key] = _Series(start)
+        if bounds:
+            self._bounds[metric] = bounds
+        s.points.append((t, values))
+        while len(s.points) > 2 and s.points[1][0] <= t - self.window_s:
+            s.points.popleft()  # keep one point at or before the window's start as the baseline
+        self._last_seen[(src.namespace, src.fleet)] = max(t, self._last_seen.get((src.namespace, src.fleet), t))
+
+    def _expire(self, now: float) -> None:
+        old = [k for k, s in self._series.items() if s.points and s.points[-1][0] < now - 2 * self.window_s]
+        for k in old:
+            del self._series[k]
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _delta(self, s: _Series, now: float) -> tuple[float, ...] | None:
+        if not s.points or s.points[-1][0] < now - self.window_s:
+            return None  # nothing new in the window
+        last = s.points[-1][1]
+        base = next((v for t, v in reversed(s.points) if t <= now - self.window_s), None)
+        if base is None:
+            base = (0.0,) * len(last) if s.start >= now - self.window_s else s.points[0][1]
+        return tuple(a - b for a, b in zip(last, base, strict=True))
+
+    def fleet(self, namespace: str, fleet: str, now: float) -> FleetWindow:
+        reqs: dict[str, list[int]] = {}
+        hists: dict[tuple[str, str], list[float]] = {}
+        gauges: dict[tuple[str, str, str], dict[str, float]] = {}
+        out_tokens = 0
+        for (src, metric, attrs, _), s in self._series.items():
+            if (src.namespace, src.fleet) != (namespace, fleet):
+                continue
+            a = dict(attrs)
+            if metric in ("kvfleet.kv.utilisation", "kvfleet.queue.depth"):
+                if s.points and s.points[-1][0] >= now - self.window_s:
+                    gauges.setdefault((src.role, src.variant, metric), {})[src.pod] = s.points[-1][1][0]
+                continue
+            d = self._delta(s, now)
+            if d is None:
+                continue
+            klass = a.get("kvfleet.slo_class", "")
+            if metric == "kvfleet.requests" and a.get("kvfleet.role") in ("router", "engine", "serve"):
+                r = reqs.setdefault(klass, [0, 0])
+                r[0] += int(d[0])
+                r[1] += int(d[0]) if a.get("kvfleet.attained") == "true" else 0
+            elif metric == "kvfleet.tokens" and a.get("gen_ai.token.type") == "output" \
+                    and a.get("kvfleet.role") in ("router", "engine", "serve"):
+                out_tokens += int(d[0])
+            elif metric in ("kvfleet.ttft", "kvfleet.tpot"):
+                acc = hists.setdefault((klass, metric), [0.0] * len(d))
+                for i, v in enumerate(d):
+                    acc[i] += v
+        classes = [ClassWindow(k, n, ok, _p90(hists.get((k, "kvfleet.ttft")), self._bounds.get("kvfleet.ttft", ())),
+                               _p90(hists.get((k, "kvfleet.tpot")), self._bounds.get("kvfleet.tpot", ())))
+                   for k, (n, ok) in sorted(reqs.items())]
+        roles: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+        for (role, variant, metric), by_pod in gauges.items():
+            roles.setdefault((role, variant), {})[metric] = by_pod
+        role_windows = [RoleWindow(role, variant, max(len(v) for v in m.values()),
+                                   _mean(m.get("kvfleet.kv.utilisation")), _mean(m.get("kvfleet.queue.depth")))
+                        for (role, variant), m in sorted(roles.items())]
+        seen = self._last_seen.get((namespace, fleet))
+        return FleetWindow(classes, role_windows, out_tokens, None if seen is None else max(0.0, now - seen))
+
+
+def _mean(by_pod: dict[str, float] | None) -> float | None:
+    return sum(by_pod.values()) / len(by_pod) if by_pod else None
+
+
+def _p90(counts: list[float] | None, bounds: tuple[float, ...]) -> float | None:
+    """The 90th percentile from histogram bucket counts (the bucket's upper bound; last bucket: its lower)."""
+    if not counts or sum(counts) <= 0 or len(counts) != len(bounds) + 1:
+        return None
+    cum, target = 0.0, 0.9 * sum(counts)
+    cumulative = []
+    for c in counts:
+        cum += c
+        cumulative.append(cum)
+    i = bisect.bisect_left(cumulative, target)
+    return float(bounds[i]) if i < len(bounds) else float(bounds[-1])
