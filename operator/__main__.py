@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-pull-policy", default=os.environ.get("KVFLEET_IMAGE_PULL_POLICY", "IfNotPresent"))
     p.add_argument("--otlp-endpoint", default=os.environ.get("KVFLEET_OTLP_ENDPOINT", ""),
                    help="the operator's OTLP receiver Service URL that pods export traces to")
+    p.add_argument("--otlp-listen", default=os.environ.get("KVFLEET_OTLP_LISTEN", "127.0.0.1:0"),
+                   help="HOST:PORT of the OTLP/gRPC receiver (port 0: any free port; '' disables it). Without "
+                        "--otlp-endpoint, pods are pointed at it on 127.0.0.1 (local runs)")
     p.add_argument("--workers", type=int, default=int(os.environ.get("KVFLEET_WORKERS", "8")),
                    help="concurrent reconciles")
     p.add_argument("--resync-seconds", type=float, default=float(os.environ.get("KVFLEET_RESYNC_SECONDS", "60")),

@@ -29,6 +29,8 @@ from .kube import Kube
 from .peering import PeeringGate
 from .reconciler import Reconciler
 from .resolve import references
+from .telemetry.receiver import Receiver
+from .telemetry.receiver import serve as serve_otlp
 
 GROUP, VERSION = "kvfleet.io", "v1alpha1"
 FLEETS = (GROUP, VERSION, "inferencefleets")
@@ -58,9 +60,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     """Configure kopf, build the Reconciler (with its read cache) and start the Controller."""
     configure(settings)
     opts = memo.options
+    receiver, endpoint = None, opts.otlp_endpoint or None
+    if getattr(opts, "otlp_listen", ""):
+        host, _, port = opts.otlp_listen.rpartition(":")
+        receiver = Receiver()
+        memo.otlp_server, bound = await serve_otlp(receiver, host or "0.0.0.0", int(port))
+        endpoint = endpoint or f"http://127.0.0.1:{bound}"
+        logging.getLogger(__name__).info("OTLP receiver on %s:%d; pods export to %s", host, bound, endpoint)
     reconciler = Reconciler(Kube(), OperatorSettings(image=opts.image, image_pull_policy=opts.image_pull_policy,
-                                                     otlp_endpoint=opts.otlp_endpoint or None),
-                            cache=ObjectCache())
+                                                     otlp_endpoint=endpoint),
+                            cache=ObjectCache(), telemetry=receiver.windows if receiver else None)
     gate = None
     if opts.peering:
         gate = PeeringGate(reconciler.kube, opts.peering, opts.identity, opts.priority).active
@@ -71,8 +80,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Stop the Controller when kopf stops."""
+    """Stop the Controller (and the OTLP receiver) when kopf stops."""
     await memo.controller.stop()
+    if getattr(memo, "otlp_server", None) is not None:
+        await memo.otlp_server.stop(grace=1.0)
 
 
 @kopf.on.probe(id="queue")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from .children import ManualScale, key, manual_scales, owned_by, stale_children
 from .kube import CHILD_KINDS, KVFLEET, METADATA_ONLY_KINDS, ApiError, Kube
 from .resolve import Unresolved, references, resolve
 from .status import fleet_status, status_changed, used_by_status, workload_state
+from .telemetry.status import gpus_of, telemetry_status
+from .telemetry.window import Windows
 
 log = logging.getLogger("kvfleet.operator")
 REF_KINDS = ("ModelVariant", "CachePolicy", "SLOClass")
@@ -86,9 +89,11 @@ class Reconciler:
     """Reconciles fleets and the usedByFleets status of what they reference."""
 
     def __init__(self, kube: Kube, settings: OperatorSettings, fan_out: int = 16,
-                 cache: ObjectCache | None = None):
+                 cache: ObjectCache | None = None, telemetry: Windows | None = None):
+        """telemetry: what the OTLP receiver aggregated (status shows attainment, KV pressure, tokenomics)."""
         self.kube = kube
         self.settings = settings
+        self.telemetry = telemetry
         self.cache = cache
         self._warm: set[tuple[str, str]] = set()  # fleets whose children were listed from the API once
         # Requests of one reconcile that do not depend on each other run concurrently (latency).
@@ -173,7 +178,8 @@ class Reconciler:
                 except ApiError as exc:
                     out.problem = ("ApplyFailed", str(exc))
                     error = exc
-        self._write_status(fleet, out, [workload_state(w) for w in workloads_seen], endpoint)
+        self._write_status(fleet, out, [workload_state(w) for w in workloads_seen], endpoint,
+                           self._observed(fleet, workloads_seen))
         if error is not None:
             raise RetryableError(str(error)) from error
         return out
@@ -210,12 +216,24 @@ class Reconciler:
                          + ", ".join(out.deleted) + ".")
         return [o for o in stored if o.get("kind") in ("Deployment", "StatefulSet")]
 
+    def _observed(self, fleet: Mapping[str, Any], workloads: list[dict[str, Any]]) -> dict[str, Any]:
+        """Status fields from the fleet's telemetry window ({} without a receiver)."""
+        if self.telemetry is None:
+            return {}
+        spec = fleet.get("spec") or {}
+        window_s = float((spec.get("autoscaling") or {}).get("windowSeconds", 60))
+        meta = fleet["metadata"]
+        w = self.telemetry.fleet(meta["namespace"], meta["name"], time.time(), window_s)
+        return telemetry_status(w, window_s, spec.get("sloClasses") or [], gpus_of(workloads),
+                                spec.get("gpuHourCostUsd"))
+
     def _write_status(self, fleet: Mapping[str, Any], out: Outcome, workloads: list[Any],
-                      endpoint: str | None) -> None:
+                      endpoint: str | None, observed: Mapping[str, Any] | None = None) -> None:
         meta = fleet["metadata"]
         current = fleet.get("status") or {}
         status = fleet_status(generation=meta.get("generation"), previous=current.get("conditions") or [],
                               problem=out.problem, workloads=workloads, endpoint=endpoint, now=now())
+        status.update(observed or {})
         if not status_changed(current, status):
             return
         writes.apply_status(self.kube, "InferenceFleet", KVFLEET, meta["namespace"], meta["name"], status)

@@ -72,9 +72,10 @@ class _Series:
 
 
 class Windows:
-    """All fleets' series; `fleet()` reads one fleet's window at `now`."""
+    """All fleets' series; `fleet()` reads one fleet's window at `now`. Points older than `window_s` (the
+    longest window any fleet may ask for) are forgotten."""
 
-    def __init__(self, window_s: float = 60.0, max_series: int = 20000) -> None:
+    def __init__(self, window_s: float = 3600.0, max_series: int = 20000) -> None:
         self.window_s = window_s
         self.max_series = max_series
         self._series: dict[tuple[Source, str, Attrs, float], _Series] = {}
@@ -113,16 +114,17 @@ class Windows:
 
     # -- reads --------------------------------------------------------------------------
 
-    def _delta(self, s: _Series, now: float) -> tuple[float, ...] | None:
-        if not s.points or s.points[-1][0] < now - self.window_s:
+    @staticmethod
+    def _delta(s: _Series, now: float, window_s: float) -> tuple[float, ...] | None:
+        if not s.points or s.points[-1][0] < now - window_s:
             return None  # nothing new in the window
         last = s.points[-1][1]
-        base = next((v for t, v in reversed(s.points) if t <= now - self.window_s), None)
+        base = next((v for t, v in reversed(s.points) if t <= now - window_s), None)
         if base is None:
-            base = (0.0,) * len(last) if s.start >= now - self.window_s else s.points[0][1]
+            base = (0.0,) * len(last) if s.start >= now - window_s else s.points[0][1]
         return tuple(a - b for a, b in zip(last, base, strict=True))
 
-    def fleet(self, namespace: str, fleet: str, now: float) -> FleetWindow:
+    def fleet(self, namespace: str, fleet: str, now: float, window_s: float = 60.0) -> FleetWindow:
         reqs: dict[str, list[int]] = {}
         hists: dict[tuple[str, str], list[float]] = {}
         gauges: dict[tuple[str, str, str], dict[str, float]] = {}
@@ -132,10 +134,10 @@ class Windows:
                 continue
             a = dict(attrs)
             if metric in ("kvfleet.kv.utilisation", "kvfleet.queue.depth"):
-                if s.points and s.points[-1][0] >= now - self.window_s:
+                if s.points and s.points[-1][0] >= now - window_s:
                     gauges.setdefault((src.role, src.variant, metric), {})[src.pod] = s.points[-1][1][0]
                 continue
-            d = self._delta(s, now)
+            d = self._delta(s, now, window_s)
             if d is None:
                 continue
             klass = a.get("kvfleet.slo_class", "")

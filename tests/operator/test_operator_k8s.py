@@ -82,7 +82,9 @@ def test_create_fleet_children_pods_and_status(operator_env):
             "status") or {}).get("usedByFleets") == ["chat"])
     assert (env.kube.get("CachePolicy", env.namespace, "long-context").get("status") or {}).get("usedByFleets") == []
     # kopf kept its bookkeeping in annotations, not in status
-    assert set(status) <= {"observedGeneration", "conditions", "roles", "routerEndpoint"}
+    assert set(status) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses"}
+    # no traffic yet: each class is listed with nothing measured (never a made-up figure)
+    assert [(c["name"], c["requests"]) for c in status["sloClasses"]] == [("interactive", 0), ("batch", 0)]
     assert "kvfleet.io/last-handled-configuration" in f["metadata"]["annotations"]
 
 

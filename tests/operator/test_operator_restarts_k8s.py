@@ -67,4 +67,4 @@ def test_sigkill_mid_reconcile_five_times_converges_without_duplicates_or_orphan
             if p.metadata.deletion_timestamp is None]
     assert len(pods) == sum(o["spec"]["replicas"] for o in want.values() if o["kind"] in ("Deployment", "StatefulSet"))
     # kopf's progress lives in annotations; nothing of kopf leaked into status
-    assert set(f["status"]) <= {"observedGeneration", "conditions", "roles", "routerEndpoint"}
+    assert set(f["status"]) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses"}
