@@ -153,6 +153,9 @@ def write_md(rep: dict[str, Any], path: Path) -> None:
     ]
     for name, row in rep["sampler_us"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[str(b)]:.0f}" for b in rep["batches"]) + " |")
+    old = path.read_text() if path.exists() else ""
+    reading = old[old.index("**Reading.**"):].strip() if "**Reading.**" in old else ""
+    lines += ["", reading or "**Reading.** _(written after looking at the tables)_"]
     path.write_text("\n".join(lines) + "\n")
 
 
