@@ -148,6 +148,8 @@ class LLMEngine:
         if vocab is not None and any(not 0 <= t < vocab for t, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if sp.json_schema is not None:
+            if sp.min_tokens:  # a complete document allows only eos, which min_tokens would ban
+                raise InvalidRequest("min_tokens cannot be combined with structured output", param="min_tokens")
             try:
                 self.runner.structured.grammar(sp.json_schema)  # type: ignore[union-attr]
             except ValueError as e:

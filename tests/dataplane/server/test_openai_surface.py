@@ -272,6 +272,12 @@ def test_structured_output_mixed_with_free_requests_in_one_batch(sdk):
         json.loads(r.choices[0].text)
 
 
+def test_min_tokens_with_a_schema_is_a_400(http):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 9, "min_tokens": 3,
+                                           "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+
+
 @pytest.mark.parametrize("fmt", [
     {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
     {"type": "json_schema"},
