@@ -83,6 +83,11 @@ BAD = [
     ("logit_bias.5", {"logit_bias": {"5": 101}}),
     ("min_tokens", {"min_tokens": 5, "max_tokens": 2}),
     ("min_tokens", {"min_tokens": -1}),
+    ("seed", {"seed": 2**64}),
+    ("seed", {"seed": -(2**63) - 1}),
+    ("n", {"n": 129}),
+    ("best_of", {"best_of": 0}),
+    ("logprobs", {"logprobs": 6}),
 ]
 
 
