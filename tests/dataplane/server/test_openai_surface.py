@@ -292,3 +292,17 @@ def test_bad_response_format_is_a_400_naming_it(http, fmt):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                 "max_tokens": 3, "response_format": fmt})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format"), r.text
+
+
+@pytest.mark.parametrize("body", [{"n": 3, "prompt": "Hello there"}, {"prompt": PROMPTS}],
+                         ids=["n-choices", "batched-prompts"])
+def test_disconnect_mid_stream_frees_every_choice(http, live, body):
+    before = live.engine.stats().kv_blocks_used
+    req = {"model": MODEL, "max_tokens": 400, "temperature": 1.0, "seed": 1, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=req | body) as r:
+        assert r.status_code == 200
+        lines = [line for _, line in zip(range(8), r.iter_lines(), strict=False)]
+        assert any(line.startswith("data: {") for line in lines)
+        assert live.engine.stats().num_running >= 1
+    live.wait_until(lambda: live.engine.stats().num_running + live.engine.stats().num_waiting == 0, timeout=20)
+    live.wait_until(lambda: live.engine.stats().kv_blocks_used <= before, timeout=20)
