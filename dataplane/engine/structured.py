@@ -27,9 +27,11 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 
 
 def _llg() -> Any:
-    import llguidance  # noqa: PLC0415 - imported when the first constrained request comes
-    import llguidance.torch  # noqa: PLC0415, F401
-
+    try:
+        import llguidance  # noqa: PLC0415 - imported when the first constrained request comes
+        import llguidance.torch  # noqa: PLC0415, F401
+    except ImportError as e:  # a ValueError refuses the request; an ImportError would stop the engine loop
+        raise ValueError("structured output needs the llguidance package (pip install 'kvfleet[engine]')") from e
     return llguidance
 
 
