@@ -121,8 +121,10 @@ class FakeEngine(AsyncEngine):
             raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len is {self._max_model_len}")
         if request.request_id in self._requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.sampling.n != 1:
-            raise ValueError("the fake engine serves n=1 only")
+        sp = request.sampling
+        if sp.n != 1 or sp.has_logits_processing or sp.json_schema is not None:
+            # nothing declared is silently ignored: the fake cannot honour these
+            raise ValueError("the fake engine serves n=1 without penalties, logit_bias, min_tokens or json_schema")
         state = _FakeRequest(request)
         self._requests[request.request_id] = state
         try:

@@ -149,10 +149,15 @@ class LLMEngine:
                 or sp.repetition_penalty <= 0 or sp.min_tokens < 0 or sp.n < 1:
             raise ValueError(f"invalid sampling params {sp}: need max_tokens >= 1, temperature >= 0, "
                              "0 < top_p <= 1, top_k >= 0, repetition_penalty > 0, min_tokens >= 0")
+        if sp.seed is not None and not -(2**63) <= sp.seed <= 2**64 - sp.n:
+            # NOTE: caught here, torch.Generator.manual_seed would fail inside the step of every request
+            raise InvalidRequest("seed must fit in 64 bits", param="seed")
         vocab = getattr(self.model_config, "vocab_size", None)
         if vocab is not None and any(not 0 <= t < vocab for t, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if sp.json_schema is not None:
+            if sp.min_tokens:  # a complete document allows only eos, which min_tokens would ban
+                raise InvalidRequest("min_tokens cannot be combined with structured output", param="min_tokens")
             try:
                 self.runner.structured.grammar(sp.json_schema)  # type: ignore[union-attr]
             except ValueError as e:

@@ -88,18 +88,18 @@ def _penalised(sp: SamplingParams) -> bool:
 
 def _padded(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [R, L] (each row padded with its own first id, or 0) and the mask of real entries [R, L]."""
-    width = max(1, max(len(s) for s in seqs))
-    ids = [list(s) + [s[0] if len(s) else 0] * (width - len(s)) for s in seqs]
-    valid = [[True] * len(s) + [False] * (width - len(s)) for s in seqs]
-    return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(valid, device=device))
+    rows = [torch.tensor(s if len(s) else [0], dtype=torch.int64) for s in seqs]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, non_blocking=True)
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    valid = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
+    return torch.where(valid, ids, ids[:, :1]), valid
 
 
 def _penalties(x: torch.Tensor, params: Sequence[SamplingParams], hist: Sequence[RowHistory],
                vocab: int) -> torch.Tensor:
     """Sparse: only the logits of tokens in a row's history change, so everything is O(rows x history)
     (gather / scatter at those ids), never a dense [rows, vocab] count."""
-    dev = x.device
-    x = x.clone()
+    dev = x.device  # x is the caller's own copy: changed in place
     if any(p.repetition_penalty != 1.0 for p in params):
         # every occurrence of a seen token gets the same new value, so duplicate writes agree
         ids, _ = _padded([list(h.prompt_ids) + list(h.output_ids) for h in hist], dev)

@@ -27,9 +27,11 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 
 
 def _llg() -> Any:
-    import llguidance  # noqa: PLC0415 - imported when the first constrained request comes
-    import llguidance.torch  # noqa: PLC0415, F401
-
+    try:
+        import llguidance  # noqa: PLC0415 - imported when the first constrained request comes
+        import llguidance.torch  # noqa: PLC0415, F401
+    except ImportError as e:  # a ValueError refuses the request; an ImportError would stop the engine loop
+        raise ValueError("structured output needs the llguidance package (pip install 'kvfleet[engine]')") from e
     return llguidance
 
 
@@ -48,8 +50,11 @@ class StructuredOutputs:
         llg = _llg()
         if not self.tokenizer_json.is_file():
             raise ValueError(f"structured output needs the model's tokenizer.json ({self.tokenizer_json} is missing)")
-        return llg.LLTokenizer(self.tokenizer_json.read_text(), n_vocab=self.vocab_size,
-                               eos_token=self.eos_token_ids or None)
+        try:
+            return llg.LLTokenizer(self.tokenizer_json.read_text(), n_vocab=self.vocab_size,
+                                   eos_token=self.eos_token_ids or None)
+        except Exception as e:  # noqa: BLE001 - refuse the request, keep the engine loop alive
+            raise ValueError(f"llguidance cannot read this model's tokenizer: {e}") from e
 
     @cached_property
     def executor(self) -> Any:

@@ -1,9 +1,11 @@
 """POST /v1/completions and /v1/chat/completions: validate, tokenize, generate, respond.
 
 Both endpoints share one path: parse the body into a pydantic request, turn
-it into prompt token ids and `SamplingParams`, run a `Generation`, and either
-collect the pieces into one JSON response or stream them as server-sent
-events (`data: {...}` lines, then `data: [DONE]`).
+it into prompt token ids and `SamplingParams`, run a `Generation` (one per
+prompt of a batch, each with `n` choices), and either collect the pieces into
+one JSON response or stream them as server-sent events (`data: {...}` lines,
+one choice each, then `data: [DONE]`). Chat tools are rendered by the model's
+template and parsed back into `tool_calls` by `tools.py`.
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ class OpenAIHandlers:
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls[:max_calls]
-            choices.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else r.finish_reason,
+            # a reply cut by max_tokens says so, even when its (truncated) call was kept
+            reason = "tool_calls" if calls and r.finish_reason != "length" else r.finish_reason
+            choices.append({"index": i, "message": message, "finish_reason": reason,
                             "logprobs": {"content": self._chat_logprobs(r.logprobs)} if body.logprobs else None})
         return web.json_response(self._envelope(rid, body, "chat.completion", choices, [gen]))
 
@@ -167,7 +171,7 @@ class OpenAIHandlers:
         if reason is not None:
             extra, called = ts.finish()
             deltas += extra
-            reason = "tool_calls" if called else reason
+            reason = "tool_calls" if called and reason != "length" else reason
         if not deltas and (reason is not None or piece.logprobs or not ts.tools):
             deltas = [{"content": ""} if not ts.tools else {}]
         out = []

@@ -91,3 +91,14 @@ def test_quantized_cache_forks_by_recompute(tiny):
     assert [len(c) for c in choices] == [4, 4] and set(reasons.values()) == {"length"}
     assert choices[0][0] == choices[1][0]  # greedy first tokens come from the same logits
     assert eng.scheduler.bm.num_used_blocks == 0
+
+
+def test_a_seed_beyond_64_bits_is_refused_before_it_reaches_the_step(tiny):
+    import pytest
+    from kvfleet.dataplane.engine.api import InvalidRequest
+
+    model, mc, _ = tiny
+    eng = make_engine(model, mc)
+    with pytest.raises(InvalidRequest) as e:
+        eng.add_request(GenerationRequest("s", [1, 2, 3], SamplingParams(seed=2**64 - 2, n=4, temperature=1.0)))
+    assert e.value.param == "seed" and not eng.has_unfinished()

@@ -83,6 +83,11 @@ BAD = [
     ("logit_bias.5", {"logit_bias": {"5": 101}}),
     ("min_tokens", {"min_tokens": 5, "max_tokens": 2}),
     ("min_tokens", {"min_tokens": -1}),
+    ("seed", {"seed": 2**64}),
+    ("seed", {"seed": -(2**63) - 1}),
+    ("n", {"n": 129}),
+    ("best_of", {"best_of": 0}),
+    ("logprobs", {"logprobs": 6}),
 ]
 
 
@@ -272,6 +277,12 @@ def test_structured_output_mixed_with_free_requests_in_one_batch(sdk):
         json.loads(r.choices[0].text)
 
 
+def test_min_tokens_with_a_schema_is_a_400(http):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 9, "min_tokens": 3,
+                                           "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+
+
 @pytest.mark.parametrize("fmt", [
     {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
     {"type": "json_schema"},
@@ -281,3 +292,17 @@ def test_bad_response_format_is_a_400_naming_it(http, fmt):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                 "max_tokens": 3, "response_format": fmt})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format"), r.text
+
+
+@pytest.mark.parametrize("body", [{"n": 3, "prompt": "Hello there"}, {"prompt": PROMPTS}],
+                         ids=["n-choices", "batched-prompts"])
+def test_disconnect_mid_stream_frees_every_choice(http, live, body):
+    before = live.engine.stats().kv_blocks_used
+    req = {"model": MODEL, "max_tokens": 400, "temperature": 1.0, "seed": 1, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=req | body) as r:
+        assert r.status_code == 200
+        lines = [line for _, line in zip(range(8), r.iter_lines(), strict=False)]
+        assert any(line.startswith("data: {") for line in lines)
+        assert live.engine.stats().num_running >= 1
+    live.wait_until(lambda: live.engine.stats().num_running + live.engine.stats().num_waiting == 0, timeout=20)
+    live.wait_until(lambda: live.engine.stats().kv_blocks_used <= before, timeout=20)

@@ -171,3 +171,53 @@ def test_auto_stream_sends_text_and_holds_back_a_call():
     plain = ToolStream(T, "auto")
     sent = [d for p in ["Just <to", "ols> text"] for d in plain.push(p)] + plain.finish()[0]
     assert "".join(d["content"] for d in sent) == "Just <tools> text"
+
+
+# -- "auto" end to end: the FakeEngine echoes its prompt from `seed` on, so a user message holding a call
+# -- comes back as the reply, up to <|im_end|> (an eos of the tiny tokenizer)
+
+CALL_TEXT = 'Let me check.<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def fake_tools(tmp_path_factory):
+    from server_testlib import make_fake
+
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny-tools-fake"), seed=0)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": TOOL_TEMPLATE}))
+    tok = Tokenizer.from_dir(d)
+    server, stop = run_server(lambda: make_fake(tok), tok, "fake")
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c, tok
+    stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_call_parsed_from_the_reply(fake_tools, stream):
+    sdk, tok = fake_tools
+    messages = [{"role": "user", "content": CALL_TEXT}]
+    prompt = tok.encode_chat(messages, tools=TOOLS)
+    seed = next(k for k in range(len(prompt)) if tok.decode(prompt[k:]).startswith("Let me check."))
+    kw = dict(model=MODEL, messages=messages, tools=TOOLS, seed=seed, max_tokens=200)
+    if not stream:
+        r = sdk.chat.completions.create(**kw).choices[0]
+        content, calls, reason = r.message.content, r.message.tool_calls, r.finish_reason
+        calls = [(c.function.name, json.loads(c.function.arguments), c.id) for c in calls]
+    else:
+        content, parts, reason = "", {}, None
+        for chunk in sdk.chat.completions.create(stream=True, **kw):
+            for ch in chunk.choices:
+                content += ch.delta.content or ""
+                reason = ch.finish_reason or reason
+                for d in ch.delta.tool_calls or []:
+                    p = parts.setdefault(d.index, {"name": "", "args": "", "id": None})
+                    p["name"] += d.function.name or ""
+                    p["args"] += d.function.arguments or ""
+                    p["id"] = d.id or p["id"]
+        calls = [(p["name"], json.loads(p["args"]), p["id"]) for _, p in sorted(parts.items())]
+    assert content == "Let me check." and reason == "tool_calls"
+    assert [(n, a) for n, a, _ in calls] == [("get_time", {"tz": "UTC"})] and calls[0][2].startswith("call_")
+    # tool_choice "none": the same reply is plain text
+    r = sdk.chat.completions.create(tool_choice="none", **kw).choices[0]
+    assert r.message.content == CALL_TEXT and r.message.tool_calls is None and r.finish_reason == "stop"
