@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-pull-policy", default=os.environ.get("KVFLEET_IMAGE_PULL_POLICY", "IfNotPresent"))
     p.add_argument("--otlp-endpoint", default=os.environ.get("KVFLEET_OTLP_ENDPOINT", ""),
                    help="the operator's OTLP receiver Service URL that pods export traces to")
+    p.add_argument("--allow-host-path-prefix", action="append", dest="host_path_prefixes",
+                   default=[x for x in os.environ.get("KVFLEET_ALLOWED_HOST_PATH_PREFIXES", "").split(":") if x],
+                   metavar="DIR", help="mount a ModelVariant's hostPath only at or below DIR (repeatable; "
+                   "env: colon-separated). Default: no hostPath is mounted")
     p.add_argument("--workers", type=int, default=int(os.environ.get("KVFLEET_WORKERS", "8")),
                    help="concurrent reconciles")
     p.add_argument("--resync-seconds", type=float, default=float(os.environ.get("KVFLEET_RESYNC_SECONDS", "60")),

@@ -56,7 +56,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     configure(settings)
     opts = memo.options
     reconciler = Reconciler(Kube(), OperatorSettings(image=opts.image, image_pull_policy=opts.image_pull_policy,
-                                                     otlp_endpoint=opts.otlp_endpoint or None),
+                                                     otlp_endpoint=opts.otlp_endpoint or None,
+                                                     host_path_prefixes=tuple(opts.host_path_prefixes)),
                             cache=ObjectCache())
     gate = None
     if opts.peering:
