@@ -65,7 +65,9 @@ class Rule:
 
     def as_k8s(self) -> dict[str, str]:
         out = {"rule": self.cel, "message": self.message}
-        if self.field_path:
+        # NOTE: the API server cannot point a rule into metadata (its schema is implicit there); such
+        # rules name the field in their message, and pydantic still reports the path.
+        if self.field_path and not self.field_path.startswith(".metadata."):
             out["fieldPath"] = self.field_path
         return out
 
@@ -253,10 +255,10 @@ def _amounts_rules(field: str, attr: str) -> tuple[Rule, ...]:
             field_path=f".{field}",
         ),
         Rule(
-            cel=f"!('{GPU}' in self.{field}) || !isQuantity(string(self.{field}['{GPU}'])) "
-            f"|| {_q(f'self.{field}[{cel_quote(GPU)}]')}.isInteger()",
-            message=f"{field}: {GPU} must be a whole number of GPUs",
-            check=lambda s: GPU not in getattr(s, attr) or _whole(getattr(s, attr)[GPU]),
+            # Written as an integer: CEL's isInteger() refuses "1000m" and "1.0", which Kubernetes takes.
+            cel=f"!('{GPU}' in self.{field}) || string(self.{field}['{GPU}']).matches({cel_quote(WHOLE)})",
+            message=f"{field}: {GPU} must be a whole number of GPUs, written as an integer (1, \"2\")",
+            check=lambda s: GPU not in getattr(s, attr) or search(WHOLE, str(getattr(s, attr)[GPU])),
             field_path=f".{field}",
         ),
         Rule(
@@ -279,10 +281,6 @@ def _valid(v: Any) -> bool:
     return True
 
 
-def _whole(v: Any) -> bool:
-    return not _valid(v) or quantity(v) == quantity(v).to_integral_value()
-
-
 def _below(v: Any, bound: str) -> bool:
     return not _valid(v) or quantity(v) <= quantity(bound)
 
@@ -295,6 +293,7 @@ def _cmp(a: Any, b: Any) -> int:
     return (qa > qb) - (qa < qb)
 
 
+WHOLE = "^[0-9]+$"
 Amounts = Annotated[dict[str, Quantity], Field(max_length=8)]
 
 
@@ -335,6 +334,16 @@ class Resources(KubeModel):
     )
 
 
+def _ints(data: Any) -> Any:
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    if isinstance(data, dict):
+        return {k: _ints(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_ints(v) for v in data]
+    return data
+
+
 class ObjectMeta(BaseModel):
     """The parts of metadata the operator reads; everything else passes through."""
 
@@ -356,6 +365,16 @@ class Resource(KubeModel):
     """
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats_are_ints(cls, data: Any) -> Any:
+        """What the API server stores: JSON numbers without a fraction are integers (1.0 -> 1).
+
+        `kubectl apply` sends YAML's 1.0 as 1, and the schema takes 1.0 for an integer field;
+        pydantic (strict) then sees what the server keeps. 1.5 stays a float and "1" a string.
+        """
+        return _ints(data)
 
     api_version: Literal["kvfleet.io/v1alpha1"] = Field(
         default="kvfleet.io/v1alpha1", description=API_VERSION

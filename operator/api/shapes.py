@@ -194,7 +194,7 @@ def is_quantity(value: Any) -> bool:
 
 NON_NEGATIVE_QUANTITY = FieldRule(
     # Schema patterns do not apply to integers: -1 passes a pattern, not this rule.
-    cel="isQuantity(string(self)) && quantity(string(self)).sign() >= 0",
+    cel="isQuantity(string(self)) && !quantity(string(self)).isLessThan(quantity('0'))",
     message="must be a non-negative quantity (e.g. 2, 500m, 16Gi)",
     check=lambda v: is_quantity(v) and quantity(v) >= 0,
 )
