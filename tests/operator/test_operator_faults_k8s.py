@@ -90,7 +90,7 @@ def test_sigkill_twenty_times_while_fleets_come_and_go(operator_env: Any, record
     live: set[str] = set()
     ops = []
     t0 = time.monotonic()
-    for i in range(20):
+    for _ in range(20):
         env.operator.wait_ready()
         name = rng.choice(FLEETS)
         if name not in live:
