@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from kvfleet.dataplane.config import EngineConfig
 from kvfleet.dataplane.engine.api import (
+    SEED_MAX,
+    SEED_MIN,
     EngineStats,
     GenerationRequest,
     RequestOutput,
@@ -133,6 +135,9 @@ class LLMEngine:
         if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
             raise ValueError(f"invalid sampling params {sp}: need max_tokens >= 1, temperature >= 0, "
                              "0 < top_p <= 1, top_k >= 0")
+        if sp.seed is not None and not SEED_MIN <= sp.seed <= SEED_MAX:
+            # NOTE: caught here, torch's manual_seed would raise inside the step and end the engine loop
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}]")
         vocab = getattr(self.model_config, "vocab_size", None)
         if vocab is not None and (min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab):
             # NOTE: caught here, an out-of-range id would otherwise crash the step of every request

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from kvfleet.dataplane.engine.api import SEED_MAX, SEED_MIN
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 16
@@ -33,7 +34,7 @@ class _SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # extension; -1 or 0 = disabled
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None  # a signed 64-bit integer
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
