@@ -199,7 +199,7 @@ class Toleration(KubeModel):
 
     __rules__ = (
         Rule(
-            cel="self.effect == 'NoExecute' || !has(self.tolerationSeconds)",
+            cel="(has(self.effect) && self.effect == 'NoExecute') || !has(self.tolerationSeconds)",
             message="tolerationSeconds applies only to effect NoExecute",
             check=lambda s: s.effect == "NoExecute" or s.toleration_seconds is None,
             field_path=".tolerationSeconds",

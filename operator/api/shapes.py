@@ -6,9 +6,9 @@ prefix, a quantity's value) is a `FieldRule`: a CEL expression on the field's ow
 value (`self`) next to the equal Python predicate. The API server reports a
 FieldRule's failure at the field's own path, as pydantic does.
 
-NOTE: regular expressions here are written without backslashes (`[.]`, not `\\.`)
-so that the same text is valid in Python, in Go's RE2 (schema patterns) and inside
-a CEL string literal. CEL's `matches` is a search (unanchored), as `re.search` is.
+NOTE: regular expressions here are written with few backslashes (`[.]`, not `\\.`) so that
+the same text reads alike in Python, Go's RE2 (schema patterns), Rust's regex (pydantic) and a
+CEL string literal (`cel_quote` escapes). CEL's `matches` is a search (unanchored), as `re.search` is.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ class FieldRule:
 
 
 def cel_quote(text: str) -> str:
-    """A CEL single-quoted string literal (the patterns here hold no quotes or backslashes)."""
-    assert "'" not in text and "\\" not in text, text
-    return f"'{text}'"
+    """A CEL single-quoted string literal of `text` (backslashes escaped; the patterns hold no quotes)."""
+    assert "'" not in text, text
+    return "'" + text.replace("\\", "\\\\") + "'"
 
 
 def search(pattern: str, text: str) -> bool:
@@ -144,7 +144,10 @@ OTLP_ENDPOINT = (
     r"(:[0-9]{1,5})?(/[-A-Za-z0-9._~%/]*)?$"
 )
 PORT_IN_RANGE = FieldRule(
-    cel="!self.matches(':[0-9]+(/|$)') || int(url(self).getPort()) <= 65535",
+    # Guarded by the pattern: CEL rules run even when the pattern already failed, and url() of a
+    # non-URL would be an evaluation error instead of this message.
+    cel=f"!self.matches({cel_quote(OTLP_ENDPOINT)}) || !self.matches(':[0-9]+(/|$)') "
+    "|| int(url(self).getPort()) <= 65535",
     message="the port must be <= 65535",
     check=lambda s: (m := re.search(r":([0-9]+)(/|\Z)", s)) is None or int(m.group(1)) <= 65535,
 )
