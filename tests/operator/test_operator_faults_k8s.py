@@ -76,11 +76,17 @@ def assert_converged(env: Any, name: str) -> None:
 
 
 def assert_no_duplicates(env: Any) -> None:
-    """One active ReplicaSet per Deployment: no workload was ever created twice under two names."""
-    deployments = {(d["metadata"]["name"]) for d in env.kube.list("Deployment", env.namespace)}
-    rs = env.cluster.apps.list_namespaced_replica_set(env.namespace).items
-    active = sorted(r.metadata.owner_references[0].name for r in rs if (r.spec.replicas or 0) > 0)
-    assert active == sorted(deployments)
+    """One active ReplicaSet per Deployment: no workload was ever created twice under two names.
+
+    Waited for: the garbage collector removes a deleted Deployment's ReplicaSets after it.
+    """
+    def one_each() -> bool:
+        deployments = {d["metadata"]["name"] for d in env.kube.list("Deployment", env.namespace)}
+        rs = env.cluster.apps.list_namespaced_replica_set(env.namespace).items
+        active = sorted(r.metadata.owner_references[0].name for r in rs if (r.spec.replicas or 0) > 0)
+        return active == sorted(deployments)
+
+    wait_for("one active ReplicaSet per Deployment", one_each, timeout=60)
 
 
 def test_sigkill_twenty_times_while_fleets_come_and_go(operator_env: Any, record_property: Any) -> None:
