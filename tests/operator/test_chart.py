@@ -120,3 +120,16 @@ def test_host_path_prefixes_reach_the_operator(helm):
     bad = subprocess.run([helm, "template", "x", str(CHART), "--set", "operator.allowedHostPathPrefixes={/}"],
                          capture_output=True, text=True)
     assert bad.returncode != 0
+
+
+def test_host_path_admission_policy_renders_the_allow_list(helm):
+    def policy(*sets: str) -> list[dict]:
+        return [d for d in render(helm, *sets) if d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+    (vap, binding) = policy()
+    allowed = next(v for v in vap["spec"]["variables"] if v["name"] == "allowed")
+    assert allowed["expression"] == "[]" and binding["spec"]["validationActions"] == ["Deny"]
+    (vap, _) = policy("operator.allowedHostPathPrefixes={/models,/data/llm}")
+    allowed = next(v for v in vap["spec"]["variables"] if v["name"] == "allowed")
+    assert allowed["expression"] == '["/models", "/data/llm"]'
+    assert policy("operator.hostPathAdmissionPolicy=false") == []
