@@ -167,6 +167,12 @@ class Eviction(KubeModel):
             field_path=".budgetTokens",
         ),
         Rule(
+            cel="self.policy != 'none' || !self.pyramid",
+            message="pyramid is ignored without an eviction policy",
+            check=lambda s: s.policy != "none" or not s.pyramid,
+            field_path=".pyramid",
+        ),
+        Rule(
             cel="self.poolingKernel % 2 == 1",
             message="poolingKernel must be odd",
             check=lambda s: s.pooling_kernel % 2 == 1,
@@ -183,6 +189,15 @@ class PrefixCache(KubeModel):
         default="variant",
         description="variant: hits only within one ModelVariant; family: across variants of one family, "
         "recomputing the layers each variant's kvSharing names (DroidSpeak).",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.enabled || self.scope == 'variant'",
+            message="scope family is ignored while the prefix cache is disabled: enable it or remove scope",
+            check=lambda s: s.enabled or s.scope == "variant",
+            field_path=".scope",
+        ),
     )
 
 

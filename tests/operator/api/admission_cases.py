@@ -170,6 +170,10 @@ def cases(random_count: int = 150) -> list[tuple[str, dict[str, Any]]]:
                  {"enabled": True, "capacityBytes": 2**63 - 1}, {"enabled": False, "capacityBytes": 5},
                  {"enabled": True, "capacityBytes": "1Gi"}, {"enabled": True, "capacityBytes": 1.0}]:
         add("pool", pool, _set(policy, ("spec", "pool"), pool))
+    for prefix in [{"enabled": False, "scope": "family"}, {"enabled": False}, {"enabled": True, "scope": "family"}]:
+        add("prefixCache", prefix, _set(policy, ("spec", "prefixCache"), prefix))
+    for eviction in [{"policy": "none", "pyramid": True}, {"policy": "h2o", "budgetTokens": 100, "pyramid": True}]:
+        add("pyramid", eviction, _set(policy, ("spec", "eviction"), eviction))
     for block in [16, 16.0, "16", 17]:
         add("blockSizeTokens", block, _set(policy, ("spec", "blockSizeTokens"), block))
     for budget in [100, 1048576, 1048577]:
