@@ -222,6 +222,38 @@ class LocalCluster:
             except OSError:
                 break
 
+    # ---- faults (tests stop and restart single components) --------------------------------
+    def stop_component(self, comp: str) -> None:
+        """Stop one component (SIGTERM, then SIGKILL); ``start_component`` brings it back."""
+        procs.terminate(self.pids.pop(comp), exe_hint=self._cmdline_mark, popen=self._popens.pop(comp, None))
+        self._save()
+
+    def start_component(self, comp: str, timeout_s: float = 60.0) -> None:
+        """Start a stopped etcd or kube-apiserver again, same flags, ports and data; wait until it serves."""
+        deadline = time.monotonic() + timeout_s
+        if comp == "etcd":
+            self._run(comp, self._etcd_args(), tie=True)
+            self._wait(comp, deadline, lambda: self._get(f"http://127.0.0.1:{self.ports['etcd']}/health", tls=False))
+        elif comp == "kube-apiserver":
+            self._run(comp, self._apiserver_args(self.pki), tie=True)
+            self._wait(comp, deadline, lambda: self._get(f"{self.server}/readyz"))
+        else:
+            raise ValueError(f"restarting {comp} is not supported")
+
+    def etcd_compact(self) -> int:
+        """Compact etcd's history up to its current revision (older watches then get 410 Gone); returns it."""
+        base = f"http://127.0.0.1:{self.ports['etcd']}/v3/kv"
+
+        def post(path: str, body: dict[str, object]) -> dict[str, object]:
+            req = urllib.request.Request(f"{base}/{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())  # type: ignore[no-any-return]
+
+        revision = int(post("range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])  # type: ignore[index]
+        post("compaction", {"revision": str(revision), "physical": True})
+        return revision
+
     def status(self) -> dict[str, bool]:
         """Which components are alive, plus whether the apiserver answers /readyz."""
         out = {comp: procs.alive(pid, self._cmdline_mark) for comp, pid in self.pids.items()}

@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--otlp-listen", default=os.environ.get("KVFLEET_OTLP_LISTEN", "127.0.0.1:0"),
                    help="HOST:PORT of the OTLP/gRPC receiver (port 0: any free port; '' disables it). Without "
                         "--otlp-endpoint, pods are pointed at it on 127.0.0.1 (local runs)")
+    p.add_argument("--allow-host-path-prefix", action="append", dest="host_path_prefixes",
+                   default=[x for x in os.environ.get("KVFLEET_ALLOWED_HOST_PATH_PREFIXES", "").split(":") if x],
+                   metavar="DIR", help="mount a ModelVariant's hostPath only at or below DIR (repeatable; "
+                   "env: colon-separated). Default: no hostPath is mounted")
     p.add_argument("--workers", type=int, default=int(os.environ.get("KVFLEET_WORKERS", "8")),
                    help="concurrent reconciles")
     p.add_argument("--resync-seconds", type=float, default=float(os.environ.get("KVFLEET_RESYNC_SECONDS", "60")),

@@ -68,7 +68,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         endpoint = endpoint or f"http://127.0.0.1:{bound}"
         logging.getLogger(__name__).info("OTLP receiver on %s:%d; pods export to %s", host, bound, endpoint)
     reconciler = Reconciler(Kube(), OperatorSettings(image=opts.image, image_pull_policy=opts.image_pull_policy,
-                                                     otlp_endpoint=endpoint),
+                                                     otlp_endpoint=endpoint,
+                                                     host_path_prefixes=tuple(opts.host_path_prefixes)),
                             cache=ObjectCache(), telemetry=receiver.windows if receiver else None)
     gate = None
     if opts.peering:

@@ -123,6 +123,16 @@ class Reconciler:
     # -- fleets -------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> Outcome:
         """Converge one fleet's children and status; raises RetryableError when a retry is due."""
+        try:
+            return self._reconcile(namespace, name)
+        except Exception:
+            # The API failed us part-way (an outage, a restarted API server or etcd): the watches that
+            # feed the cache may have missed events meanwhile, so this fleet's next reconcile reads its
+            # children and references from the API again instead of trusting the cache.
+            self._warm.discard((namespace, name))
+            raise
+
+    def _reconcile(self, namespace: str, name: str) -> Outcome:
         kube, out = self.kube, Outcome()
         selector = f"{LABEL_FLEET}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
         # One round trip for everything independent: the fleet (always fresh), its children (from the
@@ -131,7 +141,7 @@ class Reconciler:
         # that the cache lacks (a hint; whatever the fresh spec adds is fetched afterwards).
         hint = self._refs_hint.get((namespace, name), [])
         cache, warm = self.cache, (namespace, name) in self._warm
-        if cache is not None:
+        if cache is not None and warm:
             hint = [r for r in hint if cache.get(r[0], namespace, r[1]) is None]
         reads: list[Callable[[], Any]] = [partial(kube.get, "InferenceFleet", namespace, name)]
         if cache is None or not warm:
@@ -154,7 +164,7 @@ class Reconciler:
         self._warm.add((namespace, name))
         uid = fleet["metadata"]["uid"]
         refs = sorted({(r.kind, r.name) for r in references(fleet.get("spec") or {})})
-        if cache is not None:
+        if cache is not None and warm:
             fetched.update({r: o for r in refs if r not in fetched and (o := cache.get(r[0], namespace, r[1]))})
         missing = [r for r in refs if r not in fetched]
         fetched.update(zip(missing, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), missing), strict=True))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvfleet.operator.api import CachePolicy, CachePolicySpec, InferenceFleet, ModelVariant, SLOClass
+from kvfleet.operator.api.shapes import under_prefix
 from kvfleet.operator.api.validate import InvalidResource, parse
 
 from .builders import FleetInputs, OperatorSettings
@@ -34,7 +35,7 @@ class Ref:
 class Unresolved:
     """Why a fleet cannot be rendered now: a condition reason and a message saying what to do."""
 
-    reason: str  # InvalidSpec, MissingReference, InvalidReference
+    reason: str  # InvalidSpec, MissingReference, InvalidReference, HostPathNotAllowed
     message: str
 
 
@@ -73,6 +74,12 @@ def planned_replicas(fleet_body: Mapping[str, Any]) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
+def host_paths(variant: ModelVariant) -> list[str]:
+    """The node directories a variant's weights come from (base and fine-tune)."""
+    sources = [variant.spec.base] + ([variant.spec.fine_tune.weights] if variant.spec.fine_tune else [])
+    return [s.host_path for s in sources if s.host_path]
+
+
 def resolve(fleet_body: Mapping[str, Any], lookup: Lookup, settings: OperatorSettings) -> FleetInputs | Unresolved:
     """Parse the fleet and fetch what it references; the first problems found are reported together."""
     try:
@@ -106,6 +113,20 @@ def resolve(fleet_body: Mapping[str, Any], lookup: Lookup, settings: OperatorSet
         )
     if invalid:
         return Unresolved("InvalidReference", "; ".join(invalid))
+    refused = [
+        f"ModelVariant {v.metadata.name!r} mounts hostPath {path!r}"
+        for v in variants
+        if isinstance(v, ModelVariant)
+        for path in host_paths(v)
+        if not under_prefix(path, settings.host_path_prefixes)
+    ]
+    if refused:
+        allowed = ", ".join(settings.host_path_prefixes) or "none (the default)"
+        return Unresolved(
+            "HostPathNotAllowed",
+            f"{'; '.join(refused)}: this operator mounts node directories only at or below its allowed "
+            f"prefixes ({allowed}; --allow-host-path-prefix). Use a PVC or ask the cluster admin.",
+        )
     return FleetInputs(
         fleet_body=fleet_body,
         fleet=fleet,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
+# A request's seed is a signed 64-bit integer (what torch.Generator.manual_seed and OpenAI's API take).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import torch
 from kvfleet.dataplane.config import EngineConfig
 from kvfleet.dataplane.engine import handoff
 from kvfleet.dataplane.engine.api import (
+    SEED_MAX,
+    SEED_MIN,
     EngineStats,
     GenerationRequest,
     InvalidRequest,
@@ -149,9 +151,10 @@ class LLMEngine:
                 or sp.repetition_penalty <= 0 or sp.min_tokens < 0 or sp.n < 1:
             raise ValueError(f"invalid sampling params {sp}: need max_tokens >= 1, temperature >= 0, "
                              "0 < top_p <= 1, top_k >= 0, repetition_penalty > 0, min_tokens >= 0")
-        if sp.seed is not None and not -(2**63) <= sp.seed <= 2**64 - sp.n:
-            # NOTE: caught here, torch.Generator.manual_seed would fail inside the step of every request
-            raise InvalidRequest("seed must fit in 64 bits", param="seed")
+        if sp.seed is not None and not SEED_MIN <= sp.seed <= SEED_MAX - (sp.n - 1):
+            # NOTE: caught here, torch's manual_seed would raise inside the step and end the engine loop
+            # (choice i of n samples with seed + i)
+            raise InvalidRequest(f"seed must be in [{SEED_MIN}, {SEED_MAX - (sp.n - 1)}]", param="seed")
         vocab = getattr(self.model_config, "vocab_size", None)
         if vocab is not None and any(not 0 <= t < vocab for t, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")

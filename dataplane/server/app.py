@@ -4,7 +4,7 @@
     runner, url = await start_server(app, "127.0.0.1", 8000)
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streaming or not),
-GET /v1/models, GET /health, GET /metrics. Every error, including unknown
+GET /v1/models, GET /health, GET /metrics, GET /openapi.json (the API as OpenAPI 3.1). Every error, including unknown
 routes and crashes inside a handler, is answered as OpenAI-style JSON and the
 server keeps serving.
 """
@@ -21,6 +21,7 @@ from kvfleet.dataplane.engine.api import AsyncEngine, EngineOverloaded
 from kvfleet.dataplane.server.errors import APIError
 from kvfleet.dataplane.server.handlers import OpenAIHandlers, ServerState, ServerTokenizer
 from kvfleet.dataplane.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvfleet.dataplane.server.openapi import openapi_document
 from kvfleet.dataplane.tracing import SLOTarget, Telemetry
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def build_app(
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
     if manage_engine:
         app.on_startup.append(_start_engine)
         app.on_cleanup.append(_stop_engine)
@@ -126,6 +128,10 @@ async def _health(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[STATE_KEY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app[STATE_KEY].served_model_names))
 
 
 async def _start_engine(app: web.Application) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+from kvfleet.dataplane.engine.api import SEED_MAX, SEED_MIN
 from kvfleet.dataplane.server.tools import NamedToolChoice, Tool, ToolCallMessage, ToolChoice
 from kvfleet.dataplane.server.tools import mode as tools_mode
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -64,7 +65,7 @@ class _SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # extension; -1 or 0 = disabled
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as torch's generators take
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None  # a signed 64-bit integer
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import KubeModel, ReferencedStatus, Resource, Rule
+from .common import NAME_RULE, KubeModel, ReferencedStatus, Resource, Rule
 
 KVDType = Literal["none", "fp8", "int8", "int4"]
 Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
@@ -72,6 +72,7 @@ class Quantization(KubeModel):
             "&& (!has(self.valueGranularity) || self.valueGranularity != 'per-channel'))",
             message="fp8 supports per-tensor, per-head or per-token granularity",
             check=lambda s: s.dtype != "fp8" or "per-channel" not in (s.key_granularity, s.value_granularity),
+            field_path=".dtype",
         ),
         Rule(
             cel="!(self.dtype in ['int8', 'int4']) || ((!has(self.keyGranularity) || self.keyGranularity in "
@@ -84,6 +85,7 @@ class Quantization(KubeModel):
                     g in (None, "per-channel", "per-token") for g in (s.key_granularity, s.value_granularity)
                 )
             ),
+            field_path=".dtype",
         ),
         Rule(
             cel="self.dtype != 'int4' || self.groupSize % 2 == 0",
@@ -105,6 +107,7 @@ class Quantization(KubeModel):
                     and s.value_granularity is None
                 )
             ),
+            field_path=".dtype",
         ),
     )
 
@@ -122,7 +125,7 @@ class Eviction(KubeModel):
         "block, so compaction runs about once per block of new tokens; prefix blocks shared with other requests "
         "are never evicted. `kvfleet eval-cache` evaluates all four per layer and KV head.",
     )
-    budget_tokens: int | None = Field(default=None, ge=16, description="Tokens kept per sequence and layer (the serving engine keeps between budgetTokens minus "
+    budget_tokens: int | None = Field(default=None, ge=16, le=1048576, description="Tokens kept per sequence and layer (the serving engine keeps between budgetTokens minus "
         "one KV block and budgetTokens).")
     budget_ratio: float | None = Field(
         default=None,
@@ -155,12 +158,19 @@ class Eviction(KubeModel):
                 if s.policy == "none"
                 else ((s.budget_tokens is None) != (s.budget_ratio is None))
             ),
+            field_path=".policy",
         ),
         Rule(
             cel="!has(self.budgetTokens) || self.budgetTokens > self.sinkTokens + self.windowTokens",
             message="budgetTokens must exceed sinkTokens + windowTokens",
             check=lambda s: s.budget_tokens is None or s.budget_tokens > s.sink_tokens + s.window_tokens,
             field_path=".budgetTokens",
+        ),
+        Rule(
+            cel="self.policy != 'none' || !self.pyramid",
+            message="pyramid is ignored without an eviction policy",
+            check=lambda s: s.policy != "none" or not s.pyramid,
+            field_path=".pyramid",
         ),
         Rule(
             cel="self.poolingKernel % 2 == 1",
@@ -181,6 +191,15 @@ class PrefixCache(KubeModel):
         "recomputing the layers each variant's kvSharing names (DroidSpeak).",
     )
 
+    __rules__ = (
+        Rule(
+            cel="self.enabled || self.scope == 'variant'",
+            message="scope family is ignored while the prefix cache is disabled: enable it or remove scope",
+            check=lambda s: s.enabled or s.scope == "variant",
+            field_path=".scope",
+        ),
+    )
+
 
 class MemoryPool(KubeModel):
     """The fleet's shared KV memory pool (a separate role), keyed by prefix hash, family and codec."""
@@ -188,7 +207,9 @@ class MemoryPool(KubeModel):
     enabled: bool = Field(
         default=False, description="Run the mempool role and offload/fetch KV blocks to it."
     )
-    capacity_bytes: int = Field(default=0, ge=0, description="Total KV bytes the pool holds (all replicas).")
+    capacity_bytes: int = Field(
+        default=0, ge=0, le=2**46, description="Total KV bytes the pool holds (all replicas; at most 64 TiB)."
+    )
     high_watermark: float = Field(
         default=0.9, gt=0.0, le=1.0, description="Start LRU eviction when usage crosses this fraction."
     )
@@ -198,6 +219,12 @@ class MemoryPool(KubeModel):
             cel="!self.enabled || self.capacityBytes > 0",
             message="capacityBytes must be > 0 when the pool is enabled",
             check=lambda s: not s.enabled or s.capacity_bytes > 0,
+            field_path=".capacityBytes",
+        ),
+        Rule(
+            cel="self.enabled || self.capacityBytes == 0",
+            message="capacityBytes applies only to an enabled pool",
+            check=lambda s: s.enabled or s.capacity_bytes == 0,
             field_path=".capacityBytes",
         ),
     )
@@ -260,6 +287,7 @@ class CachePolicySpec(KubeModel):
             check=lambda s: (
                 s.eviction.policy == "none" or not s.prefix_cache.enabled or s.prefix_cache.scope == "variant"
             ),
+            field_path=".prefixCache.scope",
         ),
     )
 
@@ -272,3 +300,5 @@ class CachePolicy(Resource):
     status: ReferencedStatus | None = Field(
         default=None, description="Observed state, written by the operator."
     )
+
+    __rules__ = (NAME_RULE,)

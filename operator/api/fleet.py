@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from .common import Condition, KubeModel, Name, Placement, Resource, Resources, Rule
+from .common import (
+    NAME_RULE,
+    Condition,
+    KubeModel,
+    Name,
+    Placement,
+    PodAnnotations,
+    Resource,
+    Resources,
+    Rule,
+)
+from .shapes import IMAGE_REFERENCE, OTLP_ENDPOINT, PORT_IN_RANGE
 
 Role = Literal["prefill", "decode", "engine", "mempool", "router"]
 
@@ -29,10 +40,9 @@ class RoleSpec(KubeModel):
     max_num_batched_tokens: int = Field(
         default=2048, ge=16, le=1048576, description="Token budget of one engine step (prefill chunk size)."
     )
-    pod_annotations: dict[str, str] = Field(
+    pod_annotations: PodAnnotations = Field(
         default_factory=dict,
-        max_length=64,
-        description="Extra annotations on this role's pods, on top of the fleet's podAnnotations.",
+        description="Extra annotations on this role's pods, on top of the fleet's podAnnotations (same rules).",
     )
 
     __rules__ = (
@@ -49,15 +59,10 @@ class RoleSpec(KubeModel):
             field_path=".replicas",
         ),
         Rule(
-            cel="!('nvidia.com/gpu' in self.resources.limits) || !('nvidia.com/gpu' in self.resources.requests) "
-            "|| string(self.resources.limits['nvidia.com/gpu']) == string(self.resources.requests['nvidia.com/gpu'])",
-            message="nvidia.com/gpu limits must equal requests",
-            check=lambda s: (
-                "nvidia.com/gpu" not in s.resources.limits
-                or "nvidia.com/gpu" not in s.resources.requests
-                or str(s.resources.limits["nvidia.com/gpu"]) == str(s.resources.requests["nvidia.com/gpu"])
-            ),
-            field_path=".resources",
+            cel="self.maxNumBatchedTokens >= self.maxNumSeqs",
+            message="maxNumBatchedTokens must be >= maxNumSeqs (a decode step needs one token per sequence)",
+            check=lambda s: s.max_num_batched_tokens >= s.max_num_seqs,
+            field_path=".maxNumBatchedTokens",
         ),
     )
 
@@ -83,6 +88,7 @@ class Topology(KubeModel):
                 s.mode != "disaggregated"
                 or (s.prefill is not None and s.decode is not None and s.engine is None)
             ),
+            field_path=".mode",
         ),
         Rule(
             cel="self.mode != 'colocated' || (has(self.engine) && !has(self.prefill) && !has(self.decode))",
@@ -90,6 +96,7 @@ class Topology(KubeModel):
             check=lambda s: (
                 s.mode != "colocated" or (s.engine is not None and s.prefill is None and s.decode is None)
             ),
+            field_path=".mode",
         ),
     )
 
@@ -113,7 +120,8 @@ class RouterSpec(KubeModel):
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
     placement: Placement = Field(default_factory=Placement, description="Node selection and tolerations.")
     max_queued_requests: int = Field(
-        default=256, ge=1, description="Above this many queued requests, sheddable classes get HTTP 429."
+        default=256, ge=1, le=100000,
+        description="Above this many queued requests, sheddable classes get HTTP 429.",
     )
 
 
@@ -132,6 +140,7 @@ class RatioBand(KubeModel):
             cel="self.minPrefillPerDecode <= self.maxPrefillPerDecode",
             message="minPrefillPerDecode must be <= maxPrefillPerDecode",
             check=lambda s: s.min_prefill_per_decode <= s.max_prefill_per_decode,
+            field_path=".minPrefillPerDecode",
         ),
     )
 
@@ -171,11 +180,9 @@ class Autoscaling(KubeModel):
 class Telemetry(KubeModel):
     """Where the fleet's OpenTelemetry traces go."""
 
-    otlp_endpoint: str | None = Field(
+    otlp_endpoint: Annotated[str, Field(max_length=2048, pattern=OTLP_ENDPOINT), PORT_IN_RANGE] | None = Field(
         default=None,
-        max_length=2048,
-        pattern=r"^https?://",
-        description="The user's OTLP collector (http(s)://host:port).",
+        description="The user's OTLP collector: http(s)://host[:port][/path], host a DNS name or an IP address.",
     )
     sampling_ratio: float = Field(
         default=1.0, ge=0, le=1, description="Fraction of requests traced for export."
@@ -186,6 +193,43 @@ class VariantRef(KubeModel):
     """A ModelVariant served by the fleet."""
 
     name: Name = Field(description="ModelVariant name in the fleet's namespace.")
+
+
+def _lo(role: str) -> str:
+    r = f"self.topology.{role}"
+    return f"(has({r}.replicas) ? {r}.replicas : {r}.minReplicas)"
+
+
+def _hi(role: str) -> str:
+    r = f"self.topology.{role}"
+    return f"(has({r}.replicas) ? {r}.replicas : {r}.maxReplicas)"
+
+
+# The ratio band is the autoscaler's: it must be reachable by some prefill/decode counts within bounds
+# (as real numbers; decode scaled to zero is exempt).
+_RATIO_CEL = (
+    "!self.autoscaling.enabled || self.topology.mode != 'disaggregated' || !has(self.topology.prefill) "
+    f"|| !has(self.topology.decode) || {_hi('decode')} == 0 || ("
+    f"self.autoscaling.ratio.minPrefillPerDecode * double({_lo('decode')} > 1 ? {_lo('decode')} : 1) "
+    f"<= double({_hi('prefill')}) && double({_lo('prefill')}) "
+    f"<= self.autoscaling.ratio.maxPrefillPerDecode * double({_hi('decode')}))"
+)
+
+
+def _bounds(spec: RoleSpec) -> tuple[int, int]:
+    if spec.replicas is not None:
+        return spec.replicas, spec.replicas
+    return spec.min_replicas, spec.max_replicas
+
+
+def _ratio_reachable(s: InferenceFleetSpec) -> bool:
+    topo, ratio = s.topology, s.autoscaling.ratio
+    if not s.autoscaling.enabled or topo.mode != "disaggregated" or topo.prefill is None or topo.decode is None:
+        return True
+    (p_lo, p_hi), (d_lo, d_hi) = _bounds(topo.prefill), _bounds(topo.decode)
+    if d_hi == 0:
+        return True
+    return ratio.min_prefill_per_decode * max(d_lo, 1) <= p_hi and p_lo <= ratio.max_prefill_per_decode * d_hi
 
 
 class InferenceFleetSpec(KubeModel):
@@ -207,15 +251,19 @@ class InferenceFleetSpec(KubeModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Trace-driven autoscaling.")
     telemetry: Telemetry = Field(default_factory=Telemetry, description="Trace export.")
     gpu_hour_cost_usd: float = Field(
-        default=0.0, ge=0, description="Cost of one GPU-hour, for cost per Mtok."
+        default=0.0, ge=0, le=1000, description="Cost of one GPU-hour, for cost per Mtok."
     )
     image: str | None = Field(
-        default=None, max_length=512, description="Override the kvfleet image for all roles."
+        default=None,
+        max_length=512,
+        pattern=IMAGE_REFERENCE,
+        description="Override the kvfleet image for all roles: [registry[:port]/]path[:tag][@sha256:digest].",
     )
-    pod_annotations: dict[str, str] = Field(
+    pod_annotations: PodAnnotations = Field(
         default_factory=dict,
-        max_length=64,
-        description="Extra annotations on every pod of the fleet (e.g. for a service mesh or a scraper).",
+        description="Extra annotations on every pod of the fleet (e.g. for a service mesh or a scraper). Keys "
+        "are qualified names; kubernetes.io, k8s.io (AppArmor, seccomp, ...) and container-runtime keys are "
+        "refused, so no annotation can weaken the pods' security context.",
     )
 
     __rules__ = (
@@ -236,6 +284,14 @@ class InferenceFleetSpec(KubeModel):
             message="sloClasses must be unique",
             check=lambda s: len(set(s.slo_classes)) == len(s.slo_classes),
             field_path=".sloClasses",
+        ),
+        Rule(
+            cel=_RATIO_CEL,
+            message="autoscaling.ratio cannot be met within the replica bounds: need "
+            "minPrefillPerDecode * max(decode min replicas, 1) <= prefill max replicas and "
+            "prefill min replicas <= maxPrefillPerDecode * decode max replicas (pinned replicas are both bounds)",
+            check=lambda s: _ratio_reachable(s),
+            field_path=".autoscaling.ratio",
         ),
     )
 
@@ -306,3 +362,5 @@ class InferenceFleet(Resource):
     status: InferenceFleetStatus | None = Field(
         default=None, description="Observed state, written by the operator."
     )
+
+    __rules__ = (NAME_RULE,)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from .common import KubeModel, Name, ReferencedStatus, Resource, Rule
+from .common import NAME_RULE, KubeModel, Name, ReferencedStatus, Resource, Rule
+from .shapes import DNS_SUBDOMAIN, HOST_PATH, NO_DOT_SEGMENTS, NOT_SYSTEM_DIR, SERVED_MODEL_NAME, SUB_PATH
+
+# A node directory: absolute, normalised (no '.', '..', empty segments or trailing '/'), printable
+# without whitespace or `$(`, never a system directory. The operator mounts it only below the prefixes
+# it is configured with (--allow-host-path-prefix); by default it refuses every hostPath.
+HostPath = Annotated[str, Field(max_length=4096, pattern=HOST_PATH), NO_DOT_SEGMENTS, NOT_SYSTEM_DIR]
+# A directory inside a volume: relative, normalised, same characters as HostPath.
+SubPath = Annotated[str, Field(max_length=4096, pattern=SUB_PATH), NO_DOT_SEGMENTS]
 
 
 class WeightsSource(KubeModel):
@@ -20,8 +28,10 @@ class WeightsSource(KubeModel):
         description="A model the kvfleet image can materialise itself: the real SmolLM2-135M-Instruct "
         "(imported from GGUF) or a deterministic tiny random Llama for tests.",
     )
-    host_path: str | None = Field(
-        default=None, max_length=4096, pattern=r"^/", description="Absolute directory path on the node."
+    host_path: HostPath | None = Field(
+        default=None,
+        description="Absolute directory on the node (no '.'/'..' segments, no system directories). The "
+        "operator mounts it only below a prefix it allows (--allow-host-path-prefix; none by default).",
     )
     pvc: PvcSource | None = Field(default=None, description="A PersistentVolumeClaim holding the directory.")
 
@@ -37,9 +47,15 @@ class WeightsSource(KubeModel):
 class PvcSource(KubeModel):
     """A directory inside a PersistentVolumeClaim in the variant's namespace."""
 
-    claim_name: Name = Field(description="Name of the PersistentVolumeClaim.")
-    sub_path: str = Field(
-        default="", max_length=4096, description="Directory inside the volume ('' = its root)."
+    claim_name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="Name of the PersistentVolumeClaim (a DNS subdomain).",
+    )
+    sub_path: SubPath = Field(
+        default="",
+        description="Directory inside the volume, relative ('' = its root; no leading '/', no '.'/'..' segments).",
     )
 
 
@@ -51,13 +67,16 @@ class FineTune(KubeModel):
     )
     weights: WeightsSource = Field(description="Where the fine-tuned weights or the adapter live.")
     lora_rank: int | None = Field(default=None, ge=1, le=1024, description="LoRA rank r (lora only).")
-    lora_alpha: float | None = Field(default=None, gt=0, description="LoRA scaling alpha (lora only).")
+    lora_alpha: float | None = Field(
+        default=None, gt=0, le=65536, description="LoRA scaling alpha (lora only)."
+    )
 
     __rules__ = (
         Rule(
             cel="self.type == 'lora' || (!has(self.loraRank) && !has(self.loraAlpha))",
             message="loraRank and loraAlpha apply only to type lora",
             check=lambda s: s.type == "lora" or (s.lora_rank is None and s.lora_alpha is None),
+            field_path=".type",
         ),
     )
 
@@ -73,13 +92,16 @@ class KVSharing(KubeModel):
     from_variant: Name | None = Field(
         default=None, description="The sibling ModelVariant (same family, same namespace) whose KV is reused."
     )
-    recompute_layers: list[int] = Field(
+    recompute_layers: list[Annotated[int, Field(le=1023)]] = Field(
         default_factory=list,
         max_length=256,
         description="Layer indices (0-based) recomputed on reuse (manual mode); contiguous groups work best.",
     )
-    max_recompute_fraction: float = Field(
-        default=0.25, gt=0, le=1, description="Auto mode: at most this fraction of layers is recomputed."
+    max_recompute_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Auto mode only: at most this fraction of layers is recomputed (0.25 when unset).",
     )
 
     __rules__ = (
@@ -87,16 +109,38 @@ class KVSharing(KubeModel):
             cel="self.mode == 'none' || has(self.fromVariant)",
             message="fromVariant is required when mode is manual or auto",
             check=lambda s: s.mode == "none" or s.from_variant is not None,
+            field_path=".mode",
         ),
         Rule(
             cel="self.mode != 'manual' || size(self.recomputeLayers) > 0",
             message="recomputeLayers must list at least one layer in manual mode",
             check=lambda s: s.mode != "manual" or len(s.recompute_layers) > 0,
+            field_path=".recomputeLayers",
         ),
         Rule(
             cel="self.recomputeLayers.all(l, l >= 0)",
             message="recomputeLayers must be non-negative layer indices",
             check=lambda s: all(x >= 0 for x in s.recompute_layers),
+            field_path=".recomputeLayers",
+        ),
+        # Nothing declared is silently ignored: details of another mode are refused.
+        Rule(
+            cel="self.mode != 'none' || !has(self.fromVariant)",
+            message="fromVariant is ignored when mode is none: set mode manual or auto, or remove it",
+            check=lambda s: s.mode != "none" or s.from_variant is None,
+            field_path=".fromVariant",
+        ),
+        Rule(
+            cel="self.mode == 'manual' || size(self.recomputeLayers) == 0",
+            message="recomputeLayers applies only to mode manual",
+            check=lambda s: s.mode == "manual" or not s.recompute_layers,
+            field_path=".recomputeLayers",
+        ),
+        Rule(
+            cel="self.mode == 'auto' || !has(self.maxRecomputeFraction)",
+            message="maxRecomputeFraction applies only to mode auto",
+            check=lambda s: s.mode == "auto" or s.max_recompute_fraction is None,
+            field_path=".maxRecomputeFraction",
         ),
     )
 
@@ -114,7 +158,9 @@ class ModelVariantSpec(KubeModel):
         default=None,
         min_length=1,
         max_length=256,
-        description="The OpenAI `model` name clients use; defaults to metadata.name.",
+        pattern=SERVED_MODEL_NAME,
+        description="The OpenAI `model` name clients use (letters, digits and ._:/@+-; no spaces, quotes or "
+        "markup); defaults to metadata.name.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16", description="Weight and activation dtype in the engine."
@@ -146,6 +192,7 @@ class ModelVariant(Resource):
             check=lambda s: s.spec.kv_sharing.from_variant != s.metadata.name,
             field_path=".spec.kvSharing.fromVariant",
         ),
+        NAME_RULE,
     )
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import KubeModel, ReferencedStatus, Resource, Rule
+from .common import NAME_RULE, KubeModel, ReferencedStatus, Resource, Rule
 
 
 class KVPinning(KubeModel):
@@ -14,7 +14,10 @@ class KVPinning(KubeModel):
 
     enabled: bool = Field(default=False, description="Pin prefix blocks of this class against LRU eviction.")
     max_pinned_bytes: int = Field(
-        default=0, ge=0, description="Upper bound on pinned KV bytes per pod for this class (0 = no pinning)."
+        default=0,
+        ge=0,
+        le=2**40,
+        description="Upper bound on pinned KV bytes per pod for this class (0 = no pinning; at most 1 TiB).",
     )
 
     __rules__ = (
@@ -22,6 +25,12 @@ class KVPinning(KubeModel):
             cel="!self.enabled || self.maxPinnedBytes > 0",
             message="maxPinnedBytes must be > 0 when pinning is enabled",
             check=lambda s: not s.enabled or s.max_pinned_bytes > 0,
+            field_path=".maxPinnedBytes",
+        ),
+        Rule(
+            cel="self.enabled || self.maxPinnedBytes == 0",
+            message="maxPinnedBytes applies only when pinning is enabled",
+            check=lambda s: s.enabled or s.max_pinned_bytes == 0,
             field_path=".maxPinnedBytes",
         ),
     )
@@ -57,7 +66,10 @@ class SLOClassSpec(KubeModel):
         description="Under overload the router may reject this class's requests (HTTP 429) early.",
     )
     max_queue_ms: int | None = Field(
-        default=None, ge=1, description="Sheddable only: reject a request still queued after this many ms."
+        default=None,
+        ge=1,
+        le=600000,
+        description="Sheddable only: reject a request still queued after this many ms.",
     )
     kv_pinning: KVPinning = Field(
         default_factory=KVPinning, description="Optional KV pinning for this class."
@@ -87,3 +99,5 @@ class SLOClass(Resource):
     status: ReferencedStatus | None = Field(
         default=None, description="Observed state, written by the operator."
     )
+
+    __rules__ = (NAME_RULE,)

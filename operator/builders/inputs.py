@@ -21,6 +21,8 @@ class OperatorSettings:
     # The operator's own OTLP receiver Service (e.g. http://kvfleet-otlp.kvfleet-system.svc:4317).
     otlp_endpoint: str | None = None
     version: str = "0.1.0"
+    # Node directories a ModelVariant's hostPath may lie at or below; empty: no hostPath is mounted.
+    host_path_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

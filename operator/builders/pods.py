@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+from kvfleet.dataplane.config import ConfigError
 from kvfleet.operator.api import ModelVariant
 from kvfleet.operator.api.common import Placement, Resources
+from kvfleet.operator.api.shapes import is_qualified_name, is_reserved_annotation, under_prefix
 
 from .config import CACHE_DIR, CONFIG_DIR, MODELS_DIR, role_config_key
 from .inputs import FleetInputs
@@ -110,7 +113,9 @@ def env(inputs: FleetInputs, role: str, variant: str | None) -> list[dict[str, A
     return out
 
 
-def _weights_volumes(variant: ModelVariant) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _weights_volumes(
+    variant: ModelVariant, host_path_prefixes: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     sources = [("base", variant.spec.base)]
@@ -120,6 +125,9 @@ def _weights_volumes(variant: ModelVariant) -> tuple[list[dict[str, Any]], list[
         vol = f"weights-{which}"
         mount = {"name": vol, "mountPath": f"{MODELS_DIR}/{variant.metadata.name}/{which}", "readOnly": True}
         if src.host_path:
+            # resolve() refuses these with a condition; this is the last line of defence.
+            if not under_prefix(src.host_path, host_path_prefixes):
+                raise ConfigError(f"hostPath {src.host_path!r} is not below an allowed prefix")
             volumes.append({"name": vol, "hostPath": {"path": src.host_path, "type": "Directory"}})
         elif src.pvc:
             volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": src.pvc.claim_name,
@@ -169,7 +177,7 @@ def pod_template(
         for key in ("cache-policy.json", "variant.json"):
             mounts.append({"name": "config", "mountPath": f"{CONFIG_DIR}/{key}", "subPath": key,
                            "readOnly": True})
-        wv, wm = _weights_volumes(variant)
+        wv, wm = _weights_volumes(variant, inputs.settings.host_path_prefixes)
         volumes += wv
         mounts += wm
     else:
@@ -183,23 +191,24 @@ def pod_template(
         "env": env(inputs, role, vname),
         "resources": resources(spec_resources),
         "volumeMounts": mounts,
-        "securityContext": CONTAINER_SECURITY,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         **probes(),
     }
+    annotations = {**inputs.fleet.spec.pod_annotations, **(role_annotations or {})}
+    # The API validates these keys; re-checked here so no path around it can weaken the pods.
+    bad = [k for k in annotations if is_reserved_annotation(k) or not is_qualified_name(k)]
+    if bad:
+        raise ConfigError(f"refusing pod annotations {bad}: reserved or not qualified names")
     return {
         "metadata": {
             "labels": labels(inputs.name, role, vname, inputs.settings.version),
             # A changed policy/config changes the hash, and so the template: the pods roll.
-            "annotations": {
-                **inputs.fleet.spec.pod_annotations,
-                **(role_annotations or {}),
-                ANNOTATION_CONFIG_HASH: config_hash,
-            },
+            "annotations": {**annotations, ANNOTATION_CONFIG_HASH: config_hash},
         },
         "spec": {
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
-            "securityContext": POD_SECURITY,
+            "securityContext": copy.deepcopy(POD_SECURITY),
             "terminationGracePeriodSeconds": grace_seconds,
             "containers": [container],
             "volumes": volumes,

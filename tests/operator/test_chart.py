@@ -110,3 +110,30 @@ def test_operator_deployment_is_hardened_and_points_pods_at_the_receiver(helm):
     crds = {d["metadata"]["name"] for d in docs if d["kind"] == "CustomResourceDefinition"}
     assert crds == {"inferencefleets.kvfleet.io", "modelvariants.kvfleet.io", "cachepolicies.kvfleet.io",
                     "sloclasses.kvfleet.io"}
+
+
+def test_host_path_prefixes_reach_the_operator(helm):
+    """Off by default; each allowed prefix becomes one --allow-host-path-prefix flag; bad paths fail."""
+    def args(*sets: str) -> list[str]:
+        dep = next(d for d in render(helm, *sets) if d["kind"] == "Deployment")
+        return [a for a in dep["spec"]["template"]["spec"]["containers"][0]["args"] if "host-path" in a]
+
+    assert args() == []
+    assert args("operator.allowedHostPathPrefixes={/models,/data/llm}") == [
+        "--allow-host-path-prefix=/models", "--allow-host-path-prefix=/data/llm"]
+    bad = subprocess.run([helm, "template", "x", str(CHART), "--set", "operator.allowedHostPathPrefixes={/}"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+
+
+def test_host_path_admission_policy_renders_the_allow_list(helm):
+    def policy(*sets: str) -> list[dict]:
+        return [d for d in render(helm, *sets) if d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+    (vap, binding) = policy()
+    allowed = next(v for v in vap["spec"]["variables"] if v["name"] == "allowed")
+    assert allowed["expression"] == "[]" and binding["spec"]["validationActions"] == ["Deny"]
+    (vap, _) = policy("operator.allowedHostPathPrefixes={/models,/data/llm}")
+    allowed = next(v for v in vap["spec"]["variables"] if v["name"] == "allowed")
+    assert allowed["expression"] == '["/models", "/data/llm"]'
+    assert policy("operator.hostPathAdmissionPolicy=false") == []
