@@ -82,6 +82,13 @@ class Telemetry:
         self.meter.create_observable_gauge("kvfleet.queue.depth", [queue], unit="{request}",
                                            description="Requests waiting for the engine.")
 
+    def observe_router(self, queued: Any) -> None:
+        """A gauge of the requests waiting in the router for KV room (`queued()` at each export)."""
+        from opentelemetry.metrics import Observation
+
+        self.meter.create_observable_gauge("kvfleet.router.queued", [lambda _: [Observation(queued())]],
+                                           unit="{request}", description="Requests waiting for KV room.")
+
     def shutdown(self) -> None:
         for p in self.providers:
             with contextlib.suppress(Exception):
@@ -182,14 +189,15 @@ class RequestTrace:
         ttft_ms = None if self.first_token_time is None else (self.first_token_time - self.start) * 1000
         tpot_ms = (now - self.first_token_time) * 1000 / (output_tokens - 1) \
             if self.first_token_time is not None and output_tokens > 1 else None
-        attained = None
+        attained = ttft_ok = tpot_ok = None
         if self.target is not None:
-            attained = finish_reason != "abort" and ttft_ms is not None and ttft_ms <= self.target.ttft_ms \
-                and (tpot_ms is None or tpot_ms <= self.target.tpot_ms)
+            ttft_ok = finish_reason != "abort" and ttft_ms is not None and ttft_ms <= self.target.ttft_ms
+            tpot_ok = finish_reason != "abort" and (tpot_ms is None or tpot_ms <= self.target.tpot_ms)
+            attained = ttft_ok and tpot_ok
         labels = {"kvfleet.slo_class": self.slo_class or "", "kvfleet.variant": self.variant,
                   "kvfleet.role": self.tel.role, "gen_ai.request.model": self.model}
-        self.tel.requests.add(1, {**labels, "kvfleet.attained": bool(attained),
-                                  "kvfleet.has_target": attained is not None})
+        self.tel.requests.add(1, {**labels, "kvfleet.attained": bool(attained), "kvfleet.ttft_ok": bool(ttft_ok),
+                                  "kvfleet.tpot_ok": bool(tpot_ok), "kvfleet.has_target": attained is not None})
         if ttft_ms is not None:
             self.tel.ttft.record(ttft_ms, labels)
         if tpot_ms is not None:

@@ -76,6 +76,7 @@ async def serve(args: argparse.Namespace) -> None:
     from kvfleet.dataplane import tracing
 
     telemetry = tracing.configure("router")
+    telemetry.observe_router(lambda: engine.queued)
     targets = {c["name"]: tracing.SLOTarget(float(c["ttftMs"]), float(c["tpotMs"])) for c in classes
                if "ttftMs" in c and "tpotMs" in c}
     app = build_app(engine, load_tokenizer(models), [m["model"] for m in models],

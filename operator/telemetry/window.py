@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 Attrs = tuple[tuple[str, str], ...]
+GAUGES = ("kvfleet.kv.utilisation", "kvfleet.queue.depth", "kvfleet.router.queued")
+ENTRY_ROLES = ("router", "engine", "serve")  # where a request enters the fleet: counted once, there
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,11 @@ class ClassWindow:
 
     name: str
     requests: int
-    attained: int
+    attained: int  # met both targets
     ttft_p90_ms: float | None
     tpot_p90_ms: float | None
+    ttft_attained: int = 0  # met the TTFT target
+    tpot_attained: int = 0  # met the TPOT target
 
     @property
     def attainment(self) -> float | None:
@@ -53,6 +57,7 @@ class RoleWindow:
     pods: int
     kv_pressure: float | None  # mean KV utilisation over its pods
     queue_depth: float | None  # mean waiting requests per pod
+    router_queued: float | None = None  # requests waiting in the router(s) for KV room (router role)
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class Windows:
             if (src.namespace, src.fleet) != (namespace, fleet):
                 continue
             a = dict(attrs)
-            if metric in ("kvfleet.kv.utilisation", "kvfleet.queue.depth"):
+            if metric in GAUGES:
                 if s.points and s.points[-1][0] >= now - window_s:
                     gauges.setdefault((src.role, src.variant, metric), {})[src.pod] = s.points[-1][1][0]
                 continue
@@ -141,25 +146,28 @@ class Windows:
             if d is None:
                 continue
             klass = a.get("kvfleet.slo_class", "")
-            if metric == "kvfleet.requests" and a.get("kvfleet.role") in ("router", "engine", "serve"):
-                r = reqs.setdefault(klass, [0, 0])
-                r[0] += int(d[0])
-                r[1] += int(d[0]) if a.get("kvfleet.attained") == "true" else 0
+            if metric == "kvfleet.requests" and a.get("kvfleet.role") in ENTRY_ROLES:
+                r = reqs.setdefault(klass, [0, 0, 0, 0])
+                n = int(d[0])
+                r[0] += n
+                for i, flag in enumerate(("kvfleet.attained", "kvfleet.ttft_ok", "kvfleet.tpot_ok"), start=1):
+                    r[i] += n if a.get(flag) == "true" else 0
             elif metric == "kvfleet.tokens" and a.get("gen_ai.token.type") == "output" \
-                    and a.get("kvfleet.role") in ("router", "engine", "serve"):
+                    and a.get("kvfleet.role") in ENTRY_ROLES:
                 out_tokens += int(d[0])
             elif metric in ("kvfleet.ttft", "kvfleet.tpot"):
                 acc = hists.setdefault((klass, metric), [0.0] * len(d))
                 for i, v in enumerate(d):
                     acc[i] += v
         classes = [ClassWindow(k, n, ok, _p90(hists.get((k, "kvfleet.ttft")), self._bounds.get("kvfleet.ttft", ())),
-                               _p90(hists.get((k, "kvfleet.tpot")), self._bounds.get("kvfleet.tpot", ())))
-                   for k, (n, ok) in sorted(reqs.items())]
+                               _p90(hists.get((k, "kvfleet.tpot")), self._bounds.get("kvfleet.tpot", ())), t_ok, p_ok)
+                   for k, (n, ok, t_ok, p_ok) in sorted(reqs.items())]
         roles: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         for (role, variant, metric), by_pod in gauges.items():
             roles.setdefault((role, variant), {})[metric] = by_pod
         role_windows = [RoleWindow(role, variant, max(len(v) for v in m.values()),
-                                   _mean(m.get("kvfleet.kv.utilisation")), _mean(m.get("kvfleet.queue.depth")))
+                                   _mean(m.get("kvfleet.kv.utilisation")), _mean(m.get("kvfleet.queue.depth")),
+                                   sum(m["kvfleet.router.queued"].values()) if "kvfleet.router.queued" in m else None)
                         for (role, variant), m in sorted(roles.items())]
         seen = self._last_seen.get((namespace, fleet))
         return FleetWindow(classes, role_windows, out_tokens, None if seen is None else max(0.0, now - seen))

@@ -81,6 +81,7 @@ def test_every_request_counts_even_with_no_span_exported(receiver, monkeypatch):
     w = rec.windows.fleet("ml", "chat", time.time())
     by = {c.name: c for c in w.classes}
     assert (by["interactive"].requests, by["interactive"].attained) == (10, 7)
+    assert (by["interactive"].ttft_attained, by["interactive"].tpot_attained) == (7, 10)  # one output token: no TPOT
     assert (by["batch"].requests, by["batch"].attained) == (4, 4)
     assert by["interactive"].attainment == pytest.approx(0.7)
     assert by["interactive"].ttft_p90_ms == 500  # the 300 ms requests' bucket (upper bound)
