@@ -15,6 +15,9 @@ Rules:
 - A critical class (not sheddable) below its attainment target asks for a
   proportional step; a sheddable class below target asks for one replica at a
   time (the router may shed it under overload; it does not buy capacity in bulk).
+- Latency headroom (a critical class's p90 against its ttftMs / tpotMs) warns
+  before attainment breaks: above `Tuning.latency_high` of the target it asks
+  for a step up, and a scale-down needs it below `Tuning.latency_low`.
 - Up is fast: one breaching observation scales up, proportionally, from the
   *ready* replicas, so pods still starting count as capacity already bought
   (no second step while the first is loading its model). Attainment is a
@@ -59,6 +62,8 @@ class ClassWindow:
     critical: bool  # not sheddable
     ttft_p90_ms: float | None = None
     tpot_p90_ms: float | None = None
+    ttft_target_ms: float | None = None  # the class's ttftMs, so the p90s can be read as headroom
+    tpot_target_ms: float | None = None  # the class's tpotMs
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,13 @@ class Tuning:
     queue_low: float = 0.5  # at or below this, queueing allows a scale-down
     min_requests: int = 20  # fewer finished requests in the window: attainment is not evidence
     attainment_gain: float = 4.0  # step factor per unit of relative attainment shortfall
-    max_up_factor: float = 2.0  # at most double (or +4 pods, whichever is more) per call
+    max_up_factor: float = 2.0  # at most double the desired pods (or +4, whichever is more) per call
+    max_queue_factor: float = 3.0  # a backlog asks for at most 3x the ready pods
     max_up_pods: int = 4
     max_down_fraction: float = 0.2  # at most 20% of the pods (at least 1) per step
     good_margin: float = 0.0  # attainment at least target + margin counts as good
+    latency_high: float = 0.8  # a critical class's p90 above this fraction of its target asks for more
+    latency_low: float = 0.5  # scale-down only while every p90 is below this fraction of its target
     pool_churn_high: float = 0.5
     pool_churn_low: float = 0.05
     pool_hit_high: float = 0.9  # above this hit rate more pool would not help
@@ -200,12 +208,37 @@ def _class_signals(role: str, classes: Sequence[ClassWindow], tuning: Tuning) ->
     return out
 
 
+def _headroom(role: str, c: ClassWindow) -> list[tuple[str, float]]:
+    """(label, p90 / target) for the phases this role serves, where both are known."""
+    phases = {"prefill": ("TTFT",), "decode": ("TPOT",), "engine": ("TTFT", "TPOT")}.get(role, ())
+    out = []
+    for ph in phases:
+        p90, target = (c.ttft_p90_ms, c.ttft_target_ms) if ph == "TTFT" else (c.tpot_p90_ms, c.tpot_target_ms)
+        if p90 is not None and target:
+            out.append((ph, p90 / target))
+    return out
+
+
+def _latency_signal(role: str, classes: Sequence[ClassWindow], tuning: Tuning) -> tuple[float, str] | None:
+    """The worst critical p90/target above latency_high, as (ratio, text)."""
+    worst: tuple[float, str] | None = None
+    for c in classes:
+        if c.requests < tuning.min_requests or not c.critical:
+            continue
+        for ph, ratio in _headroom(role, c):
+            if ratio > tuning.latency_high and (worst is None or ratio > worst[0]):
+                worst = (ratio, f"{c.name} {ph} p90 at {100 * ratio:.0f}% of its target")
+    return worst
+
+
 def _classes_good(role: str, classes: Sequence[ClassWindow], tuning: Tuning) -> bool:
     for c in classes:
         if c.requests < tuning.min_requests:
             continue
         got = {"prefill": c.ttft_attained, "decode": c.tpot_attained, "engine": c.attained}.get(role)
         if got is not None and got < c.target + tuning.good_margin:
+            return False
+        if any(ratio > tuning.latency_low for _, ratio in _headroom(role, c)):
             return False
     return True
 
@@ -225,7 +258,7 @@ def _want(o: RoleObservation, policy: Autoscaling, classes: Sequence[ClassWindow
     if queue_role and o.queue_depth is not None:
         has_signal = True
         if o.queue_depth > tuning.queue_high:
-            ups.append((math.ceil(base * min(o.queue_depth / tuning.queue_high, tuning.max_up_factor)),
+            ups.append((math.ceil(base * min(o.queue_depth / tuning.queue_high, tuning.max_queue_factor)),
                         f"queue {o.queue_depth:.1f}/pod > {tuning.queue_high:g}"))
         elif o.queue_depth > tuning.queue_low:
             neutral = True
@@ -255,6 +288,9 @@ def _want(o: RoleObservation, policy: Autoscaling, classes: Sequence[ClassWindow
         if counted:
             has_signal = True
         breaches = _class_signals(o.role, classes, tuning)
+        latency = _latency_signal(o.role, classes, tuning)
+        if latency is not None and settled and not breaches:
+            ups.append((max(base + 1, math.ceil(base * min(latency[0] / tuning.latency_high, 1.5))), latency[1]))
         if breaches and settled:
             critical = [b for b in breaches if b[0]]
             if critical:
@@ -262,11 +298,11 @@ def _want(o: RoleObservation, policy: Autoscaling, classes: Sequence[ClassWindow
                 ups.append((math.ceil(base * (1 + tuning.attainment_gain * worst[1])), worst[2]))
             else:
                 ups.append((base + 1, breaches[0][2] + " (sheddable)"))
-        elif breaches or not _classes_good(o.role, classes, tuning):
+        elif breaches or latency is not None or not _classes_good(o.role, classes, tuning):
             neutral = True
 
     if ups:
-        limit = max(math.ceil(base * tuning.max_up_factor), base + tuning.max_up_pods)
+        limit = max(math.ceil(cur * tuning.max_up_factor), cur + tuning.max_up_pods)
         target = max(min(max(n for n, _ in ups), limit), base + 1)
         return _Want(max(target, cur), [t for _, t in ups], True, False)
     if neutral or not has_signal:

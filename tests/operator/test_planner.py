@@ -27,10 +27,12 @@ WIDE = {r: Bounds(1, 40) for r in ("prefill", "decode", "engine", "mempool")}
 
 
 def cls(name: str = "interactive", att: float = 1.0, *, ttft: float | None = None, tpot: float | None = None,
-        target: float = 0.95, critical: bool = True, n: int = 200) -> ClassWindow:
+        target: float = 0.95, critical: bool = True, n: int = 200, p90: tuple[float, float] = (100.0, 20.0),
+        slo_ms: tuple[float, float] | None = (1000.0, 100.0)) -> ClassWindow:
     ttft = att if ttft is None else ttft
     tpot = att if tpot is None else tpot
-    return ClassWindow(name, n, ttft, tpot, min(ttft, tpot), target, critical, 100.0, 20.0)
+    targets = slo_ms or (None, None)
+    return ClassWindow(name, n, ttft, tpot, min(ttft, tpot), target, critical, *p90, *targets)
 
 
 def role(r: str = "decode", n: int = 4, ready: int | None = None, v: str = "m", **signals: float) -> RoleObservation:
@@ -70,6 +72,9 @@ def run(seq: list[Observation], bounds: dict[str, Bounds] = WIDE, policy: Autosc
     (role("engine", queue_depth=8.0), [], "queue"),
     (role("engine", kv_pressure=0.5), [cls(ttft=0.99, tpot=0.6)], "TTFT+TPOT attainment"),
     (role("mempool", pool_hit_rate=0.4, pool_churn=2.0), [], "pool churn"),
+    # latency headroom: attainment still met, but a critical p90 is past 80% of its target
+    (role("prefill", queue_depth=0.0), [cls(p90=(900.0, 20.0))], "TTFT p90 at 90%"),
+    (role("engine", kv_pressure=0.5), [cls(p90=(100.0, 95.0))], "TPOT p90 at 95%"),
 ])
 def test_a_breach_scales_up_at_once(obs_role, classes, why):
     p = plan(POLICY, WIDE, observe([obs_role], classes), PlannerState())
@@ -97,6 +102,27 @@ def test_up_is_proportional_and_counts_starting_pods():
     # Next interval: 6 desired, 4 ready, still breaching: the 2 loading pods count as bought.
     again = plan(POLICY, WIDE, observe([role("prefill", 6, ready=4)], [cls(ttft=0.85)], now=1015), first.state)
     assert again.replicas["m/prefill"] == 6 and not again.events
+
+
+def test_a_backlog_can_buy_beyond_twice_the_ready_pods_while_some_load():
+    first = plan(POLICY, WIDE, observe([role("engine", 10, ready=5, queue_depth=50.0)]), PlannerState())
+    assert first.replicas["m/engine"] == 15  # 3x the 5 ready, within 2x the 10 desired
+
+
+@pytest.mark.parametrize("obs_role, classes", [
+    (role("engine", 10, kv_pressure=0.1, queue_depth=0.0), [cls(p90=(600.0, 20.0))]),  # TTFT p90 at 60%
+    (role("decode", 10, kv_pressure=0.1), [cls(p90=(100.0, 70.0))]),  # TPOT p90 at 70%
+    (role("decode", 10, kv_pressure=0.1), [cls(p90=(100.0, 70.0), critical=False)]),  # sheddable too
+])
+def test_no_scale_down_without_latency_headroom(obs_role, classes):
+    plans = run([observe([obs_role], classes, now=1000 + 15 * i) for i in range(40)])
+    assert {p.replicas[obs_role.key] for p in plans} == {10}
+
+
+def test_latency_without_targets_is_ignored():
+    plans = run([observe([role("decode", 10, kv_pressure=0.1)], [cls(p90=(5000.0, 500.0), slo_ms=None)],
+                         now=1000 + 15 * i) for i in range(40)])
+    assert plans[-1].replicas["m/decode"] < 10
 
 
 def test_attainment_waits_a_window_after_a_scale_up_but_kv_pressure_does_not():
