@@ -18,12 +18,16 @@ Rules:
 - Latency headroom (a critical class's p90 against its ttftMs / tpotMs) warns
   before attainment breaks: above `Tuning.latency_high` of the target it asks
   for a step up, and a scale-down needs it below `Tuning.latency_low`.
+- New pods take a model load to help, so KV pressure and latency headroom are
+  also read ahead: a rising signal is projected over (the load time the planner
+  last saw + one interval) and scales up when the projection crosses the high
+  mark. Steps aim at the middle of the band, not just below its top.
 - Up is fast: one breaching observation scales up, proportionally, from the
-  *ready* replicas, so pods still starting count as capacity already bought
-  (no second step while the first is loading its model). Attainment is a
-  window aggregate that lags a scale-up by up to one window: it does not ask
-  for more until the new pods have served a full window (KV pressure and
-  queueing still do).
+  *ready* replicas. Pods still loading count as bought (no step while they
+  load). Every signal is a window aggregate, so for one window after they
+  serve it partly describes the fleet before them: a further step then needs
+  signals that are not falling (the fleet simulator showed backlog-driven
+  second steps buying 5x what a burst needed).
 - Down is slow: a role scales down only after every one of its signals has
   been good without a break for `scaleDownStabilizationSeconds` (and that long
   after its last scale-up), by at most `Tuning.max_down_fraction` of its pods
@@ -112,6 +116,8 @@ class RoleState:
     last_down_s: float | None = None
     ready_since_s: float | None = None  # when the pods of the last scale-up were first all ready
     good_since_s: float | None = None  # start of the current unbroken run of good signals (down-scale history)
+    load_s: float | None = None  # how long the last scale-up took to become ready (learned)
+    last_signals: tuple[float, float | None, float | None] | None = None  # (time, KV pressure, worst p90/target)
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class Tuning:
     pool_churn_low: float = 0.05
     pool_hit_high: float = 0.9  # above this hit rate more pool would not help
     stale_after_s: float | None = None  # default: 2 x intervalSeconds + 10 s
+    load_s: float = 60.0  # a new pod's model load until the planner has seen one
 
 
 DEFAULT_TUNING = Tuning()
@@ -219,14 +226,14 @@ def _headroom(role: str, c: ClassWindow) -> list[tuple[str, float]]:
     return out
 
 
-def _latency_signal(role: str, classes: Sequence[ClassWindow], tuning: Tuning) -> tuple[float, str] | None:
-    """The worst critical p90/target above latency_high, as (ratio, text)."""
+def _worst_latency(role: str, classes: Sequence[ClassWindow], tuning: Tuning) -> tuple[float, str] | None:
+    """The highest p90/target over the critical classes with enough requests, as (ratio, text)."""
     worst: tuple[float, str] | None = None
     for c in classes:
         if c.requests < tuning.min_requests or not c.critical:
             continue
         for ph, ratio in _headroom(role, c):
-            if ratio > tuning.latency_high and (worst is None or ratio > worst[0]):
+            if worst is None or ratio > worst[0]:
                 worst = (ratio, f"{c.name} {ph} p90 at {100 * ratio:.0f}% of its target")
     return worst
 
@@ -243,9 +250,18 @@ def _classes_good(role: str, classes: Sequence[ClassWindow], tuning: Tuning) -> 
     return True
 
 
+class _Trend(NamedTuple):
+    """Rising signals projected over the time new pods need: (load time + interval) x slope."""
+
+    horizon_s: float
+    kv_per_s: float = 0.0
+    latency_per_s: float = 0.0
+
+
 def _want(o: RoleObservation, policy: Autoscaling, classes: Sequence[ClassWindow], settled: bool,
-          tuning: Tuning) -> _Want:
+          tuning: Tuning, trend: _Trend | None = None) -> _Want:
     """The replica count this observation asks for, from the ready pods (pending ones count as bought)."""
+    trend = trend or _Trend(0.0)
     base = max(o.ready, 1)
     cur = o.replicas
     ups: list[tuple[int, str]] = []
@@ -264,11 +280,15 @@ def _want(o: RoleObservation, policy: Autoscaling, classes: Sequence[ClassWindow
             neutral = True
     if kv_role and o.kv_pressure is not None:
         has_signal = True
+        mid = (policy.kv_pressure_low + policy.kv_pressure_high) / 2
+        ahead = o.kv_pressure + max(0.0, trend.kv_per_s) * trend.horizon_s
         if o.kv_pressure > policy.kv_pressure_high:
-            ups.append((math.ceil(base * o.kv_pressure / policy.kv_pressure_high),
+            ups.append((math.ceil(base * o.kv_pressure / mid),
                         f"KV pressure {o.kv_pressure:.2f} > {policy.kv_pressure_high:g}"))
+        elif ahead > policy.kv_pressure_high:
+            ups.append((math.ceil(base * ahead / mid), f"KV pressure {o.kv_pressure:.2f} rising to {ahead:.2f} "
+                                                       f"within {trend.horizon_s:.0f}s"))
         elif o.kv_pressure < policy.kv_pressure_low:
-            mid = (policy.kv_pressure_low + policy.kv_pressure_high) / 2
             downs.append(math.ceil(base * o.kv_pressure / mid))
         else:
             neutral = True
@@ -288,19 +308,32 @@ def _want(o: RoleObservation, policy: Autoscaling, classes: Sequence[ClassWindow
         if counted:
             has_signal = True
         breaches = _class_signals(o.role, classes, tuning)
-        latency = _latency_signal(o.role, classes, tuning)
-        if latency is not None and settled and not breaches:
-            ups.append((max(base + 1, math.ceil(base * min(latency[0] / tuning.latency_high, 1.5))), latency[1]))
-        if breaches and settled:
+        worst = _worst_latency(o.role, classes, tuning)
+        latency = None
+        if worst is not None:
+            ahead = worst[0] + max(0.0, trend.latency_per_s) * trend.horizon_s
+            if worst[0] > tuning.latency_high:
+                latency = worst
+            elif ahead > tuning.latency_high:
+                latency = (ahead, f"{worst[1]}, rising to {100 * ahead:.0f}% within {trend.horizon_s:.0f}s")
+        if latency is not None and not breaches:
+            mid_lat = (tuning.latency_low + tuning.latency_high) / 2
+            ups.append((max(base + 1, math.ceil(base * latency[0] / mid_lat)), latency[1]))
+        if breaches:
             critical = [b for b in breaches if b[0]]
             if critical:
-                worst = max(critical, key=lambda b: b[1])
-                ups.append((math.ceil(base * (1 + tuning.attainment_gain * worst[1])), worst[2]))
+                crit = max(critical, key=lambda b: b[1])
+                ups.append((math.ceil(base * (1 + tuning.attainment_gain * crit[1])), crit[2]))
             else:
                 ups.append((base + 1, breaches[0][2] + " (sheddable)"))
-        elif breaches or latency is not None or not _classes_good(o.role, classes, tuning):
+        elif latency is not None or not _classes_good(o.role, classes, tuning):
             neutral = True
 
+    # Pods still loading count as bought; once they serve, the window still partly describes the
+    # fleet before them: a further step needs signals that are not falling.
+    falling = trend.kv_per_s < 0 and trend.latency_per_s <= 0
+    if ups and (o.ready < cur or (not settled and falling)):
+        return _Want(cur, [], True, False)
     if ups:
         limit = max(math.ceil(cur * tuning.max_up_factor), cur + tuning.max_up_pods)
         target = max(min(max(n for n, _ in ups), limit), base + 1)
@@ -348,7 +381,7 @@ def plan(policy: Autoscaling, bounds: Mapping[str, Bounds], obs: Observation, st
             continue
         rs = new_states.get(o.key, RoleState())
         if rs.last_up_s is not None and rs.ready_since_s is None and o.ready >= o.replicas:
-            rs = replace(rs, ready_since_s=obs.now)
+            rs = replace(rs, ready_since_s=obs.now, load_s=obs.now - rs.last_up_s)
         if b.pinned is not None:
             replicas[o.key] = b.pinned
             new_states[o.key] = replace(rs, good_since_s=None)
@@ -359,7 +392,16 @@ def plan(policy: Autoscaling, bounds: Mapping[str, Bounds], obs: Observation, st
             continue
         settled = rs.last_up_s is None or (rs.ready_since_s is not None
                                            and obs.now - rs.ready_since_s >= obs.window_s)
-        want = _want(o, policy, obs.classes, settled, tuning)
+        worst = _worst_latency(o.role, obs.classes, tuning)
+        signals = (obs.now, o.kv_pressure, worst[0] if worst else None)
+        trend = _Trend((rs.load_s if rs.load_s is not None else tuning.load_s) + policy.interval_seconds)
+        if rs.last_signals is not None and obs.now > rs.last_signals[0]:
+            dt = obs.now - rs.last_signals[0]
+            slope = [(new - old) / dt if new is not None and old is not None else 0.0
+                     for new, old in zip(signals[1:], rs.last_signals[1:], strict=True)]
+            trend = trend._replace(kv_per_s=slope[0], latency_per_s=slope[1])
+        rs = replace(rs, last_signals=signals)
+        want = _want(o, policy, obs.classes, settled, tuning, trend)
         if not want.has_signal:
             silent.append(o.key)
         good_since = (rs.good_since_s if rs.good_since_s is not None else obs.now) if want.good else None

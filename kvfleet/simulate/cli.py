@@ -29,6 +29,30 @@ GOAL = ("critical class >= 99% attainment, >= 30% fewer GPU-hours than the bette
         "attainment, breach-to-scale-up <= 30 s")
 
 
+METHOD = """\
+How to read it:
+
+- A simulation, not a measurement: pods are cost models (see `kvfleet/simulate/profiles.py` for the
+  h100-8b ceilings and the cpu-smollm2 fit to `engine_online.md`); a new pod loads its model for the
+  profile's startup time (h100-8b: 90 s, an assumption) and costs GPU time from the moment it is
+  created until it is gone; a scale-down drains for drainSeconds (30 s) and what is still running
+  then is cut and counts as missed. Requests still in flight at the end count as missed.
+- Attainment: the share of ALL the class's requests meeting both TTFT and TPOT (rejected = missed).
+- Breach->up: for the critical class, each time its attainment over the last 60 s (all finished
+  requests, ground truth) falls below target, the seconds until the controller next raised the
+  replicas (0 when it had already done so within one interval before); "never" if it did not.
+- Every controller decides every 15 s over the same router, engine and trace. kvfleet is
+  `kvfleet.operator.planner.plan` on the window aggregates the OTLP receiver would have; a
+  parenthesised number is a non-default knob (kvfleet: kvPressureLow; HPA: GPU utilisation
+  target; KEDA: waiting requests per pod). The baselines use HPA's algorithm: 10% tolerance,
+  up at most max(4, 100%) per period, 300 s down-scale stabilisation.
+- GPU utilisation (DCGM's "time a kernel ran") stays near 100% on any pod with a running
+  sequence, so the HPA scales towards maxReplicas: its GPU-hours are bounded by maxReplicas,
+  not by need. KEDA's AverageValue rule asks for minReplicas whenever nothing waits, so it
+  shrinks to the minimum between bursts and is caught short by the next one.
+"""
+
+
 def table(results: list[Result], classes: list[str]) -> str:
     head = ["controller", *(f"{c} attainment" for c in classes), "GPU-hours", "peak / mean pods",
             "breach->up s (median / max (episodes))", "scale events", "rejected"]
@@ -42,7 +66,7 @@ def table(results: list[Result], classes: list[str]) -> str:
 
 def verdict(results: list[Result], critical: str) -> str:
     mine = [r for r in results if r.controller.startswith("kvfleet")]
-    base = [r for r in results if not r.controller.startswith("kvfleet")]
+    base = [r for r in results if not r.controller.startswith(("kvfleet", "static"))]
     if not base or not mine:
         return ""
     return "\n".join("- " + _verdict(ours, base, critical) for ours in mine)
@@ -83,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     "a comma list runs it once per value, like the next two")
     ap.add_argument("--hpa-target", default="0.7", help="the HPA's GPU utilisation target (default 0.7)")
     ap.add_argument("--keda-target", default="5", help="KEDA's waiting requests per pod (default 5)")
+    ap.add_argument("--static", default="", metavar="N[,N...]",
+                    help="also run a fixed fleet of N pods (e.g. one provisioned for the peak) as a reference")
     ap.add_argument("--record", type=Path, metavar="PREFIX", help="write PREFIX.md and PREFIX.json")
     args = ap.parse_args(argv)
 
@@ -107,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --trace FILE, --sample or --write-sample FILE")
     profile = PROFILES[args.profile]
     policy = Autoscaling()
-    knobs = {"kvfleet": args.kv_pressure_low, "hpa-gpu-util": args.hpa_target, "keda-queue": args.keda_target}
+    knobs = {"kvfleet": args.kv_pressure_low, "hpa-gpu-util": args.hpa_target, "keda-queue": args.keda_target,
+             "static": args.static}
     controllers: list[Controller] = []
-    for name in args.controllers.split(","):
+    for name in args.controllers.split(",") + (["static"] if args.static else []):
         if name not in knobs:
             ap.error(f"--controllers: choose from {','.join(knobs)} (got {name!r})")
         try:
@@ -169,7 +196,9 @@ def _record(args: argparse.Namespace, reqs: list[Request], profile: str, source:
     md = (f"# Fleet simulator (kvfleet simulate)\n\n{env['date_utc']} UTC, kvfleet {sha}, {cpu} "
           f"({env['cpu_count']} cores, load {env['loadavg_1m']:.1f}), Python {env['python']}; "
           f"sim wall time " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".\n\n"
-          f"{head}.\n\n{out}\n\n{summary}\n\nGoal: {GOAL}.\n")
+          f"{head}.\n\n{out}\n\n{summary}\n\nGoal: {GOAL}.\n\n"
+          f"Command: `kvfleet simulate {' '.join(sys.argv[2:] if sys.argv[1:2] == ['simulate'] else sys.argv[1:])}`\n\n"
+          f"{METHOD}")
     Path(f"{prefix}.md").write_text(md)
 
 

@@ -107,11 +107,26 @@ class HPA:
         return out
 
 
+class Static:
+    """A fixed fleet (what a team provisions for its peak): the reference an autoscaler must beat."""
+
+    interval_s = 15.0
+
+    def __init__(self, replicas: int) -> None:
+        self.name = f"static ({replicas})"
+        self.replicas = replicas
+
+    def decide(self, view: View, variants: list[str]) -> dict[str, int]:
+        return {v: self.replicas for v in variants}
+
+
 DEFAULTS = {"kvfleet": 0.4, "hpa-gpu-util": 0.70, "keda-queue": 5.0}  # kvPressureLow, util target, waiting/pod
 
 
 def make_controller(name: str, setting: float, min_r: int, max_r: int) -> Controller:
     """One controller; `setting` is its knob (see DEFAULTS); a non-default one shows in its name."""
+    if name == "static":
+        return Static(int(setting))
     label = name if setting == DEFAULTS[name] else f"{name} ({setting:g})"
     ctrl: Controller
     if name == "kvfleet":
