@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run one role of a fleet: --role router|prefill|decode|engine --config FILE",
     ),
     "model": ("kvfleet.dataplane.model.cli", "model tools: import-gguf FILE OUT_DIR, make-tiny OUT_DIR"),
+    "simulate": (
+        "kvfleet.simulate.cli",
+        "replay a request trace on a simulated fleet under kvfleet's planner, HPA and KEDA",
+    ),
     "eval-cache": (
         "kvfleet.dataplane.kvcache.evaluate",
         "measure KV cache policies: bytes/token, perplexity, passkey, tok/s",
