@@ -59,6 +59,7 @@ class Controller:
         self._queued: set[Key] = set()
         self._active: set[Key] = set()
         self._dirty: set[Key] = set()
+        self._requeue: dict[Key, float | None] = {}  # key -> reconcile again after (s), set by _run
         self._failures: dict[Key, int] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._enqueued_at: dict[Key, float] = {}
@@ -127,6 +128,8 @@ class Controller:
             try:
                 if await loop.run_in_executor(self._executor, self._run, key):
                     self.forget(key)
+                elif (again := self._requeue.pop(key, None)) is not None:
+                    self.enqueue(key, delay=again)
                 ok = True
             except RetryableError as exc:
                 log.warning("reconcile of %s failed, will retry: %s", key, exc)
@@ -158,4 +161,5 @@ class Controller:
         if outcome.deleted or outcome.manual_scales:
             log.info("fleet %s/%s: removed %s, reverted %d manual scale(s)", key.namespace, key.name,
                      outcome.deleted, len(outcome.manual_scales))
+        self._requeue[key] = outcome.requeue_after  # the autoscaling timer of this fleet (read on the loop)
         return outcome.gone

@@ -20,20 +20,22 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
 from kvfleet.dataplane.config import ConfigError
 
 from . import apply as writes
+from .autoscale import Autoscaler
 from .builders import FleetInputs, OperatorSettings, desired_objects, router_endpoint
 from .builders.names import LABEL_FLEET, MANAGED_BY, config_hash
 from .cache import ObjectCache
 from .children import ManualScale, key, manual_scales, owned_by, stale_children
 from .kube import CHILD_KINDS, KVFLEET, METADATA_ONLY_KINDS, ApiError, Kube
+from .planner import Plan
 from .resolve import Unresolved, references, resolve
-from .status import fleet_status, status_changed, used_by_status, workload_state
+from .status import condition, fleet_status, status_changed, used_by_status, workload_state
 from .telemetry.status import gpus_of, telemetry_status
 from .telemetry.window import Windows
 
@@ -65,6 +67,9 @@ class Outcome:
     problem: tuple[str, str] | None = None
     status_written: bool = False
     gone: bool = False
+    plan: Plan | None = None  # what the planner decided (autoscaling on)
+    conditions: list[tuple[str, bool, str, str]] = field(default_factory=list)  # (type, status, reason, message)
+    requeue_after: float | None = None  # reconcile again this soon (the autoscaling interval)
 
 
 class RetryableError(Exception):
@@ -94,6 +99,7 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.telemetry = telemetry
+        self.autoscaler = Autoscaler()
         self.cache = cache
         self._warm: set[tuple[str, str]] = set()  # fleets whose children were listed from the API once
         # Requests of one reconcile that do not depend on each other run concurrently (latency).
@@ -178,6 +184,7 @@ class Reconciler:
             out.problem = (resolved.reason, resolved.message)
         else:
             endpoint = router_endpoint(resolved)
+            resolved = self._autoscale(resolved, workloads_seen, out)
             try:
                 desired = desired_objects(resolved)
             except ConfigError as exc:
@@ -226,6 +233,25 @@ class Reconciler:
                          + ", ".join(out.deleted) + ".")
         return [o for o in stored if o.get("kind") in ("Deployment", "StatefulSet")]
 
+    def _autoscale(self, inputs: FleetInputs, workloads: list[dict[str, Any]], out: Outcome) -> FleetInputs:
+        """Observe -> plan: the planner's replicas replace the planned ones (pins still win in the builders)."""
+        policy = inputs.fleet.spec.autoscaling
+        if not policy.enabled:
+            self.autoscaler.forget(inputs.namespace, inputs.name)
+            return inputs
+        if self.telemetry is None:
+            out.conditions.append(("Autoscaling", False, "NoReceiver", "the operator runs without its OTLP "
+                                   "receiver (--otlp-listen ''): replicas stay where they are"))
+            return inputs
+        now = time.time()
+        window_s = float(policy.window_seconds)
+        window = self.telemetry.fleet(inputs.namespace, inputs.name, now, window_s)
+        p = self.autoscaler.step(inputs, window, [workload_state(w) for w in workloads], now, window_s)
+        out.plan = p
+        out.requeue_after = float(policy.interval_seconds)
+        out.conditions += [(c.type, c.status == "True", c.reason, c.message) for c in p.conditions]
+        return replace(inputs, planned={**inputs.planned, **p.replicas})
+
     def _observed(self, fleet: Mapping[str, Any], workloads: list[dict[str, Any]]) -> dict[str, Any]:
         """Status fields from the fleet's telemetry window ({} without a receiver)."""
         if self.telemetry is None:
@@ -244,10 +270,15 @@ class Reconciler:
         status = fleet_status(generation=meta.get("generation"), previous=current.get("conditions") or [],
                               problem=out.problem, workloads=workloads, endpoint=endpoint, now=now())
         status.update(observed or {})
+        previous = current.get("conditions") or []
+        status["conditions"] += [condition(t, ok, reason, message, meta.get("generation"), previous, now())
+                                 for t, ok, reason, message in out.conditions]
         if not status_changed(current, status):
             return
         writes.apply_status(self.kube, "InferenceFleet", KVFLEET, meta["namespace"], meta["name"], status)
         out.status_written = True
+        for ev in out.plan.events if out.plan is not None else ():
+            writes.event(self.kube, fleet, ev.reason, ev.message, ev.type)
         old = {c.get("type"): c for c in current.get("conditions") or ()}.get("Degraded") or {}
         new = status["conditions"][2]
         if (old.get("status"), old.get("reason")) != (new["status"], new["reason"]):
