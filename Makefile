@@ -100,6 +100,10 @@ bench-kv: venv ## KV cache policy grid (codecs x eviction) on SmolLM2-135M; writ
 bench-kv-serving: venv ## the serving engine under each CachePolicy on SmolLM2-135M: bytes, tok/s, step p50/p90/p99, fidelity; writes bench/results/kv_serving.*
 	$(PY) -m bench.kv_serving
 
+.PHONY: bench-disagg
+bench-disagg: venv ## colocated vs router+prefill+decode on long prompts (TTFT/TPOT), KV transfer per prompt token for fp32/int8/int4, GPU-cluster model; writes bench/results/disaggregated.* (~10 min)
+	$(PY) -m bench.disaggregated
+
 bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet serve latency at 1/4/16; writes bench/results/engine.* (VLLM_PYTHON=venv/bin/python adds vLLM)
 	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)
 
