@@ -104,6 +104,17 @@ class Proc:
                 self.proc.wait()
 
 
+def cpu_seconds(procs: list[Proc]) -> dict[str, float]:
+    """user + system CPU seconds each process has used so far (all its threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in procs:
+        assert p.proc is not None
+        fields = Path(f"/proc/{p.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[p.name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def engine_config(tmp: Path, model_dir: str, cp: Any, name: str, num_kv_blocks: int) -> Path:
     from kvfleet.dataplane.config import EngineConfig
 
@@ -278,10 +289,13 @@ def run_setup(name: str, procs: list[Proc], levels: list[tuple[int, list[list[in
         before = role_stats(by["decode"].address, "decode") if "decode" in by else None
         res: dict[str, Any] = {"levels": []}
         for c, work in levels:
+            cpu0 = cpu_seconds(procs)
             lv = asyncio.run(run_level(url, work, c, args.output_tokens))
+            cpu1 = cpu_seconds(procs)
+            lv["cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
             res["levels"].append(lv)
             print(f"   c={c}: TTFT p50 {lv['ttft_s']['p50']:.2f}s TPOT p50 {1e3 * lv['tpot_s']['p50']:.0f}ms "
-                  f"(load {lv['loadavg_1m'][1]:.2f})", flush=True)
+                  f"CPU {lv['cpu_s']} (load {lv['loadavg_1m'][1]:.2f})", flush=True)
         if before is not None:
             after = role_stats(by["decode"].address, "decode")
             sent = role_stats(by["prefill"].address, "prefill")
@@ -375,14 +389,20 @@ def write_md(rep: dict[str, Any], path: Path) -> None:
         "(1 min, `os.getloadavg`) at the start -> end of each row: the two cores are shared, so read rows of one "
         "run against each other, not against other runs.", "",
         "## Latency", "",
+        "`CPU s/req` is the CPU time the setup's processes used during the row (user + system, all threads, "
+        "from /proc) per request, split as engine or router+prefill+decode: unlike wall-clock figures it does "
+        "not depend on what else runs on the cores.", "",
         "| setup | KV policy | concurrency | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | E2E p50 s | output tok/s "
-        "| load avg |", "|---|---|---:|---|---|---:|---:|---|",
+        "| CPU s/req | load avg |", "|---|---|---:|---|---|---:|---:|---|---|",
     ]
     for s in rep["setups"]:
         for lv in s["levels"]:
-            la = lv["loadavg_1m"]
+            la, cpu = lv["loadavg_1m"], lv.get("cpu_s", {})
+            per = [v / lv["requests"] for v in cpu.values()]
+            cpu_txt = (f"{sum(per):.1f}" + (" = " + " + ".join(f"{v:.1f}" for v in per) if len(per) > 1 else "")
+                       if per else "")
             lines.append(f"| {s['name']} | {s['policy']} | {lv['concurrency']} | {_ms3(lv['ttft_s'])} | "
-                         f"{_ms3(lv['tpot_s'])} | {lv['e2e_s']['p50']:.2f} | {lv['output_tok_s']:.2f} | "
+                         f"{_ms3(lv['tpot_s'])} | {lv['e2e_s']['p50']:.2f} | {lv['output_tok_s']:.2f} | {cpu_txt} | "
                          f"{la[0]:.2f} -> {la[1]:.2f} |")
     lines += [
         "", "## KV transfer per prompt token (disaggregated, prefill -> decode over gRPC on loopback)", "",
