@@ -314,7 +314,7 @@ def run_setup(name: str, procs: list[Proc], levels: list[tuple[int, list[list[in
                                "ms": fit(xs, [1e3 * p["transfer_s"] for p in probes]),
                                "prefill_ms": fit(xs, [1e3 * p["prefill_s"] for p in probes])}
             t = res["transfer"]
-            print(f"   KV: {t['bytes']['per_token']:.0f} B/token + {t['bytes']['fixed']:.0f} B, "
+            print(f"   KV: {t['bytes']['per_token']:.0f} B/token + {round(t['bytes']['fixed']):d} B, "
                   f"{1e3 * t['ms']['per_token']:.2f} us/token + {t['ms']['fixed']:.1f} ms", flush=True)
         return res
     finally:
@@ -435,7 +435,7 @@ def write_md(rep: dict[str, Any], path: Path) -> None:
                                                    else [p["loadavg_1m"]])]
         lines.append(
             f"| {s['policy']} | {t['bytes']['per_token']:.0f} | "
-            f"{(t['bytes']['per_token'] / fp32_bt) if fp32_bt else float('nan'):.3f} | {t['bytes']['fixed']:.0f} | "
+            f"{(t['bytes']['per_token'] / fp32_bt) if fp32_bt else float('nan'):.3f} | {round(t['bytes']['fixed']):d} | "
             f"{d['bytes_per_prompt_token']:.0f} | {1e3 * big['transfer_s']:.1f} | "
             f"{1e6 * big['transfer_s'] / n:.1f} | {1e3 * t['ms']['per_token']:.1f} | "
             f"{big['kv_bytes'] / big['transfer_s'] / 1e9:.2f} | {1e3 * big['prefill_s'] / n:.2f} | "
