@@ -48,10 +48,11 @@ class Reservations:
     """Blocks held for requests whose KV is on its way (decode role)."""
 
     tables: dict[str, list[int]] = field(default_factory=dict)
-    created: dict[str, float] = field(default_factory=dict)
+    deadlines: dict[str, float] = field(default_factory=dict)  # monotonic time after which nobody will claim it
 
-    def reserve(self, engine: Any, rid: str, num_prompt_tokens: int, max_tokens: int) -> bool:
-        """Hold blocks for the prompt if a seat and room for it plus one block of output remain."""
+    def reserve(self, engine: Any, rid: str, num_prompt_tokens: int, max_tokens: int, ttl_s: float = 60.0) -> bool:
+        """Hold blocks for the prompt if a seat and room for it plus one block of output remain; unclaimed
+        after `ttl_s` (the caller's prefill deadline), they are freed."""
         sched, bm = engine.scheduler, engine.scheduler.bm
         if rid in self.tables:
             raise ValueError(f"duplicate reservation {rid!r}")
@@ -65,21 +66,21 @@ class Reservations:
         if not bm.allocate(table, num_prompt_tokens):
             return False
         self.tables[rid] = table
-        self.created[rid] = time.monotonic()
+        self.deadlines[rid] = time.monotonic() + ttl_s
         return True
 
     def release(self, engine: Any, rid: str) -> bool:
         table = self.tables.pop(rid, None)
-        self.created.pop(rid, None)
+        self.deadlines.pop(rid, None)
         if table is None:
             return False
         engine.scheduler.bm.free(table)
         return True
 
-    def expire(self, engine: Any, older_than_s: float) -> list[str]:
-        """Free reservations nobody used (a router that died between Reserve and Generate)."""
-        now = time.monotonic()
-        old = [rid for rid, t in self.created.items() if now - t > older_than_s]
+    def expire(self, engine: Any, now: float | None = None) -> list[str]:
+        """Free reservations past their deadline (a router that died between Reserve and Generate)."""
+        now = time.monotonic() if now is None else now
+        old = [rid for rid, t in self.deadlines.items() if now > t]
         for rid in old:
             self.release(engine, rid)
         return old

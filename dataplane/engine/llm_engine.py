@@ -197,9 +197,9 @@ class LLMEngine:
 
     # -- disaggregation: decode's side of the KV hand-off (see handoff.py) ------------
 
-    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> bool:
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, ttl_s: float = 60.0) -> bool:
         """Hold KV blocks for a prompt whose KV a prefill engine will push; False = no room now."""
-        return self.reservations.reserve(self, request_id, num_prompt_tokens, max_tokens)
+        return self.reservations.reserve(self, request_id, num_prompt_tokens, max_tokens, ttl_s)
 
     def release_reservation(self, request_id: str) -> bool:
         return self.reservations.release(self, request_id)
@@ -212,7 +212,7 @@ class LLMEngine:
         if request.sampling.n != 1 or request.sampling.json_schema is not None:
             raise InvalidRequest("a prefilled request continues one choice without a grammar", param="n")
         table = self.reservations.tables.pop(request.request_id, None)
-        self.reservations.created.pop(request.request_id, None)
+        self.reservations.deadlines.pop(request.request_id, None)
         _, recomputed = handoff.admit_prefilled(self, request, first_token, kv, table)
         return recomputed
 

@@ -32,7 +32,7 @@ from kvfleet.dataplane.engine.api import (
 )
 from kvfleet.dataplane.roles import wire
 from kvfleet.dataplane.roles.discovery import Endpoint, PodDiscovery
-from kvfleet.dataplane.roles.transport import CallError, GrpcTransport, RoleTransport
+from kvfleet.dataplane.roles.transport import PREFILL_TIMEOUT_S, CallError, GrpcTransport, RoleTransport
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class DisaggregatedEngine(AsyncEngine):
             for ep in self._decode_candidates(request.variant):
                 try:
                     await self.transport.reserve(ep.address, pb.ReserveRequest(
-                        request_id=request.request_id, num_prompt_tokens=n, max_tokens=max_tokens))
+                        request_id=request.request_id, num_prompt_tokens=n, max_tokens=max_tokens,
+                        ttl_s=PREFILL_TIMEOUT_S + 30.0))  # outlives a prefill that queues as long as allowed
                 except CallError as e:
                     if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise ValueError(e.details) from e

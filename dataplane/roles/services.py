@@ -31,7 +31,8 @@ from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-RESERVATION_TTL_S = 60.0
+RESERVATION_TTL_S = 60.0  # when the caller names none
+MAX_RESERVATION_TTL_S = 3600.0
 
 
 def role_stats(role: str, engine: AsyncLLMEngine, **extra: int) -> pb.RoleStats:
@@ -135,7 +136,8 @@ class DecodeService(pb_grpc.DecodeServicer):
         self._start_reaper()
         rid = request.request_id
         try:
-            ok = await self.engine.call(lambda e: e.reserve(rid, request.num_prompt_tokens, request.max_tokens))
+            ttl = min(request.ttl_s or RESERVATION_TTL_S, MAX_RESERVATION_TTL_S)
+            ok = await self.engine.call(lambda e: e.reserve(rid, request.num_prompt_tokens, request.max_tokens, ttl))
         except ValueError as e:
             await _invalid(context, e)
         if not ok:
@@ -212,7 +214,7 @@ class DecodeService(pb_grpc.DecodeServicer):
     async def _reap(self) -> None:
         """Free reservations no Generate claimed within the TTL (a router died in between)."""
         while True:
-            await asyncio.sleep(RESERVATION_TTL_S / 4)
-            gone = await self.engine.call(lambda e: e.reservations.expire(e, RESERVATION_TTL_S))
+            await asyncio.sleep(5.0)
+            gone = await self.engine.call(lambda e: e.reservations.expire(e))
             for rid in gone:
                 self.pushed.pop(rid, None)

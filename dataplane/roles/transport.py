@@ -19,6 +19,7 @@ from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
 Metadata = tuple[tuple[str, str], ...]
+PREFILL_TIMEOUT_S = 600.0  # a prefill call's deadline; a decode reservation outlives it (`Reserve.ttl_s`)
 
 
 class CallError(Exception):
@@ -78,7 +79,7 @@ class GrpcTransport(RoleTransport):
 
     async def prefill(self, address: str, msg: pb.PrefillRequest, metadata: Metadata = ()) -> pb.PrefillReply:
         try:
-            return await pb_grpc.PrefillStub(self._ch(address)).Prefill(msg, timeout=600.0, metadata=metadata)
+            return await pb_grpc.PrefillStub(self._ch(address)).Prefill(msg, timeout=PREFILL_TIMEOUT_S, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise CallError(e.code(), e.details() or "") from e
 

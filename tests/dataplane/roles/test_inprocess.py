@@ -159,3 +159,24 @@ def test_a_prefill_pod_that_fails_is_skipped(tiny):
         await fleet.close()
 
     _run(go())
+
+
+def test_a_reservation_outlives_a_long_prefill_queue(tiny):
+    """The router asks decode to hold the room as long as a prefill may take: a queued prefill never finds
+    its reservation expired (the benchmark saw decode recompute prompts whose KV had arrived)."""
+    import time as _time
+
+    async def go():
+        fleet = Fleet(tiny)
+        req = GenerationRequest("r", PROMPT, greedy(4), variant="v")
+        await fleet.router.admit(req)
+        name = fleet.router._reserved["r"].name
+        eng = fleet.engines[name].engine
+        assert not eng.reservations.expire(eng, now=_time.monotonic() + 300)  # 5 min of queueing: still held
+        toks = []
+        async for out in fleet.router.generate(req):
+            toks += out.new_token_ids
+        assert len(toks) == 4 and fleet.router.counters["recomputed"] == 0
+        await fleet.close()
+
+    _run(go())
