@@ -10,7 +10,9 @@
    its pods from the API, and the int8 KV crosses from prefill to decode as stored;
 5. a colocated fleet serving the same model: its engine pod runs the kvfleet engine locally, and the
    `openai` SDK talks to it;
-6. a scale-up: the engine role goes from 1 to 2 replicas and both pods answer.
+6. autoscaling on the fleet's own traces: load in a class whose TTFT target this CPU cannot meet drops
+   its attainment (status), the operator's planner scales the engine role 1 -> 2 (an Event says why),
+   both pods answer, and once the load is gone it scales back to 1.
 
     python -m e2e.demo [--keep]     # --keep leaves the cluster up and prints its KUBECONFIG
 """
@@ -83,9 +85,13 @@ class Demo:
         return serving_pod_ips(pods["items"])
 
 
-def demo_fleet(replicas: int) -> dict[str, Any]:
-    """A colocated fleet of the real model whose engine pods run locally (pod runner opt-in)."""
-    return {
+def demo_fleet() -> list[dict[str, Any]]:
+    """A colocated fleet of the real model whose engine pods run locally (pod runner opt-in), autoscaled on
+    its traces, and `demo-tight`: a class whose 50 ms TTFT this CPU cannot meet, to make the planner act."""
+    tight = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "SLOClass",
+             "metadata": {"name": "demo-tight", "namespace": NAMESPACE},
+             "spec": {"ttftMs": 50, "tpotMs": 1000, "attainmentTarget": 0.9, "priority": 900}}
+    fleet = {
         "apiVersion": "kvfleet.io/v1alpha1",
         "kind": "InferenceFleet",
         "metadata": {"name": DEMO_FLEET, "namespace": NAMESPACE},
@@ -94,16 +100,17 @@ def demo_fleet(replicas: int) -> dict[str, Any]:
             # examples/03: int4 KV (per-token scales, as eviction requires) with 4 sink + 64 residual tokens
             # at full precision, KeyDiff eviction down to half the tokens
             "cachePolicy": "long-context",
-            "sloClasses": ["interactive", "batch"],
+            "sloClasses": ["interactive", "demo-tight"],
             "defaultSloClass": "interactive",
-            # The router role has no process yet (a later issue): only the engine pods run locally.
+            "gpuHourCostUsd": 2.5,
             "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
+            "autoscaling": {"enabled": True, "intervalSeconds": 2, "windowSeconds": 20,
+                            "scaleDownStabilizationSeconds": 20},
             "topology": {
                 "mode": "colocated",
                 "engine": {
                     "minReplicas": 1,
                     "maxReplicas": 2,
-                    "replicas": replicas,
                     "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
                     "placement": {"tolerations": [GPU_TOLERATION]},
                     "maxNumSeqs": 16,
@@ -112,6 +119,7 @@ def demo_fleet(replicas: int) -> dict[str, Any]:
             },
         },
     }
+    return [tight, fleet]
 
 
 def split_fleet() -> list[dict[str, Any]]:
@@ -219,27 +227,81 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
     step(f"a colocated fleet serving the real SmolLM2-135M-Instruct ({DEMO_FLEET}) with the `long-context` "
          "CachePolicy (int4 KV + KeyDiff); its engine pod runs locally")
     with PodRunner(demo.cluster.kubeconfig, workdir / "pods", namespace=NAMESPACE):
-        demo.kubectl("apply", "-f", "-", input=yaml.safe_dump(demo_fleet(1)), show=True)
+        demo.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(demo_fleet()), show=True)
         ips = wait_for("1 ready engine pod (model load)", lambda: demo.serving_engine_pods(DEMO_FLEET), 300)
         demo.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"kvfleet.io/fleet={DEMO_FLEET}", "-o", "wide", show=True)
         for prompt in ("What is the capital of France?", "Write a haiku about GPUs."):
             text, ttft, total, tokens = chat(ips[0], prompt)
             print(f"[{ips[0]}] {prompt!r}\n  -> {text.strip()!r}\n  ({tokens} tokens, TTFT {ttft * 1000:.0f} ms, "
                   f"{tokens / max(total - ttft, 1e-9):.1f} tok/s after the first)")
-
-        step("scale up: engine replicas 1 -> 2")
-        demo.kubectl("patch", "fleet", DEMO_FLEET, "-n", NAMESPACE, "--type=merge", "-p",
-                     json.dumps({"spec": {"topology": {"engine": {"replicas": 2}}}}), show=True)
-        ips = wait_for("2 ready engine pods", lambda: r if len(r := demo.serving_engine_pods(DEMO_FLEET)) == 2 else None,
-                       300)
-        for ip in ips:
-            text, ttft, total, tokens = chat(ip, "Name three colours.")
-            print(f"[{ip}] -> {text.strip()[:120]!r}... ({tokens} tokens, TTFT {ttft * 1000:.0f} ms)")
-        print("(the first pod reuses the chat template's prefix blocks from its earlier requests; with a quantized KV "
-              "cache a prefix hit reads those rows as stored, so its greedy text may differ from the cold pod's)")
+        autoscale(demo, ips[0])
         wait_for(f"fleet {DEMO_FLEET} Available", lambda: demo.condition("fleet", DEMO_FLEET, "Available") == "True",
                  180)
         demo.kubectl("get", "fleet", "-n", NAMESPACE, "-o", "wide", show=True)
+
+
+def engine_replicas(demo: Demo) -> int:
+    dep = demo.get("deployment", f"{DEMO_FLEET}-smollm2-base-engine", "-n", NAMESPACE)
+    return int(dep["spec"]["replicas"])
+
+
+def fleet_line(demo: Demo) -> str:
+    """One line of what `kubectl get fleet -o wide` shows, plus the classes' attainment."""
+    st = demo.get("fleet", DEMO_FLEET, "-n", NAMESPACE).get("status") or {}
+    classes = ", ".join(f"{c['name']} {c['attainment']:.2f} of {c['requests']}" for c in st.get("sloClasses", []))
+    return (f"engine desired {st.get('roles', {}).get('engine', {}).get('desired')} | attainment "
+            f"{st.get('attainment', '-')} | KV {st.get('kvPressure', '-')} | classes: {classes}")
+
+
+def autoscale(demo: Demo, ip: str) -> None:
+    """Load in `demo-tight` drops its attainment: the operator scales the engine up on the traces, and back
+    down once the load is gone and the stabilisation window has passed."""
+    import threading
+
+    from openai import OpenAI
+
+    step("autoscaling on the fleet's own traces: load in `demo-tight` (TTFT target 50 ms, not reachable on this "
+         "CPU) drops its attainment below 0.9")
+    client = OpenAI(base_url=f"http://{ip}:8080/v1", api_key="demo", max_retries=0, timeout=120)
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            client.completions.create(model="smollm2", prompt="Count to five:", max_tokens=6, temperature=0,
+                                      extra_headers={"x-kvfleet-slo-class": "demo-tight"})
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    try:
+        while engine_replicas(demo) < 2:
+            print(f"  t={time.monotonic() - t0:5.1f}s  {fleet_line(demo)}", flush=True)
+            if time.monotonic() - t0 > 180:
+                raise RuntimeError("the planner did not scale up within 180 s")
+            time.sleep(3)
+        print(f"  t={time.monotonic() - t0:5.1f}s  {fleet_line(demo)}  <- scaled up", flush=True)
+        ips = wait_for("2 ready engine pods", lambda: r if len(r := demo.serving_engine_pods(DEMO_FLEET)) == 2
+                       else None, 300)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    for pod_ip in ips:
+        text, ttft, total, tokens = chat(pod_ip, "Name three colours.")
+        print(f"[{pod_ip}] -> {text.strip()[:120]!r}... ({tokens} tokens, TTFT {ttft * 1000:.0f} ms)")
+    print("(the first pod reuses the chat template's prefix blocks from its earlier requests; with a quantized KV "
+          "cache a prefix hit reads those rows as stored, so its greedy text may differ from the cold pod's)")
+    demo.kubectl("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={DEMO_FLEET}",
+                 show=True)
+    step("the load is gone: after the window empties and the 20 s stabilisation, the planner scales back down")
+    t0 = time.monotonic()
+    while engine_replicas(demo) > 1:
+        print(f"  t={time.monotonic() - t0:5.1f}s  {fleet_line(demo)}", flush=True)
+        if time.monotonic() - t0 > 180:
+            raise RuntimeError("the planner did not scale down within 180 s")
+        time.sleep(5)
+    print(f"  t={time.monotonic() - t0:5.1f}s  {fleet_line(demo)}  <- scaled down", flush=True)
 
 
 def serve_disaggregated(demo: Demo) -> None:

@@ -76,7 +76,8 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     try:
         await stop.wait()
     finally:
-        await server.stop(grace=5.0)  # in-flight calls get 5 s to finish
+        # a scale-down: no new calls (decode refuses reservations), in-flight ones finish within the drain time
+        await server.stop(grace=float(os.environ.get("KVFLEET_DRAIN_SECONDS", "5")))
         await health.cleanup()
         await engine.shutdown()
         telemetry.shutdown()

@@ -56,7 +56,7 @@ def load_tokenizer(models: list[dict[str, Any]]) -> Any:
 async def serve(args: argparse.Namespace) -> None:
     from kvfleet.dataplane.roles.disaggregated import DisaggregatedEngine, RouterPolicy
     from kvfleet.dataplane.roles.discovery import KubernetesDiscovery, StaticDiscovery
-    from kvfleet.dataplane.server.app import build_app, start_server
+    from kvfleet.dataplane.server.app import build_app, drain, start_server
 
     cfg = json.loads(args.config.read_text())
     models = cfg["models"]
@@ -91,6 +91,7 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"kvfleet router: listening on {url}", flush=True)
     try:
         await stop.wait()
+        await drain(app, float(os.environ.get("KVFLEET_DRAIN_SECONDS", "0")))
     finally:
         await runner.cleanup()
         telemetry.shutdown()

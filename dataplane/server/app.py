@@ -11,6 +11,7 @@ server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -94,6 +95,21 @@ def build_app(
     return app
 
 
+async def drain(app: web.Application, drain_s: float) -> int:
+    """Stop admitting (503, /health fails) and wait up to `drain_s` for in-flight requests; returns how
+    many were still running when the time ran out."""
+    state = app[STATE_KEY]
+    state.draining = True
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline:
+        s = state.engine.stats()
+        if s.num_running + s.num_waiting == 0 and state.in_flight == 0:
+            return 0
+        await asyncio.sleep(0.1)
+    s = state.engine.stats()
+    return s.num_running + s.num_waiting
+
+
 async def start_server(app: web.Application, host: str = "127.0.0.1", port: int = 8000) -> tuple[web.AppRunner, str]:
     """Serve `app` on host:port (0 = any free port); returns the runner and the base URL.
 
@@ -121,8 +137,10 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-    s = request.app[STATE_KEY].engine.stats()
-    return web.json_response({"status": "ok", "num_running": s.num_running, "num_waiting": s.num_waiting})
+    state = request.app[STATE_KEY]
+    s = state.engine.stats()
+    return web.json_response({"status": "draining" if state.draining else "ok", "num_running": s.num_running,
+                              "num_waiting": s.num_waiting}, status=503 if state.draining else 200)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -147,7 +165,15 @@ async def _errors_and_counts(request: web.Request, handler: Handler) -> web.Stre
     """OpenAI-style JSON for every error; count responses by endpoint and status."""
     route = request.match_info.route.resource
     endpoint = route.canonical if route is not None else "unmatched"
+    state = request.app[STATE_KEY]
+    counted = request.method == "POST"
     try:
+        if counted and state.draining:  # scale-down: in-flight work finishes, new work goes elsewhere
+            counted = False
+            raise APIError("This server is draining (shutting down); send the request to another replica.",
+                           status=503, type="server_error", code="draining")
+        if counted:
+            state.in_flight += 1
         response = await handler(request)
     except APIError as e:
         response = e.response()
@@ -164,5 +190,8 @@ async def _errors_and_counts(request: web.Request, handler: Handler) -> web.Stre
         log.exception("unhandled error in %s %s", request.method, request.path)
         response = APIError("The server had an error while processing your request.", status=500,
                             type="server_error").response()
-    request.app[STATE_KEY].metrics.requests.labels(endpoint, str(response.status)).inc()
+    finally:
+        if counted:
+            state.in_flight -= 1
+    state.metrics.requests.labels(endpoint, str(response.status)).inc()
     return response

@@ -64,6 +64,8 @@ class ServerState:
     telemetry: Telemetry | None = None  # spans per request and unsampled SLO counts (kvfleet.dataplane.tracing)
     slo_targets: dict[str, SLOTarget] | None = None  # class name -> TTFT/TPOT targets (attained or not)
     default_slo_class: str | None = None
+    draining: bool = False  # SIGTERM: new requests get 503 while in-flight ones finish (`app.drain`)
+    in_flight: int = 0  # generation requests being answered (a router's engine has no local queue to ask)
 
 
 async def read_json(request: web.Request, model: type[_SamplingFields]) -> Any:

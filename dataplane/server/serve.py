@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     """
     from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
     from kvfleet.dataplane.model.tokenizer import Tokenizer
-    from kvfleet.dataplane.server.app import build_app, start_server
+    from kvfleet.dataplane.server.app import build_app, drain, start_server
 
     log.info("loading %s", config.model_dir)
     tokenizer = Tokenizer.from_dir(config.model_dir)
@@ -119,6 +120,11 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     print(f"kvfleet serve: listening on {url}", flush=True)
     try:
         await stop.wait()
+        drain_s = float(os.environ.get("KVFLEET_DRAIN_SECONDS", "0"))
+        if drain_s > 0:  # a scale-down: stop admitting, let in-flight requests finish
+            log.info("draining for up to %.0fs", drain_s)
+            left = await drain(app, drain_s)
+            log.info("drained" if not left else "drain time over with %d requests still running", left)
     finally:
         log.info("shutting down")
         await runner.cleanup()  # closes connections, then the app's cleanup stops the engine

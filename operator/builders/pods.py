@@ -100,6 +100,8 @@ def env(inputs: FleetInputs, role: str, variant: str | None) -> list[dict[str, A
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HOME", "value": "/tmp"},
+        # on SIGTERM a serving process stops admitting and lets in-flight requests finish this long
+        {"name": "KVFLEET_DRAIN_SECONDS", "value": str(inputs.fleet.spec.autoscaling.drain_seconds)},
         {"name": "OTEL_SERVICE_NAME", "value": f"kvfleet-{role}"},
         {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": attrs},
         {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
