@@ -102,7 +102,7 @@ bench-kv-serving: venv ## the serving engine under each CachePolicy on SmolLM2-1
 
 .PHONY: bench-fleet-sim
 bench-fleet-sim: venv ## kvfleet's planner vs HPA on GPU util vs KEDA on queue depth: a simulated fleet of hundreds of GPUs replays the bursty sample trace (~2 min); writes bench/results/fleet_sim.*
-	$(VENV)/bin/kvfleet simulate --sample --seed 0 --rate-scale 2 --initial 40 --kv-pressure-low 0.4,0.15 --record bench/results/fleet_sim
+	$(VENV)/bin/kvfleet simulate --sample --seed 0 --rate-scale 2 --initial 10 --kv-pressure-low 0.4,0.15 --static 30,40 --record bench/results/fleet_sim
 
 .PHONY: bench-openai
 bench-openai: venv ## SmolLM2-135M: throughput with 25% JSON-schema-constrained requests vs none, sampler cost per step (penalties, bias, grammar mask); writes bench/results/openai_surface.*

@@ -1,11 +1,11 @@
 """The planner: (autoscaling policy, replica bounds, a typed observation, its own state) -> a plan.
 
-Pure: no kopf, no Kubernetes client, no torch, no clock. The observe side (the
-OTLP receiver's sliding-window aggregates) builds an `Observation`; the operator
-calls `plan()` every `intervalSeconds`, writes `Plan.replicas` into the fleet's
+Pure: only the standard library and the API models (no operator framework, no API
+client, no engine, no clock). The observe side (the OTLP receiver's sliding-window
+aggregates) builds an `Observation`; the operator calls `plan()` every `intervalSeconds`, writes `Plan.replicas` into the fleet's
 planned-replicas annotation (keys as `builders.inputs.FleetInputs.planned`
 reads them: "<variant>/<role>", or "<role>" for the fleet-wide mempool), its
-conditions into status and its events as Kubernetes Events, and keeps
+conditions into status and its events as Events on the fleet, and keeps
 `Plan.state` for the next call.
 
 Rules:
@@ -139,7 +139,7 @@ class PlanCondition:
 
 @dataclass(frozen=True)
 class PlanEvent:
-    """A Kubernetes Event to record on the fleet."""
+    """An Event to record on the fleet (reason, message, Normal or Warning)."""
 
     reason: str
     message: str

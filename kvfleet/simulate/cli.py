@@ -67,9 +67,21 @@ def table(results: list[Result], classes: list[str]) -> str:
 def verdict(results: list[Result], critical: str) -> str:
     mine = [r for r in results if r.controller.startswith("kvfleet")]
     base = [r for r in results if not r.controller.startswith(("kvfleet", "static"))]
+    static = [r for r in results if r.controller.startswith("static")]
     if not base or not mine:
         return ""
-    return "\n".join("- " + _verdict(ours, base, critical) for ours in mine)
+    lines = []
+    for ours in mine:
+        line = "- " + _verdict(ours, base, critical)
+        fits = [r for r in static if r.attainment[critical] >= ours.attainment[critical] - 0.001]
+        if fits:
+            ref = min(fits, key=lambda r: r.gpu_hours)
+            saving = 1 - ours.gpu_hours / ref.gpu_hours
+            others = ", ".join(f"{c} {100 * a:.1f}%" for c, a in ref.attainment.items() if c != critical)
+            line += (f" Against a fixed fleet, {ref.controller} ({100 * ref.attainment[critical]:.2f}% {critical}, "
+                     f"{others}): {abs(100 * saving):.0f}% {'fewer' if saving >= 0 else 'more'} GPU-hours.")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _verdict(ours: Result, base: list[Result], critical: str) -> str:
@@ -82,7 +94,8 @@ def _verdict(ours: Result, base: list[Result], critical: str) -> str:
             f"{abs(100 * saving):.0f}% {'fewer' if saving >= 0 else 'more'} GPU-hours than {ref.controller} "
             f"({100 * ref.attainment[critical]:.2f}% {critical}; "
             f"{'the cheapest baseline at >= its attainment' if at_least else 'no baseline reached its attainment'}); "
-            f"worst breach->scale-up {'never' if math.isinf(worst) else f'{worst:.0f} s'}.")
+            f"worst breach->scale-up {'never' if math.isinf(worst) else f'{worst:.0f} s'}"
+            f"{'' if worst <= 30 else ' (misses 30 s)'}.")
 
 
 def main(argv: list[str] | None = None) -> int:

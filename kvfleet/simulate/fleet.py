@@ -217,6 +217,7 @@ class Fleet:
     def _run(self, pod: Pod, now: float, end: float) -> None:
         p = self.p
         t = now + pod.carry
+        idle_s = 0.0
         while t < end:
             if pod.state == "ready":
                 self._admit(pod)
@@ -225,7 +226,8 @@ class Fleet:
             pf_total = sum(j.prefill_left for j in pod.prefilling)
             chunk = min(budget, pf_total)
             if n_run == 0 and chunk == 0:
-                t = end  # idle
+                idle_s = end - t
+                t = end
                 break
             step = p.step_s(n_run, pod.context_tokens(), chunk)
             # How many identical steps until something changes?
@@ -235,7 +237,6 @@ class Fleet:
             if pod.prefilling:
                 k = min(k, max(1, pod.prefilling[0].prefill_left // max(chunk, 1)))
             t += k * step
-            pod.busy_s += k * step
             if n_run:
                 pod.g += k
                 while pod.running and pod.running[0][0] <= pod.g + 1e-9:
@@ -253,6 +254,7 @@ class Fleet:
                     pod.prefilling.popleft()
                     self._first_token(pod, job, t)
         pod.carry = max(0.0, t - end)
+        pod.busy_s += self.tick_s - idle_s  # a step longer than a tick keeps the GPU busy through the next ones
 
     def _first_token(self, pod: Pod, job: Job, t: float) -> None:
         job.first_token_s = t

@@ -344,3 +344,39 @@ def test_the_planner_module_is_pure():
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
     assert not {n for n in names if any(bad in n for bad in ("kopf", "kubernetes", "torch", "time", "random"))}
+
+
+# -- reading ahead: a rising signal is projected over the load time ----------------------------
+
+@pytest.mark.parametrize("first, second, classes, rises", [
+    ({"kv_pressure": 0.50}, {"kv_pressure": 0.70}, [], True),  # +0.2 in 15 s, 75 s ahead: far past 0.85
+    ({"kv_pressure": 0.70}, {"kv_pressure": 0.50}, [], False),  # falling
+    ({"kv_pressure": 0.60}, {"kv_pressure": 0.61}, [], False),  # flat
+    ({"kv_pressure": 0.5}, {"kv_pressure": 0.5}, "rising-p90", True),  # TPOT p90 50% -> 70% of target
+])
+def test_a_rising_signal_scales_up_before_it_crosses_the_mark(first, second, classes, rises):
+    c1 = [cls(p90=(100.0, 50.0))] if classes else []
+    c2 = [cls(p90=(100.0, 70.0))] if classes else []
+    a = plan(POLICY, WIDE, observe([role("decode", 10, **first)], c1), PlannerState())
+    assert a.replicas["m/decode"] == 10
+    b = plan(POLICY, WIDE, observe([role("decode", 10, **second)], c2, now=1015), a.state)
+    assert (b.replicas["m/decode"] > 10) == rises
+    if rises:
+        assert "rising to" in b.events[0].message
+
+
+def test_the_mempool_key_and_bounds_from_a_fleet():
+    fin = inputs()
+    bounds = bounds_from_fleet(fin.fleet.spec)
+    spec = fin.fleet.spec
+    assert bounds["mempool"] == Bounds(spec.mempool.replicas, spec.mempool.replicas, spec.mempool.replicas)
+    assert bounds["decode"] == Bounds(spec.topology.decode.min_replicas, spec.topology.decode.max_replicas,
+                                      spec.topology.decode.replicas)
+    p = plan(POLICY, bounds, observe([role("mempool", 1, pool_hit_rate=0.2, pool_churn=3.0)]), PlannerState())
+    assert p.replicas == {"mempool": spec.mempool.replicas}  # no API bounds for the pool yet: it holds
+
+
+def test_a_role_without_bounds_holds_and_says_so():
+    p = plan(POLICY, {"decode": Bounds(1, 9)}, observe([role("prefill", 3, queue_depth=9.0)]), PlannerState())
+    assert p.replicas == {"m/prefill": 3}
+    assert "m/prefill (no bounds)" in next(c.message for c in p.conditions if c.type == "TelemetryIncomplete")

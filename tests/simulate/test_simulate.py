@@ -203,3 +203,18 @@ def test_the_simulator_runs_without_torch(tmp_path):
             f"raise SystemExit(main(['simulate', '--write-sample', {str(tmp_path / 's.csv')!r}, '--duration', '20']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
+
+
+def test_a_step_longer_than_a_tick_keeps_the_pod_busy_through_it():
+    """GPU utilisation (what the HPA reads) must not drop to 0 between the ticks of one long step."""
+    fleet = _fleet(CPU_SMOLLM2)  # a 2048-token prefill chunk takes ~5.4 s here
+    fleet.scale("m", 1, -CPU_SMOLLM2.startup_s)
+    fleet.tick(0.0)
+    fleet.arrive(Request(0.1, "interactive", "m", None, 3000, 5), True, 0.1)
+    pod = fleet.pods["m"][0]
+    busy = []
+    for i in range(1, 40):
+        pod.busy_s = 0.0
+        fleet.tick(0.1 * i)
+        busy.append(round(pod.busy_s, 6))
+    assert busy == [0.1] * 39
