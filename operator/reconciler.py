@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from kvfleet.dataplane.config import ConfigError
 
 from . import apply as writes
+from .api.fleet import InferenceFleetStatus
 from .autoscale import Autoscaler
 from .builders import FleetInputs, OperatorSettings, desired_objects, router_endpoint
 from .builders.names import LABEL_FLEET, MANAGED_BY, config_hash
@@ -273,6 +274,8 @@ class Reconciler:
         previous = current.get("conditions") or []
         status["conditions"] += [condition(t, ok, reason, message, meta.get("generation"), previous, now())
                                  for t, ok, reason, message in out.conditions]
+        # written as the typed status model has it (a field the CRD would prune or refuse fails here)
+        status = InferenceFleetStatus.model_validate(status).to_k8s()
         if not status_changed(current, status):
             return
         writes.apply_status(self.kube, "InferenceFleet", KVFLEET, meta["namespace"], meta["name"], status)
@@ -280,7 +283,7 @@ class Reconciler:
         for ev in out.plan.events if out.plan is not None else ():
             writes.event(self.kube, fleet, ev.reason, ev.message, ev.type)
         old = {c.get("type"): c for c in current.get("conditions") or ()}.get("Degraded") or {}
-        new = status["conditions"][2]
+        new = {c["type"]: c for c in status["conditions"]}["Degraded"]
         if (old.get("status"), old.get("reason")) != (new["status"], new["reason"]):
             if new["status"] == "True":
                 writes.event(self.kube, fleet, new["reason"], new["message"], "Warning")
