@@ -211,8 +211,11 @@ class Reconciler:
         meta = fleet["metadata"]
         cache = self._applied.setdefault((meta["namespace"], meta["name"]), {})
         todo = [o for o in desired if not self._unchanged(cache, o, have.get(key(o)))]
-        configs = [o for o in todo if o["kind"] == "ConfigMap"]
-        rest = [o for o in todo if o["kind"] != "ConfigMap"]
+        # ...and a Role before its RoleBinding: binding a Role that does not exist yet is refused (404) to
+        # anyone but a cluster admin (RBAC checks that the binder holds the Role's permissions)
+        first = ("ConfigMap", "ServiceAccount", "Role")
+        configs = [o for o in todo if o["kind"] in first]
+        rest = [o for o in todo if o["kind"] not in first]
         applied = self._all(lambda o: writes.apply(kube, o), configs)
         applied += self._all(lambda o: writes.apply(kube, o), rest)
         out.applied += len(applied)
