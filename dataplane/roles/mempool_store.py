@@ -176,6 +176,11 @@ class PoolStore:
         with self._lock:
             return len(self._run(family, layout, hashes))
 
+    def count_rejected(self) -> None:
+        """Count a call refused before it reached the store (the service stops reading an oversized put)."""
+        with self._lock:
+            self.counters.rejected_requests += 1
+
     # -- views ----------------------------------------------------------------------------------
 
     @property
