@@ -166,11 +166,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, config: PoolConfig) -> None:
     from kvfleet.dataplane import tracing
     from kvfleet.dataplane.roles import wire
 
-    config = PoolConfig.from_json(args.config.read_text())
     service = MempoolService(config.store(), config.block_size_tokens, config.kv_dtype)
     telemetry = tracing.configure("mempool")
     telemetry.observe_pool(service.stats)
@@ -181,6 +180,8 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    http = next((f"{a[0]}:{a[1]}" for a in health.addresses if isinstance(a, tuple)), "?")
+    print(f"kvfleet mempool: /health on http://{http}", flush=True)
     print(f"kvfleet mempool: gRPC on {args.host}:{bound} (capacity {config.capacity_bytes} bytes, "
           f"high watermark {config.high_watermark}, pinning {dict(config.pinning)})", flush=True)
     try:
@@ -195,7 +196,12 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args))
+    try:
+        config = PoolConfig.from_json(args.config.read_text())
+    except (OSError, ValueError, TypeError) as e:
+        print(f"kvfleet mempool: {args.config}: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(args, config))
     return 0
 
 
