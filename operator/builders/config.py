@@ -155,6 +155,9 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
             "highWatermark": pool.high_watermark,
             "blockSizeTokens": inputs.cache_policy.block_size_tokens,
             "kvDtype": inputs.cache_policy.quantization.dtype,
+            # SLOClass kvPinning: the pool pins each class's blocks up to its per-pod cap
+            "pinning": {c.metadata.name: c.spec.kv_pinning.max_pinned_bytes
+                        for c in inputs.slo_classes if c.spec.kv_pinning.enabled},
         })
     return data
 
