@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
-from kvfleet.dataplane.roles.mempool_store import PoolEntry, PoolError, PoolStore
+from kvfleet.dataplane.roles.mempool_store import PoolConfig, PoolEntry, PoolError, PoolStore
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
@@ -39,45 +36,6 @@ log = logging.getLogger("kvfleet.roles.mempool")
 HTTP_PORT = 8080
 STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
           "checksum": grpc.StatusCode.DATA_LOSS}
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """mempool.json as the operator renders it (camelCase keys; unknown keys are refused, not ignored)."""
-
-    capacity_bytes: int
-    high_watermark: float = 0.9
-    port: int = 50052
-    fleet: str = ""
-    replicas: int = 1
-    block_size_tokens: int = 0
-    kv_dtype: str = ""
-    pinning: Mapping[str, int] = field(default_factory=dict)  # SLO class -> max pinned bytes per replica
-    max_block_bytes: int = 16 << 20
-
-    KEYS = {"capacityBytesPerReplica": "capacity_bytes", "highWatermark": "high_watermark", "port": "port",
-            "fleet": "fleet", "replicas": "replicas", "blockSizeTokens": "block_size_tokens",
-            "kvDtype": "kv_dtype", "pinning": "pinning", "maxBlockBytes": "max_block_bytes"}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
-        unknown = sorted(set(data) - set(cls.KEYS))
-        if unknown:
-            raise ValueError(f"mempool.json: unknown keys {unknown} (this pool reads {sorted(cls.KEYS)})")
-        if "capacityBytesPerReplica" not in data:
-            raise ValueError("mempool.json: capacityBytesPerReplica is required")
-        cfg = cls(**{cls.KEYS[k]: v for k, v in data.items()})
-        cfg.store()  # the store checks the numbers
-        return cfg
-
-    @classmethod
-    def from_json(cls, text: str) -> PoolConfig:
-        return cls.from_dict(json.loads(text))
-
-    def store(self) -> PoolStore:
-        return PoolStore(capacity_bytes=int(self.capacity_bytes), high_watermark=float(self.high_watermark),
-                         pin_caps={str(k): int(v) for k, v in self.pinning.items()},
-                         max_block_bytes=int(self.max_block_bytes))
 
 
 class MempoolService(pb_grpc.MempoolServicer):

@@ -1,6 +1,7 @@
 """The memory pool's store: KV blocks by `PoolKey`, byte-accounted, LRU past a high watermark, per-class pins.
 
 Pure and torch-free (the role, the tests and a benchmark use it without sockets); thread-safe (one lock).
+`PoolConfig` is mempool.json, read here so the operator can check what it renders with the pool's own rules.
 
     store = PoolStore(capacity_bytes=8 << 30, high_watermark=0.9, pin_caps={"interactive": 1 << 30})
     store.put(family, layout, [PoolEntry(hash16, payload, crc)], slo_class="interactive")
@@ -25,10 +26,12 @@ chain's tail before its root (vLLM frees blocks tail first for the same reason).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvfleet.dataplane.kvcache.keys import HASH_BYTES, PoolKey, checksum
 
@@ -106,6 +109,10 @@ class PoolStore:
             raise ValueError("a class's pinned bytes cap must be >= 0")
         self.high_bytes = int(self.capacity_bytes * self.high_watermark)
         self.max_pinned_bytes = int(self.high_bytes * MAX_PINNED_FRACTION)
+        if sum(self.pin_caps.values()) > self.max_pinned_bytes:
+            raise ValueError(f"the SLO classes' kvPinning.maxPinnedBytes ({dict(self.pin_caps)}) sum to more than the "
+                             f"{self.max_pinned_bytes} bytes one pool replica pins ({MAX_PINNED_FRACTION:g} x "
+                             f"capacity per replica x highWatermark): lower them or grow the pool")
         self.max_block_bytes = min(self.max_block_bytes, self.high_bytes)
         self.used_bytes = 0
         self.pinned_bytes = 0
@@ -309,3 +316,41 @@ def _check_hashes(hashes: Iterable[bytes]) -> None:
         if len(h) != HASH_BYTES:
             raise PoolError("invalid", f"key {i} is {len(h)} bytes; a block's prefix hash is {HASH_BYTES}")
 
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """mempool.json as the operator renders it (camelCase keys; unknown keys are refused, not ignored)."""
+
+    capacity_bytes: int
+    high_watermark: float = 0.9
+    port: int = 50052
+    fleet: str = ""
+    replicas: int = 1
+    block_size_tokens: int = 0
+    kv_dtype: str = ""
+    pinning: Mapping[str, int] = field(default_factory=dict)  # SLO class -> max pinned bytes per replica
+    max_block_bytes: int = 16 << 20
+
+    KEYS = {"capacityBytesPerReplica": "capacity_bytes", "highWatermark": "high_watermark", "port": "port",
+            "fleet": "fleet", "replicas": "replicas", "blockSizeTokens": "block_size_tokens",
+            "kvDtype": "kv_dtype", "pinning": "pinning", "maxBlockBytes": "max_block_bytes"}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise ValueError(f"mempool.json: unknown keys {unknown} (this pool reads {sorted(cls.KEYS)})")
+        if "capacityBytesPerReplica" not in data:
+            raise ValueError("mempool.json: capacityBytesPerReplica is required")
+        cfg = cls(**{cls.KEYS[k]: v for k, v in data.items()})
+        cfg.store()  # the store checks the numbers
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> PoolConfig:
+        return cls.from_dict(json.loads(text))
+
+    def store(self) -> PoolStore:
+        return PoolStore(capacity_bytes=int(self.capacity_bytes), high_watermark=float(self.high_watermark),
+                         pin_caps={str(k): int(v) for k, v in self.pinning.items()},
+                         max_block_bytes=int(self.max_block_bytes))

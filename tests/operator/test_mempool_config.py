@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 
-from kvfleet.dataplane.roles.mempool import PoolConfig
+import pytest
+from kvfleet.dataplane.config import ConfigError
+from kvfleet.dataplane.roles.mempool_store import PoolConfig
 from kvfleet.operator.builders.config import MEMPOOL_JSON, fleet_config_data
 from op_testlib import inputs, objects_by_key
 
@@ -27,3 +29,12 @@ def test_a_class_without_pinning_is_not_rendered():
     objects[("SLOClass", "interactive")] = slo
     data = json.loads(fleet_config_data(inputs(objects=objects))[MEMPOOL_JSON])
     assert data["pinning"] == {}
+
+
+def test_pins_that_cannot_fit_in_the_pool_fail_the_build_with_the_reason():
+    objects = objects_by_key()
+    policy = copy.deepcopy(objects[("CachePolicy", "int8-shared")])
+    policy["spec"]["pool"]["capacityBytes"] = 256 << 20  # half of 0.9 x 256 MiB < the 256 MiB interactive pins
+    objects[("CachePolicy", "int8-shared")] = policy
+    with pytest.raises(ConfigError, match="maxPinnedBytes"):
+        fleet_config_data(inputs(objects=objects))

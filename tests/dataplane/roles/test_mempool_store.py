@@ -106,12 +106,14 @@ def test_a_class_past_its_cap_keeps_its_hottest_prefixes_pinned():
 
 
 def test_pins_together_leave_room_to_evict_and_a_put_never_fails():
-    store = PoolStore(capacity_bytes=1000, high_watermark=1.0, pin_caps={"a": 10_000, "b": 10_000})
+    store = PoolStore(capacity_bytes=1000, high_watermark=1.0, pin_caps={"a": 250, "b": 250})
     for i in range(20):
         store.put(FAM, LAYOUT, chain(3, seed=i), slo_class="ab"[i % 2])
         store.check_invariants()
-    assert store.pinned_bytes <= 500  # MAX_PINNED_FRACTION of the mark
+    assert store.pinned_bytes == 400  # each class's 2 hottest 100-byte blocks
     assert store.put(FAM, LAYOUT, chain(4, seed=99)).dropped == 0
+    with pytest.raises(ValueError, match="maxPinnedBytes"):  # more than half the mark: refused at start
+        PoolStore(capacity_bytes=1000, high_watermark=1.0, pin_caps={"a": 300, "b": 300})
 
 
 def test_a_put_larger_than_the_pool_keeps_what_fits_and_succeeds():
