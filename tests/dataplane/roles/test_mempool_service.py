@@ -231,3 +231,30 @@ def test_config_reads_what_the_operator_renders_and_refuses_unknown_keys():
         PoolConfig.from_dict({"highWatermark": 0.9})
     with pytest.raises(ValueError, match="high_watermark"):
         PoolConfig.from_dict({"capacityBytesPerReplica": 10, "highWatermark": 0})
+
+
+def test_pool_metrics_reach_opentelemetry_for_the_autoscaler():
+    from kvfleet.dataplane import tracing
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    tel = tracing.configure("mempool", metric_readers=[reader])
+    try:
+        svc = service()
+        tel.observe_pool(svc.stats)
+
+        async def main() -> None:
+            client = InProcessPoolClient({"p": svc})
+            blocks = prompt_blocks(5, 4)
+            await client.put("p", FAM, LAYOUT, blocks)
+            await client.get("p", FAM, LAYOUT, [b.block_hash for b in blocks] + [1])
+
+        asyncio.run(main())
+        data = reader.get_metrics_data()
+        points = {m.name: m.data.data_points[0].value for rm in data.resource_metrics for sm in rm.scope_metrics
+                  for m in sm.metrics if m.name.startswith("kvfleet.pool.")}
+        assert points["kvfleet.pool.hits"] == 4 and points["kvfleet.pool.lookups"] == 5
+        assert points["kvfleet.pool.insertions"] == 4 and points["kvfleet.pool.evictions"] == 0
+        assert points["kvfleet.pool.bytes_in"] == 4 * 256 and points["kvfleet.pool.utilisation"] == 4 * 256 / (1 << 20)
+    finally:
+        tel.shutdown()
