@@ -100,11 +100,11 @@ class MempoolService(pb_grpc.MempoolServicer):
         return self.stats()
 
     def stats(self) -> pb.PoolStats:
-        s, c = self.store, self.store.counters
+        s = self.store
+        used, pinned, blocks, pinned_blocks, c = s.snapshot()
         return pb.PoolStats(
             instance=self.instance, capacity_bytes=s.capacity_bytes, high_watermark=s.high_watermark,
-            used_bytes=s.used_bytes, pinned_bytes=s.pinned_bytes, blocks=s.num_blocks,
-            pinned_blocks=s.num_pinned_blocks, lookup_keys=c.lookup_keys, hit_keys=c.hit_keys,
+            used_bytes=used, pinned_bytes=pinned, blocks=blocks, pinned_blocks=pinned_blocks, lookup_keys=c.lookup_keys, hit_keys=c.hit_keys,
             get_requests=c.get_requests, put_requests=c.put_requests, insertions=c.insertions,
             evictions=c.evictions, evicted_bytes=c.evicted_bytes, dropped=c.dropped, bytes_in=c.bytes_in,
             bytes_out=c.bytes_out, checksum_failures=c.checksum_failures, rejected_requests=c.rejected_requests,

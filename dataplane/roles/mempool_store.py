@@ -26,6 +26,7 @@ chain's tail before its root (vLLM frees blocks tail first for the same reason).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import OrderedDict
@@ -197,6 +198,12 @@ class PoolStore:
     @property
     def num_pinned_blocks(self) -> int:
         return sum(len(p) for p in self._pins.values())
+
+    def snapshot(self) -> tuple[int, int, int, int, PoolCounters]:
+        """(used bytes, pinned bytes, blocks, pinned blocks, counters) at one instant (puts run on other threads)."""
+        with self._lock:
+            return (self.used_bytes, self.pinned_bytes, len(self._slots), self.num_pinned_blocks,
+                    dataclasses.replace(self.counters))
 
     def class_pinned_bytes(self, slo_class: str) -> int:
         return self._class_pinned.get(slo_class, 0)
