@@ -89,6 +89,29 @@ class Telemetry:
         self.meter.create_observable_gauge("kvfleet.router.queued", [lambda _: [Observation(queued())]],
                                            unit="{request}", description="Requests waiting for KV room.")
 
+    def observe_pool(self, stats: Any) -> None:
+        """The memory pool's gauges and counters, read from `stats()` (a `PoolStats`) at each export."""
+        from opentelemetry.metrics import Observation
+
+        def read(attr: str) -> Any:
+            return lambda _: [Observation(getattr(stats(), attr))]
+
+        def utilisation(_: Any) -> list[Observation]:
+            s = stats()
+            return [Observation(s.used_bytes / s.capacity_bytes if s.capacity_bytes else 0.0)]
+
+        self.meter.create_observable_gauge("kvfleet.pool.utilisation", [utilisation], unit="1",
+                                           description="Fraction of the pool's capacity holding KV blocks.")
+        self.meter.create_observable_gauge("kvfleet.pool.pinned", [read("pinned_bytes")], unit="By",
+                                           description="KV bytes pinned for SLO classes.")
+        for name, attr, unit, what in (("lookups", "lookup_keys", "{block}", "Blocks asked for by Get."),
+                                       ("hits", "hit_keys", "{block}", "Blocks Get found (hit rate = hits/lookups)."),
+                                       ("insertions", "insertions", "{block}", "New blocks kept."),
+                                       ("evictions", "evictions", "{block}", "Blocks evicted (churn)."),
+                                       ("bytes_in", "bytes_in", "By", "Payload bytes of new blocks kept."),
+                                       ("bytes_out", "bytes_out", "By", "Payload bytes served by Get.")):
+            self.meter.create_observable_counter(f"kvfleet.pool.{name}", [read(attr)], unit=unit, description=what)
+
     def shutdown(self) -> None:
         for p in self.providers:
             with contextlib.suppress(Exception):

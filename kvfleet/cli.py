@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "dataplane": (
         "kvfleet.dataplane.roles.cli",
-        "run one role of a fleet: --role router|prefill|decode|engine --config FILE",
+        "run one role of a fleet: --role router|prefill|decode|engine|mempool --config FILE",
     ),
     "model": ("kvfleet.dataplane.model.cli", "model tools: import-gguf FILE OUT_DIR, make-tiny OUT_DIR"),
     "simulate": (

@@ -12,15 +12,13 @@ and `write_lane` check the payload size. A CRC-32 per payload catches corruption
 from __future__ import annotations
 
 import json
-import zlib
 from typing import Any
 
 import torch
+from kvfleet.dataplane.kvcache.keys import checksum
 
-
-def checksum(payload: bytes) -> int:
-    """CRC-32 of a payload (zlib's polynomial)."""
-    return zlib.crc32(payload) & 0xFFFFFFFF
+__all__ = ["block_views", "checksum", "layout", "lane_views", "read_block", "read_lane", "write_block",
+           "write_lane"]
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""`kvfleet dataplane --role router|prefill|decode|engine --config FILE [role flags]`: one fleet role."""
+"""`kvfleet dataplane --role router|prefill|decode|engine|mempool --config FILE [role flags]`: one fleet role."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-ROLES = ("router", "prefill", "decode", "engine")
+ROLES = ("router", "prefill", "decode", "engine", "mempool")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from kvfleet.dataplane.engine.api import (
     SamplingParams,
     TokenLogprob,
 )
+from kvfleet.dataplane.kvcache import keys
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def handoff_to_chunks(kv: KVHandoff, reservation: str) -> Iterable[pb.KVChunk]:
     """The first chunk carries the header; one chunk per block; the lane (if any) last."""
     for i, b in enumerate(kv.blocks):
         chunk = pb.KVChunk(index=b.index, payload=b.payload, crc32c=b.crc32,
-                           block_hash=b"" if b.block_hash is None else b.block_hash.to_bytes(16, "little"))
+                           block_hash=b"" if b.block_hash is None else keys.hash_to_bytes(b.block_hash))
         if i == 0:
             chunk.reservation, chunk.layout = reservation, kv.layout
             chunk.num_blocks, chunk.num_tokens = len(kv.blocks), kv.num_tokens
@@ -105,7 +106,7 @@ async def handoff_from_chunks(chunks: AsyncIterator[pb.KVChunk]) -> tuple[str, K
         if c.lane:
             lane, lane_crc = c.payload, c.crc32c
             continue
-        h = int.from_bytes(c.block_hash, "little") if c.block_hash else None
+        h = keys.hash_from_bytes(c.block_hash) if c.block_hash else None
         blocks.append(KVBlock(c.index, h, c.payload, c.crc32c))
     if head is None or not head.reservation:
         raise ValueError("a KV push must start with a chunk naming its reservation")

@@ -239,3 +239,99 @@ class RoleStats(_message.Message):
     max_model_len: int
     max_num_seqs: int
     def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., reservations: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_checksum_failures: _Optional[int] = ..., recomputes: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+
+class PoolBlock(_message.Message):
+    __slots__ = ("family", "layout", "slo_class", "block_hash", "payload", "crc32")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    layout: str
+    slo_class: str
+    block_hash: bytes
+    payload: bytes
+    crc32: int
+    def __init__(self, family: _Optional[str] = ..., layout: _Optional[str] = ..., slo_class: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class PutReply(_message.Message):
+    __slots__ = ("stored", "present", "dropped", "pinned", "evicted", "bytes")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    present: int
+    dropped: int
+    pinned: int
+    evicted: int
+    bytes: int
+    def __init__(self, stored: _Optional[int] = ..., present: _Optional[int] = ..., dropped: _Optional[int] = ..., pinned: _Optional[int] = ..., evicted: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("family", "layout", "keys")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    layout: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, family: _Optional[str] = ..., layout: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class LookupReply(_message.Message):
+    __slots__ = ("num_blocks",)
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    num_blocks: int
+    def __init__(self, num_blocks: _Optional[int] = ...) -> None: ...
+
+class PoolStats(_message.Message):
+    __slots__ = ("instance", "capacity_bytes", "high_watermark", "used_bytes", "pinned_bytes", "blocks", "pinned_blocks", "lookup_keys", "hit_keys", "get_requests", "put_requests", "insertions", "evictions", "evicted_bytes", "dropped", "bytes_in", "bytes_out", "checksum_failures", "rejected_requests", "block_size_tokens", "kv_dtype", "uptime_s")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_KEYS_FIELD_NUMBER: _ClassVar[int]
+    HIT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    GET_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PUT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INSERTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    capacity_bytes: int
+    high_watermark: float
+    used_bytes: int
+    pinned_bytes: int
+    blocks: int
+    pinned_blocks: int
+    lookup_keys: int
+    hit_keys: int
+    get_requests: int
+    put_requests: int
+    insertions: int
+    evictions: int
+    evicted_bytes: int
+    dropped: int
+    bytes_in: int
+    bytes_out: int
+    checksum_failures: int
+    rejected_requests: int
+    block_size_tokens: int
+    kv_dtype: str
+    uptime_s: float
+    def __init__(self, instance: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., high_watermark: _Optional[float] = ..., used_bytes: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., lookup_keys: _Optional[int] = ..., hit_keys: _Optional[int] = ..., get_requests: _Optional[int] = ..., put_requests: _Optional[int] = ..., insertions: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., rejected_requests: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...

@@ -387,3 +387,209 @@ class Decode:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MempoolStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Put = channel.stream_unary(
+                '/kvfleet.v1alpha1.Mempool/Put',
+                request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolBlock.SerializeToString,
+                response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PutReply.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_stream(
+                '/kvfleet.v1alpha1.Mempool/Get',
+                request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.GetRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolBlock.FromString,
+                _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/kvfleet.v1alpha1.Mempool/Lookup',
+                request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.GetRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.LookupReply.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/kvfleet.v1alpha1.Mempool/Stats',
+                request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.SerializeToString,
+                response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolStats.FromString,
+                _registered_method=True)
+
+
+class MempoolServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Put(self, request_iterator, context):
+        """Store blocks. INVALID_ARGUMENT: no family/layout, a hash not 16 bytes, an empty payload;
+        RESOURCE_EXHAUSTED: a block or a call over the pool's limits; DATA_LOSS: a CRC mismatch.
+        A refused call stores nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """The longest leading run of `keys` held, in order (payload, hash, CRC; no family/layout).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lookup(self, request, context):
+        """How many leading `keys` are held, without payloads (for prefix-aware routing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MempoolServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Put': grpc.stream_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolBlock.FromString,
+                    response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PutReply.SerializeToString,
+            ),
+            'Get': grpc.unary_stream_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.GetRequest.FromString,
+                    response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolBlock.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.GetRequest.FromString,
+                    response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.LookupReply.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.FromString,
+                    response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolStats.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvfleet.v1alpha1.Mempool', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvfleet.v1alpha1.Mempool', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Mempool:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Put(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvfleet.v1alpha1.Mempool/Put',
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolBlock.SerializeToString,
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PutReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvfleet.v1alpha1.Mempool/Get',
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.GetRequest.SerializeToString,
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolBlock.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfleet.v1alpha1.Mempool/Lookup',
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.GetRequest.SerializeToString,
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.LookupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfleet.v1alpha1.Mempool/Stats',
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.SerializeToString,
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.PoolStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from kvfleet.dataplane import config as dpconfig
+from kvfleet.dataplane.roles.mempool_store import PoolConfig
 from kvfleet.operator.api import ModelVariant
 
 from .inputs import FleetInputs
@@ -147,7 +148,7 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
     if inputs.pool_enabled:
         pool = inputs.cache_policy.pool
         replicas = spec.mempool.replicas
-        data[MEMPOOL_JSON] = _dump({
+        mempool = {
             "fleet": fleet,
             "port": POOL_PORT,
             "replicas": replicas,
@@ -155,7 +156,15 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
             "highWatermark": pool.high_watermark,
             "blockSizeTokens": inputs.cache_policy.block_size_tokens,
             "kvDtype": inputs.cache_policy.quantization.dtype,
-        })
+            # SLOClass kvPinning: the pool pins each class's blocks up to its per-pod cap
+            "pinning": {c.metadata.name: c.spec.kv_pinning.max_pinned_bytes
+                        for c in inputs.slo_classes if c.spec.kv_pinning.enabled},
+        }
+        try:  # the pool's own reading of it: pins that cannot fit fail the reconcile, not the pod
+            PoolConfig.from_dict(mempool)
+        except ValueError as e:
+            raise dpconfig.ConfigError(f"memory pool: {e}") from e
+        data[MEMPOOL_JSON] = _dump(mempool)
     return data
 
 
