@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
 
-from .paged_quant import PolicyStep
+from .storage import PolicyStep
 
 
 class PagedKVCache:

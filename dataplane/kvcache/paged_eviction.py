@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 
-from ..engine.sequence import Sequence
 from .blocks import BlockManager
 from .eviction import (
     EvictionSpec,
@@ -48,6 +47,7 @@ from .eviction import (
     streaming_scores,
 )
 from .paged_scores import ATTENTION_SCORED, PagedScores
+from .seqview import KVSequence
 
 
 @dataclass
@@ -84,13 +84,13 @@ class PagedEvictor:
     # -- what a sequence holds ---------------------------------------------------
 
     @staticmethod
-    def slot_positions(seq: Sequence) -> list[int]:
+    def slot_positions(seq: KVSequence) -> list[int]:
         """Logical position of each physical slot (len = num_kv_slots)."""
         kept = seq.kept_positions or []
         n = seq.num_kv_slots
         return kept[:n] + list(range(len(kept) + seq.num_evicted, n + seq.num_evicted))
 
-    def fixed_slots(self, seq: Sequence, n: int) -> torch.Tensor:
+    def fixed_slots(self, seq: KVSequence, n: int) -> torch.Tensor:
         """[n] bool: slots in blocks this sequence does not own exclusively (never moved or dropped)."""
         rc = self.bm.ref_counts
         fixed = torch.zeros(n, dtype=torch.bool)
@@ -99,12 +99,12 @@ class PagedEvictor:
                 fixed[i * self.bs:(i + 1) * self.bs] = True
         return fixed[:n]
 
-    def _slots(self, seq: Sequence, idx: torch.Tensor) -> torch.Tensor:
+    def _slots(self, seq: KVSequence, idx: torch.Tensor) -> torch.Tensor:
         """Physical slot indices [k] -> cache slots [k] int64."""
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[idx // self.bs] * self.bs + idx % self.bs
 
-    def keys(self, seq: Sequence, n: int) -> list[torch.Tensor]:
+    def keys(self, seq: KVSequence, n: int) -> list[torch.Tensor]:
         """Per layer: the sequence's first n stored keys [n, Hkv, D] (dequantized; pre-RoPE keys rotated).
 
         NOTE: a quantized cache's full-precision lane rows are not overlaid here (sinks and the tail are
@@ -119,7 +119,7 @@ class PagedEvictor:
     def _device(self) -> torch.device:
         return _parts(self.kv.k[0])[0].device
 
-    def choose(self, seq: Sequence) -> torch.Tensor | None:
+    def choose(self, seq: KVSequence) -> torch.Tensor | None:
         """Ascending physical slot indices [k] to keep, or None while within budget."""
         n, seen = seq.num_kv_slots, seq.num_computed_tokens
         ev = self.spec
@@ -133,7 +133,7 @@ class PagedEvictor:
             return None
         return select_keep(self.scores_of(seq, n, pos), prot[:, None], ev.evict_to(budget, n_prot))[:, 0]
 
-    def scores_of(self, seq: Sequence, n: int, pos: torch.Tensor) -> torch.Tensor:
+    def scores_of(self, seq: KVSequence, n: int, pos: torch.Tensor) -> torch.Tensor:
         """Scores [n, 1] (CPU) of the first n slots at logical positions pos [n]; one set for all layers/heads."""
         ev = self.spec
         if ev.policy == "streaming-llm":
@@ -154,7 +154,7 @@ class PagedEvictor:
 
     # -- compaction --------------------------------------------------------------
 
-    def maybe_compact(self, seq: Sequence) -> int:
+    def maybe_compact(self, seq: KVSequence) -> int:
         """Evict down to the budget if over it; returns the number of blocks freed."""
         if not seq.block_table or seq.num_kv_slots == 0:
             return 0

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .paged_quant import PagedQuantKV, PolicyStep
+from .paged_quant import PagedQuantKV
+from .storage import PolicyStep
 
 
 def tail_tokens(non_sink: int, residual: int, chunk: int) -> int:
