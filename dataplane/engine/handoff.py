@@ -36,8 +36,8 @@ def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
         h = seq.block_hashes[i] if i < len(seq.block_hashes) and (i + 1) * bs <= n else None
         blocks.append(KVBlock(i, h, payload, transfer.checksum(payload)))
     lane = b""
-    if getattr(kv, "lanes", None) is not None:
-        lane = transfer.read_lane(kv, engine.runner.lanes.lane(seq))
+    if kv.lanes is not None:
+        lane = transfer.read_lane(kv, kv.lane(seq))
     gen = engine.runner._generators.get(seq.seq_id)
     return KVHandoff(engine.kv_layout, n, blocks, lane, transfer.checksum(lane), seq.num_hit_blocks,
                      seq.num_cached_prompt_tokens, bytes(gen.get_state().numpy().tobytes()) if gen else b"")
@@ -126,7 +126,7 @@ def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, h
     seq.status = SeqStatus.RUNNING
     engine.scheduler.running.append(seq)
     if handoff.lane:
-        transfer.write_lane(kv, engine.runner.lanes.lane(seq), handoff.lane)
+        transfer.write_lane(kv, kv.lane(seq), handoff.lane)
     if handoff.rng_state:
         engine.runner.restore_generator(seq, handoff.rng_state)
     return seq, False

@@ -37,9 +37,8 @@ from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.engine.structured import StructuredOutputs
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
+from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
-from kvfleet.dataplane.kvcache.paged_quant import make_paged_cache, paged_bytes_per_block, paged_lane_bytes
-from kvfleet.dataplane.kvcache.policy import PolicySpec
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -66,34 +65,30 @@ class LLMEngine:
         mc = model_config
         bs = config.block_size
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        num_blocks = self._num_blocks(mc, dtype)
+        # how the cache policy stores KV (raises before allocating anything: pyramid is rejected)
+        kvspec = kv_storage_spec(config.cache_policy, mc.num_hidden_layers, bs, mc.num_key_value_heads,
+                                 mc.head_dim, dtype, num_lanes=config.max_num_seqs)
+        num_blocks = self._num_blocks(kvspec)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
-        config.cache_policy.check_servable()  # before allocating anything: pyramid is rejected
-        spec = PolicySpec.from_config(config.cache_policy)
         rotary = getattr(model, "rotary", None)
-        kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
-                              mc.num_key_value_heads, mc.head_dim, dtype, self.device,
-                              num_lanes=config.max_num_seqs,
-                              rope=(lambda p: rotary.cos_sin(p, dtype)) if rotary is not None else None)
+        kv = kvspec.allocate(num_blocks, self.device,
+                             rope=(lambda p: rotary.cos_sin(p, dtype)) if rotary is not None else None)
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        cp = config.cache_policy
-        grouped = cp.token_grouped("key") or cp.token_grouped("value")
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
-                                   # a prefix hit never splits a token group that spans blocks
-                                   hit_align_blocks=max(1, cp.group_size // bs) if grouped else 1)
-        # token eviction: one kept-token set per sequence, compacted after each step
-        self.evictor = PagedEvictor(spec.eviction, kv, bm) if spec.eviction.enabled else None
+                                   hit_align_blocks=kvspec.hit_align_blocks)
+        # token eviction: one kept-token set per sequence, compacted after each step (h2o/snapkv
+        # scores are the storage's score hook)
+        eviction = kvspec.policy.eviction
+        self.evictor = PagedEvictor(eviction, kv, bm) if eviction.enabled else None
         self.runner = ModelRunner(model, kv, self.device)
-        self.runner.scores = self.evictor.scores if self.evictor is not None else None  # h2o/snapkv
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         self.runner.eos_token_ids = self.eos_token_ids
         self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
                                                    mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
-        self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
-            f"|kv={cp.key_quantization}/{cp.value_quantization}"
+        self._codec_key = kvspec.prefix_key_suffix
         self.kv_layout = transfer.layout(kv)  # prefill and decode must agree on it to hand KV over
         self.reservations = handoff.Reservations()  # decode role: blocks held for KV on its way
         self.seqs: dict[str, Sequence] = {}
@@ -111,12 +106,11 @@ class LLMEngine:
         model, model_config = load_model(config.model_dir, dtype=dtype, device=device)
         return cls(model, model_config, config, device, dtype)
 
-    def _num_blocks(self, mc: Any, dtype: torch.dtype) -> int:
+    def _num_blocks(self, kvspec: KVStorageSpec) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = paged_bytes_per_block(cfg.cache_policy, mc.num_hidden_layers, cfg.block_size,
-                                          mc.num_key_value_heads, mc.head_dim, dtype)
+        per_block = kvspec.bytes_per_block
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
@@ -125,8 +119,7 @@ class LLMEngine:
         else:
             want = min(cfg.max_num_seqs * self.max_model_len, max(DEFAULT_CPU_KV_TOKENS, self.max_model_len))
             budget = math.ceil(want / cfg.block_size) * per_block
-        lanes = paged_lane_bytes(cfg.cache_policy, mc.num_hidden_layers, cfg.max_num_seqs, mc.num_key_value_heads,
-                                 mc.head_dim, dtype)
+        lanes = kvspec.lane_bytes
         n = (budget - lanes) // per_block  # full-precision lanes come out of the same budget
         if n < 1:
             raise ValueError(f"KV budget {budget} B is smaller than one block ({per_block} B) plus the "
@@ -283,10 +276,10 @@ class LLMEngine:
         for child in children:
             token_id, logprob = self.runner.fork_samples[child.seq_id]
             shared = False
-            if not self.runner.quantized and self.evictor is None:
+            if self.runner.kv.exact and self.evictor is None:
                 shared, copy = self.scheduler.fork(leader, child)
                 if copy is not None:
-                    self.runner.copy_block(*copy)
+                    self.runner.kv.copy_block(*copy)
             reason = self._append(child, token_id, logprob, now)
             if reason is not None:
                 if shared:

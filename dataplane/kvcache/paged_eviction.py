@@ -33,7 +33,6 @@ NOTE: `pyramid` needs per-layer block tables; `CachePolicyConfig.check_servable`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
@@ -48,6 +47,7 @@ from .eviction import (
 )
 from .paged_scores import ATTENTION_SCORED, PagedScores
 from .seqview import KVSequence
+from .storage import KVStorage
 
 
 @dataclass
@@ -59,22 +59,19 @@ class EvictionStats:
     blocks_freed: int = 0
 
 
-def _parts(store: Any) -> list[torch.Tensor]:
-    """A layer's storage as a list of [num_blocks, block_size, Hkv, X] tensors (plain or quantized)."""
-    return list(store) if isinstance(store, list | tuple) else [store]
-
-
 class PagedEvictor:
-    """Chooses and compacts each sequence's kept slots in a paged KV cache (`PagedKVCache` or `PagedQuantKV`)."""
+    """Chooses and compacts each sequence's kept slots in a paged `KVStorage` (plain or quantized)."""
 
-    def __init__(self, spec: EvictionSpec, kv: Any, bm: BlockManager, slack_tokens: int | None = None) -> None:
-        """slack_tokens: hysteresis (None = spec.slack_tokens, or one block when that is 0)."""
+    def __init__(self, spec: EvictionSpec, kv: KVStorage, bm: BlockManager, slack_tokens: int | None = None) -> None:
+        """slack_tokens: hysteresis (None = spec.slack_tokens, or one block when that is 0).
+        An attention-scored policy (h2o, snapkv) installs its scores as the storage's `score_hook`."""
         self.bs = bm.block_size
         slack = slack_tokens if slack_tokens is not None else spec.slack_tokens or self.bs
         self.spec, self.kv, self.bm = replace(spec, slack_tokens=slack), kv, bm
         self.stats = EvictionStats()
         self.scores = PagedScores(self.spec, bm.num_blocks * self.bs, self.bs, kv.num_layers, self._device()) \
             if spec.policy in ATTENTION_SCORED else None
+        kv.score_hook = self.scores
 
     def release(self, seq_id: str) -> None:
         """The sequence is finished: drop its per-sequence score state."""
@@ -110,14 +107,14 @@ class PagedEvictor:
         NOTE: a quantized cache's full-precision lane rows are not overlaid here (sinks and the tail are
         protected anyway, but they enter KeyDiff's mean key as stored)."""
         blocks = torch.tensor(seq.block_table[:-(-n // self.bs)], dtype=torch.long, device=self._device())
-        if getattr(self.kv, "keys_pre_rope", False):
+        if self.kv.keys_pre_rope:
             pos = self.slot_positions(seq) + [0] * (len(blocks) * self.bs - n)  # padding: any valid position
             at = torch.tensor(pos, dtype=torch.long, device=self._device())
             return [self.kv.read(layer, blocks, None, at)[0][:n] for layer in range(self.kv.num_layers)]
         return [self.kv.gather(layer, blocks)[0][:n] for layer in range(self.kv.num_layers)]
 
     def _device(self) -> torch.device:
-        return _parts(self.kv.k[0])[0].device
+        return self.kv.device
 
     def choose(self, seq: KVSequence) -> torch.Tensor | None:
         """Ascending physical slot indices [k] to keep, or None while within budget."""
@@ -171,9 +168,7 @@ class PagedEvictor:
             dst_s = self._slots(seq, dst[moved]).to(self._device())
             with torch.inference_mode():
                 for layer in range(self.kv.num_layers):
-                    per_slot = self.kv.slot_tensors(layer) if hasattr(self.kv, "slot_tensors") else \
-                        _parts(self.kv.k[layer]) + _parts(self.kv.v[layer])
-                    for t in per_slot:
+                    for t in self.kv.slot_tensors(layer):
                         flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
                         flat[dst_s] = flat[src_s]  # NOTE: the right side is gathered first, overlap is safe
                 if self.scores is not None:
