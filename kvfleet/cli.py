@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "model": ("kvfleet.dataplane.model.cli", "model tools: import-gguf FILE OUT_DIR, make-tiny OUT_DIR"),
     "eval-cache": (
-        "kvfleet.dataplane.kvcache.evaluate",
+        "kvfleet.tools.eval_cache",
         "measure KV cache policies: bytes/token, perplexity, passkey, tok/s",
     ),
 }
