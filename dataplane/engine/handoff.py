@@ -27,7 +27,7 @@ def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
     """The KV of `seq`'s prompt as stored in `engine`'s cache (call before its blocks are freed)."""
     if engine.evictor is not None:
         raise ValueError("a sequence whose KV is evicted cannot be handed off (eviction state stays local)")
-    kv, bs = engine.runner.kv, engine.scheduler.bm.block_size
+    kv, bs = engine.worker.kv, engine.scheduler.bm.block_size
     n = seq.num_prompt_tokens
     nblocks = -(-n // bs)
     blocks = []
@@ -116,7 +116,7 @@ def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, h
         engine.scheduler.add(seq)  # recompute prompt + first token, then go on
         return seq, True
     assert handoff is not None
-    kv = engine.runner.kv
+    kv = engine.worker.kv
     for blk in handoff.blocks:
         transfer.write_block(kv, table[blk.index], blk.payload)
     seq.block_table = table

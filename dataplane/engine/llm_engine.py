@@ -1,5 +1,8 @@
 """The synchronous engine: step = schedule -> run -> postprocess.
 
+The scheduler (`scheduler.py`, no torch) plans a step (`StepPlan`); the worker (`worker.py`: model
+runner + KV storage) runs it and answers with a `StepResult`; `postprocess` turns that into outputs.
+
     engine = LLMEngine.from_config(EngineConfig(model_dir=..., num_kv_blocks=512))
     engine.add_request(GenerationRequest("r1", prompt_ids, SamplingParams(max_tokens=32)))
     while engine.has_unfinished():
@@ -32,9 +35,10 @@ from kvfleet.dataplane.engine.api import (
     choice_request_id,
 )
 from kvfleet.dataplane.engine.model_runner import ModelRunner
-from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
+from kvfleet.dataplane.engine.scheduler import Scheduler
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.engine.structured import StructuredOutputs
+from kvfleet.dataplane.engine.worker import Sample, StepPlan, StepResult, Worker
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
@@ -78,11 +82,7 @@ class LLMEngine:
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
                                    hit_align_blocks=kvspec.hit_align_blocks)
-        # token eviction: one kept-token set per sequence, compacted after each step (h2o/snapkv
-        # scores are the storage's score hook)
-        eviction = kvspec.policy.eviction
-        self.evictor = PagedEvictor(eviction, kv, bm) if eviction.enabled else None
-        self.runner = ModelRunner(model, kv, self.device)
+        self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         self.runner.eos_token_ids = self.eos_token_ids
         self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
@@ -96,6 +96,16 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.prompt_tokens_computed = 0  # prompt positions run through the model (one prefill per n choices)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The worker's model runner."""
+        return self.worker.runner
+
+    @property
+    def evictor(self) -> PagedEvictor | None:
+        """The worker's token evictor (None without an eviction policy)."""
+        return self.worker.evictor
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -230,24 +240,23 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the increments it produced."""
-        out = self.scheduler.schedule()
-        tokens = self.runner.run(out)
-        return self.postprocess(out, tokens)
+        plan = self.scheduler.schedule()
+        result = self.worker.execute(plan)
+        return self.postprocess(plan, result)
 
-    def postprocess(self, out: SchedulerOutput,
-                    tokens: list[tuple[int, TokenLogprob | None] | None]) -> list[RequestOutput]:
-        """Advance sequences, append sampled tokens, detect stops, emit increments."""
+    def postprocess(self, out: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Advance sequences, append sampled tokens, detect stops, emit increments; then eviction."""
         self.scheduler.commit(out)
         now = time.monotonic()
         outputs: list[RequestOutput] = []
-        for item, tok in zip(out.scheduled, tokens, strict=True):
+        for item, tok in zip(out.scheduled, result.samples, strict=True):
             seq = item.seq
             if item.start < seq.num_prompt_tokens:
                 self.prompt_tokens_computed += min(item.start + item.num_new_tokens, seq.num_prompt_tokens) - item.start
             if tok is None or seq.status is not SeqStatus.RUNNING:
                 continue
             if seq.forks:
-                outputs += self._fork(seq, now)
+                outputs += self._fork(seq, now, result.fork_samples)
             token_id, logprob = tok
             reason = self._append(seq, token_id, logprob, now)
             if reason is not None:
@@ -261,25 +270,22 @@ class LLMEngine:
                                              seq.num_prompt_tokens, seq.num_cached_prompt_tokens, seq.index))
             else:
                 outputs.append(self._increment(seq, False, None))
-        if self.evictor is not None:
-            for item in out.scheduled:
-                if item.seq.status is SeqStatus.RUNNING:
-                    self.evictor.maybe_compact(item.seq)
+        self.worker.evict(item.seq for item in out.scheduled if item.seq.status is SeqStatus.RUNNING)
         return outputs
 
-    def _fork(self, leader: Sequence, now: float) -> list[RequestOutput]:
+    def _fork(self, leader: Sequence, now: float, samples: dict[str, Sample]) -> list[RequestOutput]:
         """The leader's prompt is computed: start its other choices on the shared KV, each with the
         first token sampled from the leader's logits. A cache that cannot share (quantized, evicting)
         or a lack of seats/blocks queues the choice for recompute (mostly prefix-cache hits) instead."""
         outputs = []
         children, leader.forks = leader.forks, []
         for child in children:
-            token_id, logprob = self.runner.fork_samples[child.seq_id]
+            token_id, logprob = samples[child.seq_id]
             shared = False
-            if self.runner.kv.exact and self.evictor is None:
+            if self.worker.can_share_blocks:
                 shared, copy = self.scheduler.fork(leader, child)
                 if copy is not None:
-                    self.runner.kv.copy_block(*copy)
+                    self.worker.copy_block(*copy)
             reason = self._append(child, token_id, logprob, now)
             if reason is not None:
                 if shared:
@@ -325,9 +331,7 @@ class LLMEngine:
         self.seqs.pop(seq.seq_id, None)
         if seq.group_id is not None and not any(c in self.seqs for c in self.groups.get(seq.group_id, ())):
             self.groups.pop(seq.group_id, None)
-        self.runner.release(seq.seq_id)
-        if self.evictor is not None:
-            self.evictor.release(seq.seq_id)
+        self.worker.release(seq.seq_id)
         return self._increment(seq, True, reason, kv)
 
     # -- conveniences ----------------------------------------------------------

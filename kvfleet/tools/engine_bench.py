@@ -130,9 +130,9 @@ def engine_overhead(num_seqs: int, steps: int = 50) -> dict[str, float]:
         t0 = time.perf_counter()
         out = eng.scheduler.schedule()
         t1 = time.perf_counter()
-        toks = eng.runner.run(out)
+        res = eng.worker.execute(out)
         t2 = time.perf_counter()
-        eng.postprocess(out, toks)
+        eng.postprocess(out, res)
         t3 = time.perf_counter()
         acc["schedule"] += t1 - t0
         acc["run"] += t2 - t1
