@@ -71,14 +71,6 @@ def kv_storage_spec(cp: Any, num_layers: int, block_size: int, num_kv_heads: int
                          max(1, cp.group_size // block_size) if grouped else 1)
 
 
-def make_kv_storage(cp: Any, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                    head_dim: int, dtype: torch.dtype, device: torch.device | str, num_lanes: int = 1,
-                    rope: RopeFn | None = None) -> KVStorage:
-    """`kv_storage_spec(...).allocate(...)` in one call."""
-    return kv_storage_spec(cp, num_layers, block_size, num_kv_heads, head_dim, dtype, num_lanes).allocate(
-        num_blocks, device, rope)
-
-
 def paged_bytes_per_block(cp: Any, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                           dtype: torch.dtype) -> int:
     """K+V bytes of one paged block under `cp`."""

@@ -1,6 +1,6 @@
 """Per-step row bookkeeping for a quantized paged cache: which rows go where (numpy, per sequence).
 
-For every scheduled sequence the runner knows its lane, its new tokens (logical positions
+For every scheduled sequence the storage knows its lane, its new tokens (logical positions
 [start, end)), its block table, how many tokens it evicted and how many it took from the prefix
 cache. `policy_step` turns that into a `PolicyStep`:
 
