@@ -38,9 +38,8 @@ def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
     lane = b""
     if kv.lanes is not None:
         lane = transfer.read_lane(kv, kv.lane(seq))
-    gen = engine.runner._generators.get(seq.seq_id)
     return KVHandoff(engine.kv_layout, n, blocks, lane, transfer.checksum(lane), seq.num_hit_blocks,
-                     seq.num_cached_prompt_tokens, bytes(gen.get_state().numpy().tobytes()) if gen else b"")
+                     seq.num_cached_prompt_tokens, engine.runner.generator_state(seq.seq_id))
 
 
 @dataclass

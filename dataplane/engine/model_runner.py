@@ -60,6 +60,11 @@ class ModelRunner:
         if self.structured is not None:
             self.structured.release(request_id)
 
+    def generator_state(self, seq_id: str) -> bytes:
+        """A seeded request's random stream as bytes (b"" when it has none yet), for `restore_generator`."""
+        g = self._generators.get(seq_id)
+        return bytes(g.get_state().numpy().tobytes()) if g else b""
+
     def restore_generator(self, seq: Any, state: bytes) -> None:
         """Continue a seeded request's random stream from another engine's generator state."""
         g = torch.Generator(device=self.device)
