@@ -96,7 +96,7 @@ def goal_check(report: dict) -> str:
 
 
 def write_md(report: dict, path: Path) -> None:
-    from kvfleet.dataplane.kvcache.evaluate import table
+    from kvfleet.tools.eval_cache import table
 
     old = path.read_text() if path.exists() else ""
     m = re.search(re.escape(MARK_A) + r"(.*?)" + re.escape(MARK_B), old, re.S)
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(a.threads)
-    from kvfleet.dataplane.kvcache.evaluate import Runner, evaluate, resolve_model, table
     from kvfleet.dataplane.kvcache.policy import PolicySpec
+
+    from kvfleet.tools.eval_cache import Runner, evaluate, resolve_model, table
 
     t0 = time.time()
     runner = Runner(resolve_model("smollm2"), "float32", fp_store_dtype="bfloat16")

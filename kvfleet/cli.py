@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "replay a request trace on a simulated fleet under kvfleet's planner, HPA and KEDA",
     ),
     "eval-cache": (
-        "kvfleet.dataplane.kvcache.evaluate",
+        "kvfleet.tools.eval_cache",
         "measure KV cache policies: bytes/token, perplexity, passkey, tok/s",
     ),
 }

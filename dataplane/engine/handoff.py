@@ -27,7 +27,7 @@ def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
     """The KV of `seq`'s prompt as stored in `engine`'s cache (call before its blocks are freed)."""
     if engine.evictor is not None:
         raise ValueError("a sequence whose KV is evicted cannot be handed off (eviction state stays local)")
-    kv, bs = engine.runner.kv, engine.scheduler.bm.block_size
+    kv, bs = engine.worker.kv, engine.scheduler.bm.block_size
     n = seq.num_prompt_tokens
     nblocks = -(-n // bs)
     blocks = []
@@ -36,11 +36,10 @@ def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
         h = seq.block_hashes[i] if i < len(seq.block_hashes) and (i + 1) * bs <= n else None
         blocks.append(KVBlock(i, h, payload, transfer.checksum(payload)))
     lane = b""
-    if getattr(kv, "lanes", None) is not None:
-        lane = transfer.read_lane(kv, engine.runner.lanes.lane(seq))
-    gen = engine.runner._generators.get(seq.seq_id)
+    if kv.lanes is not None:
+        lane = transfer.read_lane(kv, kv.lane(seq))
     return KVHandoff(engine.kv_layout, n, blocks, lane, transfer.checksum(lane), seq.num_hit_blocks,
-                     seq.num_cached_prompt_tokens, bytes(gen.get_state().numpy().tobytes()) if gen else b"")
+                     seq.num_cached_prompt_tokens, engine.runner.generator_state(seq.seq_id))
 
 
 @dataclass
@@ -117,7 +116,7 @@ def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, h
         engine.scheduler.add(seq)  # recompute prompt + first token, then go on
         return seq, True
     assert handoff is not None
-    kv = engine.runner.kv
+    kv = engine.worker.kv
     for blk in handoff.blocks:
         transfer.write_block(kv, table[blk.index], blk.payload)
     seq.block_table = table
@@ -127,7 +126,7 @@ def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, h
     seq.status = SeqStatus.RUNNING
     engine.scheduler.running.append(seq)
     if handoff.lane:
-        transfer.write_lane(kv, engine.runner.lanes.lane(seq), handoff.lane)
+        transfer.write_lane(kv, kv.lane(seq), handoff.lane)
     if handoff.rng_state:
         engine.runner.restore_generator(seq, handoff.rng_state)
     return seq, False

@@ -1,5 +1,8 @@
 """The synchronous engine: step = schedule -> run -> postprocess.
 
+The scheduler (`scheduler.py`, no torch) plans a step (`StepPlan`); the worker (`worker.py`: model
+runner + KV storage) runs it and answers with a `StepResult`; `postprocess` turns that into outputs.
+
     engine = LLMEngine.from_config(EngineConfig(model_dir=..., num_kv_blocks=512))
     engine.add_request(GenerationRequest("r1", prompt_ids, SamplingParams(max_tokens=32)))
     while engine.has_unfinished():
@@ -34,14 +37,14 @@ from kvfleet.dataplane.engine.api import (
     choice_request_id,
 )
 from kvfleet.dataplane.engine.model_runner import ModelRunner
-from kvfleet.dataplane.engine.scheduler import Scheduler, SchedulerOutput
+from kvfleet.dataplane.engine.scheduler import Scheduler
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.engine.structured import StructuredOutputs
+from kvfleet.dataplane.engine.worker import Sample, StepPlan, StepResult, Worker
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
+from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
-from kvfleet.dataplane.kvcache.paged_quant import make_paged_cache, paged_bytes_per_block, paged_lane_bytes
-from kvfleet.dataplane.kvcache.policy import PolicySpec
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,34 +71,26 @@ class LLMEngine:
         mc = model_config
         bs = config.block_size
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        num_blocks = self._num_blocks(mc, dtype)
+        # how the cache policy stores KV (raises before allocating anything: pyramid is rejected)
+        kvspec = kv_storage_spec(config.cache_policy, mc.num_hidden_layers, bs, mc.num_key_value_heads,
+                                 mc.head_dim, dtype, num_lanes=config.max_num_seqs)
+        num_blocks = self._num_blocks(kvspec)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
-        config.cache_policy.check_servable()  # before allocating anything: pyramid is rejected
-        spec = PolicySpec.from_config(config.cache_policy)
         rotary = getattr(model, "rotary", None)
-        kv = make_paged_cache(config.cache_policy, mc.num_hidden_layers, num_blocks, bs,
-                              mc.num_key_value_heads, mc.head_dim, dtype, self.device,
-                              num_lanes=config.max_num_seqs,
-                              rope=(lambda p: rotary.cos_sin(p, dtype)) if rotary is not None else None)
+        kv = kvspec.allocate(num_blocks, self.device,
+                             rope=(lambda p: rotary.cos_sin(p, dtype)) if rotary is not None else None)
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        cp = config.cache_policy
-        grouped = cp.token_grouped("key") or cp.token_grouped("value")
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
-                                   # a prefix hit never splits a token group that spans blocks
-                                   hit_align_blocks=max(1, cp.group_size // bs) if grouped else 1)
-        # token eviction: one kept-token set per sequence, compacted after each step
-        self.evictor = PagedEvictor(spec.eviction, kv, bm) if spec.eviction.enabled else None
-        self.runner = ModelRunner(model, kv, self.device)
-        self.runner.scores = self.evictor.scores if self.evictor is not None else None  # h2o/snapkv
+                                   hit_align_blocks=kvspec.hit_align_blocks)
+        self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         self.runner.eos_token_ids = self.eos_token_ids
         self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
                                                    mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
-        self._codec_key = "" if (cp.key_quantization, cp.value_quantization) == ("none", "none") else \
-            f"|kv={cp.key_quantization}/{cp.value_quantization}"
+        self._codec_key = kvspec.prefix_key_suffix
         self.kv_layout = transfer.layout(kv)  # prefill and decode must agree on it to hand KV over
         self.reservations = handoff.Reservations()  # decode role: blocks held for KV on its way
         self.seqs: dict[str, Sequence] = {}
@@ -103,6 +98,16 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.prompt_tokens_computed = 0  # prompt positions run through the model (one prefill per n choices)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The worker's model runner."""
+        return self.worker.runner
+
+    @property
+    def evictor(self) -> PagedEvictor | None:
+        """The worker's token evictor (None without an eviction policy)."""
+        return self.worker.evictor
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -113,12 +118,11 @@ class LLMEngine:
         model, model_config = load_model(config.model_dir, dtype=dtype, device=device)
         return cls(model, model_config, config, device, dtype)
 
-    def _num_blocks(self, mc: Any, dtype: torch.dtype) -> int:
+    def _num_blocks(self, kvspec: KVStorageSpec) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = paged_bytes_per_block(cfg.cache_policy, mc.num_hidden_layers, cfg.block_size,
-                                          mc.num_key_value_heads, mc.head_dim, dtype)
+        per_block = kvspec.bytes_per_block
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
@@ -127,8 +131,7 @@ class LLMEngine:
         else:
             want = min(cfg.max_num_seqs * self.max_model_len, max(DEFAULT_CPU_KV_TOKENS, self.max_model_len))
             budget = math.ceil(want / cfg.block_size) * per_block
-        lanes = paged_lane_bytes(cfg.cache_policy, mc.num_hidden_layers, cfg.max_num_seqs, mc.num_key_value_heads,
-                                 mc.head_dim, dtype)
+        lanes = kvspec.lane_bytes
         n = (budget - lanes) // per_block  # full-precision lanes come out of the same budget
         if n < 1:
             raise ValueError(f"KV budget {budget} B is smaller than one block ({per_block} B) plus the "
@@ -245,24 +248,23 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the increments it produced."""
-        out = self.scheduler.schedule()
-        tokens = self.runner.run(out)
-        return self.postprocess(out, tokens)
+        plan = self.scheduler.schedule()
+        result = self.worker.execute(plan)
+        return self.postprocess(plan, result)
 
-    def postprocess(self, out: SchedulerOutput,
-                    tokens: list[tuple[int, TokenLogprob | None] | None]) -> list[RequestOutput]:
-        """Advance sequences, append sampled tokens, detect stops, emit increments."""
+    def postprocess(self, out: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Advance sequences, append sampled tokens, detect stops, emit increments; then eviction."""
         self.scheduler.commit(out)
         now = time.monotonic()
         outputs: list[RequestOutput] = []
-        for item, tok in zip(out.scheduled, tokens, strict=True):
+        for item, tok in zip(out.scheduled, result.samples, strict=True):
             seq = item.seq
             if item.start < seq.num_prompt_tokens:
                 self.prompt_tokens_computed += min(item.start + item.num_new_tokens, seq.num_prompt_tokens) - item.start
             if tok is None or seq.status is not SeqStatus.RUNNING:
                 continue
             if seq.forks:
-                outputs += self._fork(seq, now)
+                outputs += self._fork(seq, now, result.fork_samples)
             token_id, logprob = tok
             reason = self._append(seq, token_id, logprob, now)
             if reason is not None:
@@ -276,25 +278,22 @@ class LLMEngine:
                                              seq.num_prompt_tokens, seq.num_cached_prompt_tokens, seq.index))
             else:
                 outputs.append(self._increment(seq, False, None))
-        if self.evictor is not None:
-            for item in out.scheduled:
-                if item.seq.status is SeqStatus.RUNNING:
-                    self.evictor.maybe_compact(item.seq)
+        self.worker.evict(item.seq for item in out.scheduled if item.seq.status is SeqStatus.RUNNING)
         return outputs
 
-    def _fork(self, leader: Sequence, now: float) -> list[RequestOutput]:
+    def _fork(self, leader: Sequence, now: float, samples: dict[str, Sample]) -> list[RequestOutput]:
         """The leader's prompt is computed: start its other choices on the shared KV, each with the
         first token sampled from the leader's logits. A cache that cannot share (quantized, evicting)
         or a lack of seats/blocks queues the choice for recompute (mostly prefix-cache hits) instead."""
         outputs = []
         children, leader.forks = leader.forks, []
         for child in children:
-            token_id, logprob = self.runner.fork_samples[child.seq_id]
+            token_id, logprob = samples[child.seq_id]
             shared = False
-            if not self.runner.quantized and self.evictor is None:
+            if self.worker.can_share_blocks:
                 shared, copy = self.scheduler.fork(leader, child)
                 if copy is not None:
-                    self.runner.copy_block(*copy)
+                    self.worker.copy_block(*copy)
             reason = self._append(child, token_id, logprob, now)
             if reason is not None:
                 if shared:
@@ -340,9 +339,7 @@ class LLMEngine:
         self.seqs.pop(seq.seq_id, None)
         if seq.group_id is not None and not any(c in self.seqs for c in self.groups.get(seq.group_id, ())):
             self.groups.pop(seq.group_id, None)
-        self.runner.release(seq.seq_id)
-        if self.evictor is not None:
-            self.evictor.release(seq.seq_id)
+        self.worker.release(seq.seq_id)
         return self._increment(seq, True, reason, kv)
 
     # -- conveniences ----------------------------------------------------------

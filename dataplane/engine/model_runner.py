@@ -25,46 +25,45 @@ from kvfleet.dataplane.engine.sampler import sample
 from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
 from kvfleet.dataplane.engine.sequence import Sequence
 from kvfleet.dataplane.engine.structured import StructuredOutputs
-from kvfleet.dataplane.kvcache.paged import (
-    PagedAttention,
-    PagedKVCache,
-    PagedMetadata,
-    PrefillBatch,
-    PrefillChunk,
-)
-from kvfleet.dataplane.kvcache.paged_layout import LaneTable, policy_step
-from kvfleet.dataplane.kvcache.paged_quant import PagedQuantKV
+from kvfleet.dataplane.kvcache.paged import PagedAttention, PagedMetadata, PrefillBatch, PrefillChunk
+from kvfleet.dataplane.kvcache.storage import KVStorage, LaneTable
 
 
 class ModelRunner:
-    """Owns the model, the KV tensors and the per-request RNGs."""
+    """Owns the model, the KV storage and the per-request RNGs."""
 
-    def __init__(self, model: Any, kv_cache: PagedKVCache | PagedQuantKV, device: torch.device,
+    def __init__(self, model: Any, kv_cache: KVStorage, device: torch.device,
                  batch_prefill: bool | None = None) -> None:
         """batch_prefill: attend all prefill chunks in one padded SDPA (None = on CUDA only; never
-        with a quantized cache, whose reads overlay full-precision rows per sequence)."""
+        with a storage that is not exact, whose reads overlay full-precision rows per sequence)."""
         self.model = model
         self.kv = kv_cache
-        self.attn = PagedAttention(kv_cache)  # type: ignore[arg-type]
-        self.quantized = isinstance(kv_cache, PagedQuantKV)
-        lanes = kv_cache.lanes if isinstance(kv_cache, PagedQuantKV) else None
-        self.lanes = LaneTable(lanes.num_lanes if lanes is not None else 0)
+        self.attn = PagedAttention(kv_cache)
         self.device = device
         self.block_size = kv_cache.block_size
         self._generators: dict[str, torch.Generator] = {}
         self.batch_prefill = device.type == "cuda" if batch_prefill is None else batch_prefill
-        self.batch_prefill = self.batch_prefill and not self.quantized
-        self.scores: Any = None  # kvcache/paged_scores.PagedScores when eviction needs attention (h2o, snapkv)
+        self.batch_prefill = self.batch_prefill and kv_cache.exact
         self.eos_token_ids: frozenset[int] = frozenset()  # banned while a request is short of min_tokens
         self.fork_samples: dict[str, tuple[int, TokenLogprob | None]] = {}  # first tokens of forked choices
         self.structured: StructuredOutputs | None = None  # grammar masks (json_schema requests)
 
+    @property
+    def lanes(self) -> LaneTable:
+        """Which lane each running sequence holds (kept by the storage)."""
+        return self.kv.lane_table
+
     def release(self, request_id: str) -> None:
-        """Forget per-request state (its RNG) once the request is finished."""
+        """Forget per-request state (its RNG, its lane) once the request is finished."""
         self._generators.pop(request_id, None)
-        self.lanes.release(request_id)
+        self.kv.release(request_id)
         if self.structured is not None:
             self.structured.release(request_id)
+
+    def generator_state(self, seq_id: str) -> bytes:
+        """A seeded request's random stream as bytes (b"" when it has none yet), for `restore_generator`."""
+        g = self._generators.get(seq_id)
+        return bytes(g.get_state().numpy().tobytes()) if g else b""
 
     def restore_generator(self, seq: Any, state: bytes) -> None:
         """Continue a seeded request's random stream from another engine's generator state."""
@@ -96,8 +95,8 @@ class ModelRunner:
         ordered = [items[i] for i in order]
         input_ids, positions, meta, sample_rows, which = self._prepare(ordered)
         with torch.inference_mode():
-            if self.scores is not None:  # which slots each decode row / prefill chunk attends, per step
-                meta.scores = self.scores.plan(ordered, meta)
+            if self.kv.score_hook is not None:  # h2o/snapkv: which slots each row attends, per step
+                meta.scores = self.kv.score_hook.plan(ordered, meta)
             self.attn.set_metadata(meta)
             hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
             self.attn.meta = None
@@ -133,13 +132,6 @@ class ModelRunner:
         if not rows or self.structured is None:
             return None
         return rows, self.structured.masks([(seqs[k].seq_id, sps[k].json_schema) for k in rows])
-
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy one KV block (all layers): copy-on-write of a prompt's last block for a forked choice."""
-        assert not self.quantized, "forks of a quantized cache recompute instead"
-        with torch.inference_mode():
-            for t in self.kv.k + self.kv.v:  # type: ignore[union-attr]
-                t[dst].copy_(t[src])
 
     def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
                                                             torch.Tensor, list[int]]:
@@ -230,10 +222,8 @@ class ModelRunner:
                 block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if starts[r] > 0 else None
                 prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
         meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills, batch)
-        if self.quantized:
-            assert isinstance(self.kv, PagedQuantKV)
-            lanes = [self.lanes.lane(it.seq) for it in items] if self.kv.lanes is not None else [0] * nb
-            meta.policy = policy_step(self.kv, items, lanes, ends - n_new, tables, positions, nd,
-                                      dec_bt.shape[1] * bs if dec_bt is not None else 0,
-                                      [bool(starts[r] > 0) for r in range(nd, nb)], self.device)
+        # the storage's plan: which rows to write and overlay this step (None for an exact storage)
+        meta.policy = self.kv.plan_step(items, ends - n_new, tables, positions, nd,
+                                        dec_bt.shape[1] * bs if dec_bt is not None else 0,
+                                        [bool(starts[r] > 0) for r in range(nd, nb)], self.device)
         return input_ids, positions, meta, sample_rows, [r for _, r in sample_at]

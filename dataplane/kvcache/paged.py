@@ -1,7 +1,7 @@
-"""Paged KV storage and the paged attention backend.
+"""Plain paged KV storage and the paged attention backend.
 
-Storage: per layer one tensor for keys and one for values,
-`[num_blocks, block_size, n_kv_heads, head_dim]`; slot `s` is
+Storage (`PagedKVCache`, a `storage.KVStorage`): per layer one tensor for keys and one for values,
+`[num_blocks, block_size, n_kv_heads, head_dim]` at the model dtype; slot `s` is
 `(s // block_size, s % block_size)`. Block ids come from `blocks.BlockManager`.
 
 Attention: the model hands each layer a flat batch of T tokens from many
@@ -30,17 +30,15 @@ import torch
 import torch.nn.functional as F
 from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
 
-from .paged_quant import PolicyStep
+from .storage import KVStorage, PolicyStep
 
 
-class PagedKVCache:
-    """The KV tensors of all layers, indexed by block id."""
+class PagedKVCache(KVStorage):
+    """The KV tensors of all layers at the model dtype, indexed by block id: reads are exact."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.num_layers = num_layers
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        super().__init__(num_layers, num_blocks, block_size)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -51,9 +49,9 @@ class PagedKVCache:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
-    def nbytes(self) -> int:
-        """Bytes allocated by the K and V tensors of all layers."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+    def parts(self, layer: int) -> list[torch.Tensor]:
+        """[k, v] of the layer, each [num_blocks, block_size, Hkv, D]."""
+        return [self.k[layer], self.v[layer]]
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots [T] int64, k/v [T, Hkv, D] -> written into the layer's cache."""
@@ -103,14 +101,17 @@ class PagedMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, M * bs] bool, True = visible
     prefills: list[PrefillChunk]
     prefill_batch: PrefillBatch | None = None  # set: attend all prefills at once instead of looping
-    policy: PolicyStep | None = None  # set for a quantized cache (`paged_quant.PagedQuantKV`)
+    policy: PolicyStep | None = None  # the storage's step plan (`KVStorage.plan_step`; None when exact)
     scores: Any = None  # paged_scores.StepScores when the eviction policy needs attention (h2o, snapkv)
 
 
 class PagedAttention(AttentionBackend):
-    """`AttentionBackend` over a `PagedKVCache`; call `set_metadata` before each forward."""
+    """`AttentionBackend` over a `KVStorage`; call `set_metadata` before each forward.
 
-    def __init__(self, cache: PagedKVCache) -> None:
+    Without a step plan (`PagedMetadata.policy` None) it stores and gathers; with one it stores,
+    reads with the plan's overlays plus the step's own K/V, then writes the lanes."""
+
+    def __init__(self, cache: KVStorage) -> None:
         self.cache = cache
         self.meta: PagedMetadata | None = None
 

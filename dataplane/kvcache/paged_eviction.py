@@ -33,11 +33,9 @@ NOTE: `pyramid` needs per-layer block tables; `CachePolicyConfig.check_servable`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
-from ..engine.sequence import Sequence
 from .blocks import BlockManager
 from .eviction import (
     EvictionSpec,
@@ -48,6 +46,8 @@ from .eviction import (
     streaming_scores,
 )
 from .paged_scores import ATTENTION_SCORED, PagedScores
+from .seqview import KVSequence
+from .storage import KVStorage
 
 
 @dataclass
@@ -59,22 +59,19 @@ class EvictionStats:
     blocks_freed: int = 0
 
 
-def _parts(store: Any) -> list[torch.Tensor]:
-    """A layer's storage as a list of [num_blocks, block_size, Hkv, X] tensors (plain or quantized)."""
-    return list(store) if isinstance(store, list | tuple) else [store]
-
-
 class PagedEvictor:
-    """Chooses and compacts each sequence's kept slots in a paged KV cache (`PagedKVCache` or `PagedQuantKV`)."""
+    """Chooses and compacts each sequence's kept slots in a paged `KVStorage` (plain or quantized)."""
 
-    def __init__(self, spec: EvictionSpec, kv: Any, bm: BlockManager, slack_tokens: int | None = None) -> None:
-        """slack_tokens: hysteresis (None = spec.slack_tokens, or one block when that is 0)."""
+    def __init__(self, spec: EvictionSpec, kv: KVStorage, bm: BlockManager, slack_tokens: int | None = None) -> None:
+        """slack_tokens: hysteresis (None = spec.slack_tokens, or one block when that is 0).
+        An attention-scored policy (h2o, snapkv) installs its scores as the storage's `score_hook`."""
         self.bs = bm.block_size
         slack = slack_tokens if slack_tokens is not None else spec.slack_tokens or self.bs
         self.spec, self.kv, self.bm = replace(spec, slack_tokens=slack), kv, bm
         self.stats = EvictionStats()
         self.scores = PagedScores(self.spec, bm.num_blocks * self.bs, self.bs, kv.num_layers, self._device()) \
             if spec.policy in ATTENTION_SCORED else None
+        kv.score_hook = self.scores
 
     def release(self, seq_id: str) -> None:
         """The sequence is finished: drop its per-sequence score state."""
@@ -84,13 +81,13 @@ class PagedEvictor:
     # -- what a sequence holds ---------------------------------------------------
 
     @staticmethod
-    def slot_positions(seq: Sequence) -> list[int]:
+    def slot_positions(seq: KVSequence) -> list[int]:
         """Logical position of each physical slot (len = num_kv_slots)."""
         kept = seq.kept_positions or []
         n = seq.num_kv_slots
         return kept[:n] + list(range(len(kept) + seq.num_evicted, n + seq.num_evicted))
 
-    def fixed_slots(self, seq: Sequence, n: int) -> torch.Tensor:
+    def fixed_slots(self, seq: KVSequence, n: int) -> torch.Tensor:
         """[n] bool: slots in blocks this sequence does not own exclusively (never moved or dropped)."""
         rc = self.bm.ref_counts
         fixed = torch.zeros(n, dtype=torch.bool)
@@ -99,27 +96,27 @@ class PagedEvictor:
                 fixed[i * self.bs:(i + 1) * self.bs] = True
         return fixed[:n]
 
-    def _slots(self, seq: Sequence, idx: torch.Tensor) -> torch.Tensor:
+    def _slots(self, seq: KVSequence, idx: torch.Tensor) -> torch.Tensor:
         """Physical slot indices [k] -> cache slots [k] int64."""
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[idx // self.bs] * self.bs + idx % self.bs
 
-    def keys(self, seq: Sequence, n: int) -> list[torch.Tensor]:
+    def keys(self, seq: KVSequence, n: int) -> list[torch.Tensor]:
         """Per layer: the sequence's first n stored keys [n, Hkv, D] (dequantized; pre-RoPE keys rotated).
 
         NOTE: a quantized cache's full-precision lane rows are not overlaid here (sinks and the tail are
         protected anyway, but they enter KeyDiff's mean key as stored)."""
         blocks = torch.tensor(seq.block_table[:-(-n // self.bs)], dtype=torch.long, device=self._device())
-        if getattr(self.kv, "keys_pre_rope", False):
+        if self.kv.keys_pre_rope:
             pos = self.slot_positions(seq) + [0] * (len(blocks) * self.bs - n)  # padding: any valid position
             at = torch.tensor(pos, dtype=torch.long, device=self._device())
             return [self.kv.read(layer, blocks, None, at)[0][:n] for layer in range(self.kv.num_layers)]
         return [self.kv.gather(layer, blocks)[0][:n] for layer in range(self.kv.num_layers)]
 
     def _device(self) -> torch.device:
-        return _parts(self.kv.k[0])[0].device
+        return self.kv.device
 
-    def choose(self, seq: Sequence) -> torch.Tensor | None:
+    def choose(self, seq: KVSequence) -> torch.Tensor | None:
         """Ascending physical slot indices [k] to keep, or None while within budget."""
         n, seen = seq.num_kv_slots, seq.num_computed_tokens
         ev = self.spec
@@ -133,7 +130,7 @@ class PagedEvictor:
             return None
         return select_keep(self.scores_of(seq, n, pos), prot[:, None], ev.evict_to(budget, n_prot))[:, 0]
 
-    def scores_of(self, seq: Sequence, n: int, pos: torch.Tensor) -> torch.Tensor:
+    def scores_of(self, seq: KVSequence, n: int, pos: torch.Tensor) -> torch.Tensor:
         """Scores [n, 1] (CPU) of the first n slots at logical positions pos [n]; one set for all layers/heads."""
         ev = self.spec
         if ev.policy == "streaming-llm":
@@ -154,7 +151,7 @@ class PagedEvictor:
 
     # -- compaction --------------------------------------------------------------
 
-    def maybe_compact(self, seq: Sequence) -> int:
+    def maybe_compact(self, seq: KVSequence) -> int:
         """Evict down to the budget if over it; returns the number of blocks freed."""
         if not seq.block_table or seq.num_kv_slots == 0:
             return 0
@@ -171,9 +168,7 @@ class PagedEvictor:
             dst_s = self._slots(seq, dst[moved]).to(self._device())
             with torch.inference_mode():
                 for layer in range(self.kv.num_layers):
-                    per_slot = self.kv.slot_tensors(layer) if hasattr(self.kv, "slot_tensors") else \
-                        _parts(self.kv.k[layer]) + _parts(self.kv.v[layer])
-                    for t in per_slot:
+                    for t in self.kv.slot_tensors(layer):
                         flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
                         flat[dst_s] = flat[src_s]  # NOTE: the right side is gathered first, overlap is safe
                 if self.scores is not None:

@@ -1,6 +1,6 @@
 """Per-step row bookkeeping for a quantized paged cache: which rows go where (numpy, per sequence).
 
-For every scheduled sequence the runner knows its lane, its new tokens (logical positions
+For every scheduled sequence the storage knows its lane, its new tokens (logical positions
 [start, end)), its block table, how many tokens it evicted and how many it took from the prefix
 cache. `policy_step` turns that into a `PolicyStep`:
 
@@ -19,12 +19,16 @@ cache. `policy_step` turns that into a `PolicyStep`:
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .paged_quant import PagedQuantKV, PolicyStep
+from .seqview import ScheduledKV
+from .storage import PolicyStep
+
+if TYPE_CHECKING:
+    from .paged_quant import PagedQuantKV
 
 
 def tail_tokens(non_sink: int, residual: int, chunk: int) -> int:
@@ -47,10 +51,10 @@ class _Lane:
         return np.where(p < self.sink, self.base + p, ring)
 
 
-def policy_step(cache: PagedQuantKV, items: Seq[Any], lanes: Seq[int], first_rows: np.ndarray,
+def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], first_rows: np.ndarray,
                 tables: np.ndarray, positions: torch.Tensor, num_decodes: int, decode_len: int,
                 gathered: Seq[bool], device: torch.device) -> PolicyStep:
-    """items: `ScheduledSeq` in flat order (decodes first); first_rows [B]: flat row of each one's first
+    """items: the step's sequences in flat order (decodes first); first_rows [B]: flat row of each one's first
     new token; tables [B, M] block tables; decode_len: slots each decode gathers; gathered: per prefill
     chunk, whether it reads cached context."""
     bs, s_tok, ring, chunk = cache.block_size, cache.sink_tokens, cache.ring_tokens, cache.chunk
@@ -140,29 +144,3 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-
-
-class LaneTable:
-    """Which lane each running sequence holds; lanes of sequences no longer running are reused."""
-
-    def __init__(self, num_lanes: int) -> None:
-        self.free = list(range(num_lanes - 1, -1, -1))
-        self.held: dict[str, tuple[int, Any]] = {}  # seq_id -> (lane, Sequence)
-
-    def lane(self, seq: Any) -> int:
-        got = self.held.get(seq.seq_id)
-        if got is not None:
-            return got[0]
-        if not self.free:  # a preempted sequence recomputes everything, so its lane can go
-            for sid, (lane, other) in list(self.held.items()):
-                if other.status.value != "running":
-                    del self.held[sid]
-                    self.free.append(lane)
-        lane = self.free.pop()
-        self.held[seq.seq_id] = (lane, seq)
-        return lane
-
-    def release(self, seq_id: str) -> None:
-        got = self.held.pop(seq_id, None)
-        if got is not None:
-            self.free.append(got[0])

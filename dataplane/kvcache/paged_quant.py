@@ -25,13 +25,16 @@ at their logical positions on read. Which rows to write and overlay each step is
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence as Seq
 from typing import Any
 
+import numpy as np
 import torch
 
-from .policy import PolicySpec, build_codecs
+from .paged_layout import policy_step
 from .quant import STAT_DTYPE, Codec
+from .seqview import ScheduledKV
+from .storage import KVStorage, LaneTable, PolicyStep
 
 # rope(positions [N]) -> cos, sin [N, 1, D] at the model dtype (model.rotary.cos_sin)
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -70,28 +73,12 @@ class FullPrecisionLanes:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-@dataclass
-class PolicyStep:
-    """Per-step row bookkeeping of a quantized paged cache (all int64 unless noted, on the cache device)."""
-
-    positions: torch.Tensor  # [T] logical position of each new token
-    lane_rows: torch.Tensor  # [T] lane row each new token's full-precision K/V goes to (scratch = none)
-    group_src: torch.Tensor | None = None  # [G, g] rows of cat(lane rows, new tokens) forming each completed group
-    group_valid: torch.Tensor | None = None  # [G, g] bool: not a sink (sinks do not widen a group's scale)
-    group_slots: torch.Tensor | None = None  # [G, g] cache slot of each row
-    group_stat_rows: torch.Tensor | None = None  # [G, c] stats rows to write (c copies when g > block_size)
-    decode_overlay: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows of [Bd * L], lane rows)
-    decode_own: torch.Tensor | None = None  # [Bd] row of [Bd * L] holding each decode's own new token
-    decode_positions: torch.Tensor | None = None  # [Bd, L] logical position of each gathered slot (pre-RoPE)
-    prefill_overlays: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
-    prefill_positions: list[torch.Tensor | None] = field(default_factory=list)  # [ctx] per chunk (pre-RoPE)
-
-
-class PagedQuantKV:
-    """Quantized paged KV storage; a drop-in for `paged.PagedKVCache` plus full-precision overlays.
+class PagedQuantKV(KVStorage):
+    """Quantized paged KV storage (`storage.KVStorage`): codes and scales in blocks, full-precision lanes.
 
     `store(layer, slots, k, v)` / `gather(layer, block_ids)` work as for `PagedKVCache` (per-token
-    codecs only; no lanes). The paged backend uses `store_step` / `read` with a `PolicyStep`.
+    codecs only; no lanes). The paged backend uses `store_step` / `read` / `write_lanes` with the
+    `PolicyStep` that `plan_step` computes; each running sequence holds one lane (`lane`, `release`).
     """
 
     def __init__(self, kc: Codec, vc: Codec, num_layers: int, num_blocks: int, block_size: int,
@@ -99,8 +86,8 @@ class PagedQuantKV:
                  num_lanes: int = 0, keys_pre_rope: bool = False, rope: RopeFn | None = None) -> None:
         if keys_pre_rope and rope is None:
             raise ValueError("keys_pre_rope needs the model's rope table")
+        super().__init__(num_layers, num_blocks, block_size)
         self.kc, self.vc = kc, vc
-        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.keys_pre_rope, self.rope = keys_pre_rope, rope
         for c in (kc, vc):
             g = c.group_size
@@ -112,6 +99,7 @@ class PagedQuantKV:
         if self.ring_tokens or sink_tokens:
             self.lanes = FullPrecisionLanes(num_layers, num_lanes, sink_tokens, self.ring_tokens, kc.num_heads,
                                             kc.head_dim, kc.fp_dtype, device)
+            self.lane_table = LaneTable(num_lanes)
         self.k = [self._alloc(kc, device) for _ in range(num_layers)]
         self.v = [self._alloc(vc, device) for _ in range(num_layers)]
 
@@ -167,14 +155,27 @@ class PagedQuantKV:
             total += block_size * c.num_heads * elem_codes + n_stats * stat_elem * stats
         return num_layers * total
 
-    def nbytes(self) -> int:
-        """Bytes allocated: blocks plus lanes."""
-        blocks = sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
-        return blocks + (self.lanes.nbytes() if self.lanes is not None else 0)
+    def parts(self, layer: int) -> list[torch.Tensor]:
+        """The keys' codes, scales (and zeros), then the values' (see the module docstring for shapes)."""
+        return self.k[layer] + self.v[layer]
 
-    def slot_tensors(self, layer: int) -> list[torch.Tensor]:
-        """Tensors indexed [num_blocks, block_size, ...] (what compaction moves with a slot)."""
-        return [t for t in self.k[layer] + self.v[layer] if t.shape[:2] == (self.num_blocks, self.block_size)]
+    def layout_facts(self) -> dict[str, Any]:
+        return {"sink_tokens": self.sink_tokens, "residual_tokens": self.residual_tokens,
+                "keys_pre_rope": self.keys_pre_rope}
+
+    # -- the step plan ---------------------------------------------------------------
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    def plan_step(self, items: Seq[ScheduledKV], first_rows: np.ndarray, tables: np.ndarray,
+                  positions: torch.Tensor, num_decodes: int, decode_len: int, gathered: Seq[bool],
+                  device: torch.device) -> PolicyStep:
+        """Lanes for the step's sequences, then `paged_layout.policy_step`."""
+        lanes = [self.lane(it.seq) for it in items] if self.lanes is not None else [0] * len(items)
+        return policy_step(self, items, lanes, first_rows, tables, positions, num_decodes, decode_len,
+                           gathered, device)
 
     # -- write -------------------------------------------------------------------
 
@@ -285,55 +286,3 @@ class PagedQuantKV:
             h, d = k.shape[-2:]
             k = _rotate(k.reshape(-1, h, d), cos, sin, inverse=False).view(k.shape)
         return k, v
-
-
-# -- engine hooks: a CachePolicyConfig -> sizes and storage ---------------------------------
-
-
-def _paged_policy(cp: Any, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple[PolicySpec, Codec, Codec]:
-    cp.check_servable()
-    spec = PolicySpec.from_config(cp)
-    kc, vc = build_codecs(spec, num_kv_heads, head_dim, dtype)
-    return spec, kc, vc
-
-
-def paged_bytes_per_block(cp: Any, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                          dtype: torch.dtype) -> int:
-    """Engine hook: K+V bytes of one paged block under the engine's `CachePolicyConfig` `cp`."""
-    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
-    _, kc, vc = _paged_policy(cp, num_kv_heads, head_dim, dtype)
-    return PagedQuantKV.bytes_per_block(kc, vc, num_layers, block_size)
-
-
-def paged_lane_bytes(cp: Any, num_layers: int, num_lanes: int, num_kv_heads: int, head_dim: int,
-                     dtype: torch.dtype) -> int:
-    """Engine hook: bytes of the full-precision lanes (sinks + residual ring per running sequence)."""
-    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
-        return 0
-    spec, kc, vc = _paged_policy(cp, num_kv_heads, head_dim, dtype)
-    ring = spec.quant.residual_tokens + max(kc.chunk_tokens, vc.chunk_tokens) - 1
-    if not ring and not spec.quant.sink_tokens:
-        return 0
-    return FullPrecisionLanes.bytes_needed(num_layers, num_lanes, spec.quant.sink_tokens, ring, num_kv_heads,
-                                           head_dim, dtype)
-
-
-def make_paged_cache(cp: Any, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                     head_dim: int, dtype: torch.dtype, device: torch.device | str, num_lanes: int = 1,
-                     rope: RopeFn | None = None) -> Any:
-    """Engine hook: the paged KV storage for `cp` (`PagedKVCache`, or `PagedQuantKV` when quantized).
-
-    num_lanes: sequences that can run at once (each holds full-precision sink/residual rows);
-    rope: `model.rotary.cos_sin`-like, needed for keysPreRope.
-    """
-    if (cp.key_quantization, cp.value_quantization) == ("none", "none"):
-        from .paged import PagedKVCache
-
-        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
-    spec, kc, vc = _paged_policy(cp, num_kv_heads, head_dim, dtype)
-    q = spec.quant
-    return PagedQuantKV(kc, vc, num_layers, num_blocks, block_size, device, sink_tokens=q.sink_tokens,
-                        residual_tokens=q.residual_tokens, num_lanes=num_lanes, keys_pre_rope=q.keys_pre_rope,
-                        rope=rope)

@@ -16,7 +16,7 @@ import torch
 from engine_testlib import greedy, make_engine, random_prompt
 from kvfleet.dataplane.config import CachePolicyConfig
 from kvfleet.dataplane.engine.api import GenerationRequest, KVBlock, SamplingParams
-from kvfleet.dataplane.kvcache.paged_quant import paged_bytes_per_block
+from kvfleet.dataplane.kvcache.build import paged_bytes_per_block
 
 POLICIES = {
     "fp32": CachePolicyConfig(),

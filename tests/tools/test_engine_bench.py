@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvfleet.dataplane.engine import bench
+from kvfleet.tools import engine_bench as bench
 
 
 def test_bench_runs_on_tiny(capsys):

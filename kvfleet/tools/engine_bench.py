@@ -1,7 +1,7 @@
 """Offline throughput and step-overhead benchmark of the engine.
 
-    python -m kvfleet.dataplane.engine.bench --model-dir DIR --batch 1 8 32
-    python -m kvfleet.dataplane.engine.bench --shape smollm2 --batch 8 --profile
+    python -m kvfleet.tools.engine_bench --model-dir DIR --batch 1 8 32
+    python -m kvfleet.tools.engine_bench --shape smollm2 --batch 8 --profile
 
 `--shape tiny|smollm2` writes a random model of that shape (no download) when
 no `--model-dir` is given. For each batch size B it generates `--max-tokens`
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from kvfleet.dataplane.config import EngineConfig
 from kvfleet.dataplane.engine import model_runner as mr
 from kvfleet.dataplane.engine.api import SamplingParams
@@ -129,9 +130,9 @@ def engine_overhead(num_seqs: int, steps: int = 50) -> dict[str, float]:
         t0 = time.perf_counter()
         out = eng.scheduler.schedule()
         t1 = time.perf_counter()
-        toks = eng.runner.run(out)
+        res = eng.worker.execute(out)
         t2 = time.perf_counter()
-        eng.postprocess(out, toks)
+        eng.postprocess(out, res)
         t3 = time.perf_counter()
         acc["schedule"] += t1 - t0
         acc["run"] += t2 - t1

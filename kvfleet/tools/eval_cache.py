@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from ..model.attention import AttentionBackend, causal_attention
-from .policy import PolicyAttention, PolicySpec
+from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
+from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 HEADER = ("There is an important number hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -56,12 +56,12 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 def resolve_model(arg: str) -> Path:
     """A model directory, `smollm2` (the real SmolLM2-135M) or `tiny` (random, for tests)."""
     if arg == "tiny":
-        from ..model.tiny import write_tiny_llama
+        from kvfleet.dataplane.model.tiny import write_tiny_llama
 
         out = Path(os.environ.get("KVFLEET_CACHE", Path.home() / ".cache" / "kvfleet")) / "models" / "tiny-eval"
         return out if (out / "config.json").exists() else write_tiny_llama(out)
     if arg == "smollm2":
-        from ..model.smollm2 import smollm2_dir
+        from kvfleet.dataplane.model.smollm2 import smollm2_dir
 
         return smollm2_dir()
     return Path(arg)
@@ -137,8 +137,8 @@ class Runner:
     """A model + tokenizer that runs single sequences through a policy backend, timing decode steps."""
 
     def __init__(self, model_dir: Path, dtype: str = "float32", fp_store_dtype: str | None = None) -> None:
-        from ..model.loader import load_model
-        from ..model.tokenizer import Tokenizer
+        from kvfleet.dataplane.model.loader import load_model
+        from kvfleet.dataplane.model.tokenizer import Tokenizer
 
         self.model, self.cfg = load_model(model_dir, dtype=dtype, device="cpu")
         self.tok = Tokenizer.from_dir(model_dir)

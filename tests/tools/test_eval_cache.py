@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from kvfleet.dataplane.kvcache import evaluate
 from kvfleet.dataplane.model.tiny import write_tiny_llama
 
 from kvfleet.cli import main as cli_main
+from kvfleet.tools import eval_cache
 
 POLICIES = """\
 apiVersion: kvfleet.io/v1alpha1
@@ -72,7 +72,7 @@ def test_eval_cache_end_to_end(tiny: Path, tmp_path: Path, capsys: pytest.Captur
 def test_eval_cache_rejects_a_bad_policy(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("spec:\n  quantization: {dtype: int4, keyGranularity: per-token, groupSize: 12}\n")
-    assert evaluate.main(["--model", str(tiny), "--policy", str(bad), *ARGS]) == 2
+    assert eval_cache.main(["--model", str(tiny), "--policy", str(bad), *ARGS]) == 2
     assert "must divide head_dim" in capsys.readouterr().err
 
 
@@ -80,11 +80,11 @@ def test_passkey_prompt_length_and_needle(tiny: Path) -> None:
     from kvfleet.dataplane.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny)
-    ids = evaluate.passkey_prompt(tok, 200, 0.5, "12345")
+    ids = eval_cache.passkey_prompt(tok, 200, 0.5, "12345")
     assert 150 <= len(ids) <= 230
     assert "The pass key is 12345" in tok.decode(ids)
 
 
 def test_bible_text_is_available() -> None:
-    text = evaluate.bible_text(max_chars=5000)
+    text = eval_cache.bible_text(max_chars=5000)
     assert text.startswith("Now it came to pass in the days when the judges ruled") and len(text) > 4000
