@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from kvfleet.dataplane.roles.mempool_store import PoolConfig, PoolEntry, PoolError, PoolStore
+from kvfleet.dataplane.config import PoolConfig
+from kvfleet.dataplane.roles.mempool_store import PoolEntry, PoolError, PoolStore, store_for
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
@@ -128,7 +129,7 @@ async def serve(args: argparse.Namespace, config: PoolConfig) -> None:
     from kvfleet.dataplane import tracing
     from kvfleet.dataplane.roles import wire
 
-    service = MempoolService(config.store(), config.block_size_tokens, config.kv_dtype)
+    service = MempoolService(store_for(config), config.block_size_tokens, config.kv_dtype)
     telemetry = tracing.configure("mempool")
     telemetry.observe_pool(service.stats)
     port = config.port if args.grpc_port is None else args.grpc_port

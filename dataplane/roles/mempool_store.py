@@ -27,16 +27,13 @@ chain's tail before its root (vLLM frees blocks tail first for the same reason).
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvfleet.dataplane.config import PoolConfig, check_pool_numbers
 from kvfleet.dataplane.kvcache.keys import HASH_BYTES, PoolKey, checksum
-
-MAX_PINNED_FRACTION = 0.5  # of the high mark: what every class's pins together may hold
 
 
 class PoolError(ValueError):
@@ -102,18 +99,8 @@ class PoolStore:
     max_keys: int = 8192
 
     def __post_init__(self) -> None:
-        if self.capacity_bytes <= 0:
-            raise ValueError("capacity_bytes must be > 0")
-        if not 0.0 < self.high_watermark <= 1.0:
-            raise ValueError("high_watermark must be in (0, 1]")
-        if any(cap < 0 for cap in self.pin_caps.values()):
-            raise ValueError("a class's pinned bytes cap must be >= 0")
+        self.max_pinned_bytes = check_pool_numbers(self.capacity_bytes, self.high_watermark, self.pin_caps)
         self.high_bytes = int(self.capacity_bytes * self.high_watermark)
-        self.max_pinned_bytes = int(self.high_bytes * MAX_PINNED_FRACTION)
-        if sum(self.pin_caps.values()) > self.max_pinned_bytes:
-            raise ValueError(f"the SLO classes' kvPinning.maxPinnedBytes ({dict(self.pin_caps)}) sum to more than the "
-                             f"{self.max_pinned_bytes} bytes one pool replica pins ({MAX_PINNED_FRACTION:g} x "
-                             f"capacity per replica x highWatermark): lower them or grow the pool")
         self.max_block_bytes = min(self.max_block_bytes, self.high_bytes)
         self.used_bytes = 0
         self.pinned_bytes = 0
@@ -324,40 +311,8 @@ def _check_hashes(hashes: Iterable[bytes]) -> None:
             raise PoolError("invalid", f"key {i} is {len(h)} bytes; a block's prefix hash is {HASH_BYTES}")
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    """mempool.json as the operator renders it (camelCase keys; unknown keys are refused, not ignored)."""
-
-    capacity_bytes: int
-    high_watermark: float = 0.9
-    port: int = 50052
-    fleet: str = ""
-    replicas: int = 1
-    block_size_tokens: int = 0
-    kv_dtype: str = ""
-    pinning: Mapping[str, int] = field(default_factory=dict)  # SLO class -> max pinned bytes per replica
-    max_block_bytes: int = 16 << 20
-
-    KEYS = {"capacityBytesPerReplica": "capacity_bytes", "highWatermark": "high_watermark", "port": "port",
-            "fleet": "fleet", "replicas": "replicas", "blockSizeTokens": "block_size_tokens",
-            "kvDtype": "kv_dtype", "pinning": "pinning", "maxBlockBytes": "max_block_bytes"}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
-        unknown = sorted(set(data) - set(cls.KEYS))
-        if unknown:
-            raise ValueError(f"mempool.json: unknown keys {unknown} (this pool reads {sorted(cls.KEYS)})")
-        if "capacityBytesPerReplica" not in data:
-            raise ValueError("mempool.json: capacityBytesPerReplica is required")
-        cfg = cls(**{cls.KEYS[k]: v for k, v in data.items()})
-        cfg.store()  # the store checks the numbers
-        return cfg
-
-    @classmethod
-    def from_json(cls, text: str) -> PoolConfig:
-        return cls.from_dict(json.loads(text))
-
-    def store(self) -> PoolStore:
-        return PoolStore(capacity_bytes=int(self.capacity_bytes), high_watermark=float(self.high_watermark),
-                         pin_caps={str(k): int(v) for k, v in self.pinning.items()},
-                         max_block_bytes=int(self.max_block_bytes))
+def store_for(config: PoolConfig) -> PoolStore:
+    """The store a pool replica runs with `config` (mempool.json)."""
+    return PoolStore(capacity_bytes=int(config.capacity_bytes), high_watermark=float(config.high_watermark),
+                     pin_caps={str(k): int(v) for k, v in config.pinning.items()},
+                     max_block_bytes=int(config.max_block_bytes))

@@ -16,7 +16,6 @@ import json
 from typing import Any
 
 from kvfleet.dataplane import config as dpconfig
-from kvfleet.dataplane.roles.mempool_store import PoolConfig
 from kvfleet.operator.api import ModelVariant
 
 from .inputs import FleetInputs
@@ -161,7 +160,7 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
                         for c in inputs.slo_classes if c.spec.kv_pinning.enabled},
         }
         try:  # the pool's own reading of it: pins that cannot fit fail the reconcile, not the pod
-            PoolConfig.from_dict(mempool)
+            dpconfig.PoolConfig.from_dict(mempool)
         except ValueError as e:
             raise dpconfig.ConfigError(f"memory pool: {e}") from e
         data[MEMPOOL_JSON] = _dump(mempool)

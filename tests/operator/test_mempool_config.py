@@ -6,8 +6,8 @@ import copy
 import json
 
 import pytest
-from kvfleet.dataplane.config import ConfigError
-from kvfleet.dataplane.roles.mempool_store import PoolConfig
+from kvfleet.dataplane.config import ConfigError, PoolConfig
+from kvfleet.dataplane.roles.mempool_store import store_for
 from kvfleet.operator.builders.config import MEMPOOL_JSON, fleet_config_data
 from op_testlib import inputs, objects_by_key
 
@@ -15,7 +15,7 @@ from op_testlib import inputs, objects_by_key
 def test_the_rendered_mempool_json_is_read_by_the_pool_with_the_pinned_classes():
     data = json.loads(fleet_config_data(inputs())[MEMPOOL_JSON])
     cfg = PoolConfig.from_dict(data)
-    store = cfg.store()
+    store = store_for(cfg)
     assert store.capacity_bytes == data["capacityBytesPerReplica"] > 0
     assert store.high_watermark == data["highWatermark"]
     assert store.pin_caps == {"interactive": 268435456}  # examples/02-sloclasses.yaml; batch does not pin

@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from kvfleet.dataplane.config import PoolConfig
 from kvfleet.dataplane.kvcache.blocks import hash_block
 from kvfleet.dataplane.kvcache.keys import checksum
 from kvfleet.dataplane.roles import wire
-from kvfleet.dataplane.roles.mempool import MempoolService, PoolConfig
-from kvfleet.dataplane.roles.mempool_store import PoolStore
+from kvfleet.dataplane.roles.mempool import MempoolService
+from kvfleet.dataplane.roles.mempool_store import PoolStore, store_for
 from kvfleet.dataplane.roles.pool_client import (
     GrpcPoolClient,
     InProcessPoolClient,
@@ -223,7 +224,7 @@ def test_config_reads_what_the_operator_renders_and_refuses_unknown_keys():
     cfg = PoolConfig.from_dict({"fleet": "chat", "port": 50052, "replicas": 2, "capacityBytesPerReplica": 1 << 30,
                                 "highWatermark": 0.85, "blockSizeTokens": 16, "kvDtype": "int8",
                                 "pinning": {"interactive": 1 << 28}})
-    store = cfg.store()
+    store = store_for(cfg)
     assert (store.capacity_bytes, store.high_watermark, store.pin_caps) == (1 << 30, 0.85, {"interactive": 1 << 28})
     with pytest.raises(ValueError, match="unknown keys"):
         PoolConfig.from_dict({"capacityBytesPerReplica": 1, "evictionPolicy": "lfu"})
