@@ -104,6 +104,8 @@ class Telemetry:
                                            description="Fraction of the pool's capacity holding KV blocks.")
         self.meter.create_observable_gauge("kvfleet.pool.pinned", [read("pinned_bytes")], unit="By",
                                            description="KV bytes pinned for SLO classes.")
+        self.meter.create_observable_gauge("kvfleet.pool.used_bytes", [read("used_bytes")], unit="By",
+                                           description="KV bytes the pool holds.")
         for name, attr, unit, what in (("lookups", "lookup_keys", "{block}", "Blocks asked for by Get."),
                                        ("hits", "hit_keys", "{block}", "Blocks Get found (hit rate = hits/lookups)."),
                                        ("insertions", "insertions", "{block}", "New blocks kept."),

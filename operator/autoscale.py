@@ -42,9 +42,12 @@ def observation(window: FleetWindow, inputs: FleetInputs, workloads: Iterable[Wo
         queue = g.queue_depth if g is not None else None
         if w.role == "decode" and queued and w.ready:  # requests waiting in the router for KV room
             queue = (queue or 0.0) + queued / w.ready
+        if w.role == "mempool":
+            g = next((r for r in window.roles if r.role == "mempool"), None)  # the fleet's pool (no variant)
         roles.append(RoleObservation(w.role, w.variant if w.role != "mempool" else "",  # type: ignore[arg-type]
                                      w.desired, w.ready, kv_pressure=g.kv_pressure if g else None,
-                                     queue_depth=queue))
+                                     queue_depth=queue, pool_hit_rate=g.pool_hit_rate if g else None,
+                                     pool_churn=g.pool_churn if g else None))
     specs = {c.metadata.name: c.spec for c in inputs.slo_classes}
     classes = []
     for c in window.classes:

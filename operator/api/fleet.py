@@ -352,6 +352,10 @@ class InferenceFleetStatus(KubeModel):
     tokens_per_second_per_gpu: float | None = Field(
         default=None, ge=0, description="Output tokens/s per GPU."
     )
+    pool_hit_rate: float | None = Field(
+        default=None, ge=0, le=1, description="KV memory pool: blocks found / blocks asked for over the window."
+    )
+    pool_bytes: int | None = Field(default=None, ge=0, description="KV memory pool: bytes held, all replicas.")
 
 
 class InferenceFleet(Resource):

@@ -41,7 +41,10 @@ def telemetry_status(window: FleetWindow, window_s: float, classes: Iterable[str
         rows.append(ClassStatus.model_validate(row).to_k8s())  # the typed status model is the shape
     seen = [r["attainment"] for r in rows if r["requests"]]
     kv = [r.kv_pressure for r in window.roles if r.role in ("decode", "engine") and r.kv_pressure is not None]
+    pool = next((r for r in window.roles if r.role == "mempool"), None)
     fields = {
+        "poolHitRate": round(pool.pool_hit_rate, 4) if pool and pool.pool_hit_rate is not None else None,
+        "poolBytes": int(pool.pool_bytes) if pool and pool.pool_bytes is not None else None,
         "sloClasses": rows,
         "attainment": min(seen) if seen else None,
         "kvPressure": round(sum(kv) / len(kv), 4) if kv else None,

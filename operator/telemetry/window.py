@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 Attrs = tuple[tuple[str, str], ...]
-GAUGES = ("kvfleet.kv.utilisation", "kvfleet.queue.depth", "kvfleet.router.queued")
+GAUGES = ("kvfleet.kv.utilisation", "kvfleet.queue.depth", "kvfleet.router.queued", "kvfleet.pool.used_bytes")
+POOL_COUNTERS = ("kvfleet.pool.lookups", "kvfleet.pool.hits", "kvfleet.pool.evictions", "kvfleet.pool.insertions")
 ENTRY_ROLES = ("router", "engine", "serve")  # where a request enters the fleet: counted once, there
 
 
@@ -58,6 +59,9 @@ class RoleWindow:
     kv_pressure: float | None  # mean KV utilisation over its pods
     queue_depth: float | None  # mean waiting requests per pod
     router_queued: float | None = None  # requests waiting in the router(s) for KV room (router role)
+    pool_hit_rate: float | None = None  # mempool: blocks found / blocks asked for, over the window
+    pool_churn: float | None = None  # mempool: blocks evicted / blocks inserted, over the window (0 = none)
+    pool_bytes: float | None = None  # mempool: bytes held, all replicas
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class Windows:
         hists: dict[tuple[str, str], list[float]] = {}
         gauges: dict[tuple[str, str, str], dict[str, float]] = {}
         out_tokens = 0
+        pool: dict[str, float] = {}
         for (src, metric, attrs, _), s in self._series.items():
             if (src.namespace, src.fleet) != (namespace, fleet):
                 continue
@@ -155,6 +160,8 @@ class Windows:
             elif metric == "kvfleet.tokens" and a.get("gen_ai.token.type") == "output" \
                     and a.get("kvfleet.role") in ENTRY_ROLES:
                 out_tokens += int(d[0])
+            elif metric in POOL_COUNTERS:
+                pool[metric] = pool.get(metric, 0.0) + d[0]
             elif metric in ("kvfleet.ttft", "kvfleet.tpot"):
                 acc = hists.setdefault((klass, metric), [0.0] * len(d))
                 for i, v in enumerate(d):
@@ -165,12 +172,22 @@ class Windows:
         roles: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         for (role, variant, metric), by_pod in gauges.items():
             roles.setdefault((role, variant), {})[metric] = by_pod
-        role_windows = [RoleWindow(role, variant, max(len(v) for v in m.values()),
-                                   _mean(m.get("kvfleet.kv.utilisation")), _mean(m.get("kvfleet.queue.depth")),
-                                   sum(m["kvfleet.router.queued"].values()) if "kvfleet.router.queued" in m else None)
-                        for (role, variant), m in sorted(roles.items())]
+        role_windows = []
+        for (role, variant), m in sorted(roles.items()):
+            w = RoleWindow(role, variant, max(len(v) for v in m.values()), _mean(m.get("kvfleet.kv.utilisation")),
+                           _mean(m.get("kvfleet.queue.depth")), _sum(m.get("kvfleet.router.queued")))
+            if role == "mempool":
+                lookups, ins = pool.get("kvfleet.pool.lookups", 0.0), pool.get("kvfleet.pool.insertions", 0.0)
+                w = replace(w, pool_bytes=_sum(m.get("kvfleet.pool.used_bytes")),
+                            pool_hit_rate=pool.get("kvfleet.pool.hits", 0.0) / lookups if lookups else None,
+                            pool_churn=pool.get("kvfleet.pool.evictions", 0.0) / ins if ins else 0.0)
+            role_windows.append(w)
         seen = self._last_seen.get((namespace, fleet))
         return FleetWindow(classes, role_windows, out_tokens, None if seen is None else max(0.0, now - seen))
+
+
+def _sum(by_pod: dict[str, float] | None) -> float | None:
+    return sum(by_pod.values()) if by_pod else None
 
 
 def _mean(by_pod: dict[str, float] | None) -> float | None:

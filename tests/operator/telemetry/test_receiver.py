@@ -126,3 +126,23 @@ def test_unattributed_points_are_dropped_and_malformed_exports_refused(receiver)
         stub.Export(mpb.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
             scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[counter])])]))  # no fleet on the resource
     assert rec.windows.dropped == 1 and rec.windows.fleet("ml", "chat", time.time()).classes == []
+
+
+def test_the_pool_reports_hit_rate_churn_and_bytes(receiver, monkeypatch):
+    """kvfleet.pool.* from a mempool pod become the mempool role's window and the fleet's pool status."""
+    from types import SimpleNamespace
+
+    from kvfleet.operator.telemetry.status import telemetry_status
+
+    rec, port = receiver
+    tel = _telemetry(monkeypatch, port, "mempool", "pool-0", ALWAYS_OFF)
+    stats = SimpleNamespace(used_bytes=3 << 20, capacity_bytes=8 << 20, pinned_bytes=0, lookup_keys=40, hit_keys=30,
+                            insertions=10, evictions=2, bytes_in=1, bytes_out=1)
+    tel.observe_pool(lambda: stats)
+    _flush(tel)
+    w = rec.windows.fleet("ml", "chat", time.time())
+    (pool,) = [r for r in w.roles if r.role == "mempool"]
+    assert (pool.pool_hit_rate, pool.pool_churn, pool.pool_bytes) == (0.75, 0.2, 3 << 20)
+    st = telemetry_status(w, 60.0, [], gpus=0, gpu_hour_cost_usd=None)
+    assert st["poolHitRate"] == 0.75 and st["poolBytes"] == 3 << 20
+    tel.shutdown()
