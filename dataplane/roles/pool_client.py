@@ -13,12 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from kvfleet.dataplane.kvcache.keys import hash_from_bytes, hash_to_bytes
 from kvfleet.dataplane.roles import wire
-from kvfleet.dataplane.roles.transport import CallError, FakeContext
+from kvfleet.dataplane.roles.transport import CallError, FakeContext, InProcessServices
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
@@ -118,20 +117,8 @@ class GrpcPoolClient(PoolClient):
         self._channels.clear()
 
 
-class InProcessPoolClient(PoolClient):
+class InProcessPoolClient(InProcessServices, PoolClient):
     """The in-process fake: addresses map to `MempoolService` objects (same messages, same errors)."""
-
-    def __init__(self, services: dict[str, Any] | None = None) -> None:
-        self.services: dict[str, Any] = dict(services or {})
-        self.down: set[str] = set()
-        self.calls: list[tuple[str, str]] = []  # (method, address), for assertions
-
-    def _svc(self, method: str, address: str) -> Any:
-        self.calls.append((method, address))
-        svc = self.services.get(address)
-        if svc is None or address in self.down:
-            raise CallError(grpc.StatusCode.UNAVAILABLE, f"{address} is unreachable")
-        return svc
 
     async def put(self, address: str, family: str, layout: str, blocks: Sequence[PoolBlock],
                   slo_class: str = "") -> pb.PutReply:

@@ -138,8 +138,9 @@ class FakeContext:
         return self._metadata
 
 
-class InProcessTransport(RoleTransport):
-    """The in-process fake: addresses map to service objects; a missing or `down` pod is UNAVAILABLE."""
+class InProcessServices:
+    """What every in-process fake shares: addresses map to service objects; a missing or `down` one is
+    UNAVAILABLE, and each call is recorded."""
 
     def __init__(self, services: dict[str, Any] | None = None) -> None:
         self.services: dict[str, Any] = dict(services or {})
@@ -152,6 +153,10 @@ class InProcessTransport(RoleTransport):
         if svc is None or address in self.down:
             raise CallError(grpc.StatusCode.UNAVAILABLE, f"{address} is unreachable")
         return svc
+
+
+class InProcessTransport(InProcessServices, RoleTransport):
+    """The in-process fake of the roles: calls go to `PrefillService` / `DecodeService` objects directly."""
 
     async def reserve(self, address: str, msg: pb.ReserveRequest) -> pb.ReserveReply:
         return await self._svc("Reserve", address).Reserve(msg, FakeContext())  # type: ignore[no-any-return]
