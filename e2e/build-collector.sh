@@ -5,15 +5,17 @@
 # otelcol.NewCommand with those factories -- the same thing the collector
 # builder (ocb) would generate from a manifest, without building ocb first.
 # The binary lands in a cache keyed by version, outside the repo, like the
-# control plane (e2e/build-binaries.sh): a warm run costs nothing.
+# control plane (e2e/build-binaries.sh): a warm run costs nothing, a cold one
+# about 5 minutes on 2 busy cores (downloads included; ~0.5 GB module cache and
+# ~0.5 GB build cache).
 #
 #   e2e/build-collector.sh           # prints the otelcol path on its last line
 #   KVFLEET_CACHE=/elsewhere e2e/build-collector.sh
 set -euo pipefail
 
-# One release for every collector module. v0.161.0 is the newest release at
-# which contrib's fileexporter fetches and tidies here (newer ones need
-# packages the module proxy does not serve); core v0.161.0 is its pair.
+# One release for every collector module. v0.161.0 is the newest contrib
+# fileexporter known to fetch and tidy here (newer ones failed or were not
+# tried); core v0.161.0 is its pair.
 # The collector's stable modules (confmap, its providers, pdata, ...) are tagged
 # v1.x alongside: v0.161.0 goes with v1.67.0. Pin them too, or `go mod tidy`
 # resolves the config providers at their newest tag and mixes releases.
@@ -119,8 +121,8 @@ sed -i "s/KVFLEET_OTELCOL_VERSION/${OTELCOL_VERSION#v}/" "$work/main.go"
          "go.opentelemetry.io/collector/confmap/provider/envprovider@$OTELCOL_STABLE_VERSION" \
          "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter@$CONTRIB_VERSION" >&2 &&
   go mod tidy >&2 &&
-  go build -trimpath -ldflags="-s -w" -o "$BIN/otelcol.tmp" . >&2)
-works "$BIN/otelcol.tmp" || { log "the built otelcol cannot load a minimal config"; exit 1; }
-mv "$BIN/otelcol.tmp" "$BIN/otelcol"
+  go build -trimpath -ldflags="-s -w" -o "$BIN/otelcol.tmp.$$" . >&2)
+works "$BIN/otelcol.tmp.$$" || { log "the built otelcol cannot load a minimal config"; exit 1; }
+mv "$BIN/otelcol.tmp.$$" "$BIN/otelcol"
 log "otelcol $OTELCOL_VERSION built in $(( $(date +%s) - start ))s"
 echo "$BIN/otelcol"
