@@ -12,7 +12,7 @@ export KVFLEET_CACHE ?= $(HOME)/.cache/kvfleet
 # PYTHONSAFEPATH (Python 3.11+) keeps cwd off sys.path; every command below and its children inherit it.
 export PYTHONSAFEPATH := 1
 
-.PHONY: help venv test test-fast lint crds binaries demo protos
+.PHONY: help venv test test-fast lint crds binaries collector demo protos
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -32,6 +32,9 @@ venv: $(VENV)/.installed ## create .venv with the project, engine and test extra
 binaries: ## build (or reuse) etcd, kube-*, kwok, kubectl, helm into $(KVFLEET_CACHE)/bin
 	e2e/build-binaries.sh
 
+collector: ## build (or reuse) an OpenTelemetry Collector (OTLP in, file/debug out) into $(KVFLEET_CACHE)/bin
+	e2e/build-collector.sh
+
 crds: venv ## regenerate crds/ and the chart's CRDs from the pydantic models
 	$(PY) -m kvfleet.operator.api.crdgen crds charts/kvfleet/crds
 
@@ -42,7 +45,7 @@ lint: venv ## ruff on everything, mypy on the API package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy operator/api
 
-test: venv binaries ## everything CI runs: lint, unit, engine, real control plane, operator
+test: venv binaries collector ## everything CI runs: lint, unit, engine, real control plane, operator, real collector
 	$(MAKE) lint
 	$(VENV)/bin/pytest
 

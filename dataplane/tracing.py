@@ -188,10 +188,14 @@ class RequestTrace:
     def __init__(self, tel: Telemetry, operation: str, model: str, variant: str, slo_class: str | None,
                  target: SLOTarget | None, start: float | None = None, **attrs: Any) -> None:
         self.tel, self.model, self.variant, self.slo_class, self.target = tel, model, variant, slo_class, target
-        self.start = time.monotonic() if start is None else start
+        now = time.monotonic()
+        self.start = now if start is None else start
         self.first_token_time: float | None = None
+        # The span starts when the request arrived (`start`, monotonic), not when this object is made:
+        # tokenising and queueing for KV room come first, and TTFT (also from `start`) counts them.
+        start_ns = time.time_ns() - int((now - self.start) * 1e9)
         self.span = tel.tracer.start_span(
-            f"{operation} {model}", kind=trace.SpanKind.SERVER,
+            f"{operation} {model}", kind=trace.SpanKind.SERVER, start_time=start_ns,
             attributes={"gen_ai.operation.name": operation, "gen_ai.request.model": model,
                         "gen_ai.system": "kvfleet", "kvfleet.variant": variant, "kvfleet.role": tel.role,
                         "kvfleet.slo_class": slo_class or "", **{k: v for k, v in attrs.items() if v is not None}})

@@ -7,6 +7,10 @@ cluster cannot start the fixture raises: the tests error, they are never skipped
 
 ``podrunner`` runs opted-in pods as local processes (local clusters only);
 ``namespace`` gives each test a fresh namespace, deleted afterwards.
+
+``otel_collector`` (no cluster needed) is a real OpenTelemetry Collector on free loopback ports
+(``e2e.otelcol``, built by e2e/build-collector.sh if the cache is cold): two OTLP/gRPC receivers,
+``operator`` and ``user``, each writing OTLP JSON lines to its own file; stopped after the test.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from kubernetes import client
 
 from e2e.cluster import LocalCluster, find_bin_dir, prune_dead_clusters
 from e2e.nodes import advertise_fake_gpus, api_client, create_gpu_nodes, wait_nodes_ready
+from e2e.otelcol import Collector
 from e2e.podrunner import PodRunner
 
 EXISTING_KUBECONFIG_ENV = "KVFLEET_E2E_KUBECONFIG"
@@ -120,3 +125,12 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.core.create_namespace({"metadata": {"name": name}})
     yield name
     cluster.core.delete_namespace(name)
+
+
+@pytest.fixture
+def otel_collector(tmp_path: Path) -> Iterator[Collector]:
+    col = Collector(tmp_path / "otelcol", ["operator", "user"]).start()
+    try:
+        yield col
+    finally:
+        col.stop()

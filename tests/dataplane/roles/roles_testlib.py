@@ -78,10 +78,14 @@ def role(tmp: Path, name: str, role_name: str, config: Path, env: dict[str, str]
 
 
 def router(tmp: Path, model: str, variant: str, model_dir: Path, endpoints: list[str],
-           sheddable: tuple[str, ...] = (), extra: list[str] | None = None) -> RoleProcess:
+           sheddable: tuple[str, ...] = (), extra: list[str] | None = None, env: dict[str, str] | None = None,
+           targets: dict[str, tuple[float, float]] | None = None) -> RoleProcess:
+    """targets: per SLO class, (TTFT ms, TPOT ms) it promises (the router then counts attainment)."""
+    t = targets or {}
     cfg = {"fleet": "test", "namespace": "default", "port": 0, "defaultSloClass": "interactive",
-           "sloClasses": [{"name": "interactive", "sheddable": False},
-                          *({"name": s, "sheddable": True} for s in sheddable)],
+           "sloClasses": [{"name": c, "sheddable": shed,
+                           **({"ttftMs": t[c][0], "tpotMs": t[c][1]} if c in t else {})}
+                          for c, shed in [("interactive", False), *((s, True) for s in sheddable)]],
            "models": [{"model": model, "variant": variant, "weightsDir": str(model_dir),
                        "roles": {"prefill": {"grpcPort": 0}, "decode": {"grpcPort": 0}}}]}
     path = tmp / f"router-{len(list(tmp.glob('router-*.json')))}.json"
@@ -89,7 +93,7 @@ def router(tmp: Path, model: str, variant: str, model_dir: Path, endpoints: list
     argv = [sys.executable, "-m", "kvfleet.dataplane.roles.router", "--config", str(path), "--host", "127.0.0.1",
             "--port", "0"] + [f"--endpoint={e}" for e in endpoints] + (extra or [])
     return RoleProcess("router", argv, tmp / f"router-{len(endpoints)}-{time.monotonic_ns()}.log",
-                       r"listening on (http://\S+)")
+                       r"listening on (http://\S+)", env or {})
 
 
 def start_all(*procs: RoleProcess) -> None:
