@@ -66,7 +66,12 @@ def test_rendered_pods_meet_the_restricted_standard(cluster: Any, restricted_ns:
     fleet = fleet_with_pass_through(restricted_ns)
     if topology == "colocated":
         fleet = colocated(fleet)
-    pods = pods_of(desired_objects(inputs(fleet)), restricted_ns)
+    desired = desired_objects(inputs(fleet))
+    for sa in (o for o in desired if o["kind"] == "ServiceAccount"):  # the router's, which its pod names
+        body = {"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": sa["metadata"]["name"], "namespace": restricted_ns}}
+        cluster.kubectl("create", "-f", "-", input=json.dumps(body))
+    pods = pods_of(desired, restricted_ns)
     roles = {p["metadata"]["labels"]["kvfleet.io/role"] for p in pods}
     assert roles >= ({"router", "mempool"} | ({"engine"} if topology == "colocated" else {"prefill", "decode"}))
     for pod in pods:
