@@ -10,7 +10,7 @@ restart never scales anything by itself.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .builders import FleetInputs
 from .planner import (
@@ -71,15 +71,22 @@ class Autoscaler:
     """The planner's memory for every fleet this operator reconciles."""
 
     states: dict[tuple[str, str], PlannerState] = field(default_factory=dict)
+    # what the planner last decided: its own record of the replicas, so a manual `kubectl scale` of a
+    # workload is not mistaken for the current state (the one writer of replicas is the planner)
+    planned: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
     def step(self, inputs: FleetInputs, window: FleetWindow, workloads: list[WorkloadState], now: float,
              window_s: float) -> Plan:
         key = (inputs.namespace, inputs.name)
         obs = observation(window, inputs, workloads, now, window_s)
+        mine = self.planned.get(key, {})
+        obs = replace(obs, roles=[replace(o, replicas=mine.get(o.key, o.replicas)) for o in obs.roles])
         p = plan(inputs.fleet.spec.autoscaling, role_bounds(inputs, obs.roles), obs,
                  self.states.get(key, PlannerState()))
         self.states[key] = p.state
+        self.planned[key] = {**mine, **p.replicas}
         return p
 
     def forget(self, namespace: str, name: str) -> None:
         self.states.pop((namespace, name), None)
+        self.planned.pop((namespace, name), None)
