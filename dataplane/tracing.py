@@ -209,7 +209,8 @@ class RequestTrace:
     def set(self, **attrs: Any) -> None:
         self.span.set_attributes({k: v for k, v in attrs.items() if v is not None})
 
-    def finish(self, input_tokens: int, output_tokens: int, finish_reason: str, cached_tokens: int = 0) -> bool | None:
+    def finish(self, input_tokens: int, output_tokens: int, finish_reason: str, cached_tokens: int = 0,
+               preemptions: int = 0) -> bool | None:
         """End the span and count the request; returns whether its SLO was attained (None: no target)."""
         if self._done:
             return None
@@ -236,7 +237,7 @@ class RequestTrace:
         self.set(**{"gen_ai.usage.input_tokens": input_tokens, "gen_ai.usage.output_tokens": output_tokens,
                     "gen_ai.response.finish_reasons": [finish_reason], "kvfleet.ttft_ms": ttft_ms,
                     "kvfleet.tpot_ms": tpot_ms, "kvfleet.slo.attained": attained,
-                    "kvfleet.prefix_hit_tokens": cached_tokens})
+                    "kvfleet.prefix_hit_tokens": cached_tokens, "kvfleet.preemptions": preemptions})
         if finish_reason == "abort":
             self.span.set_status(trace.Status(trace.StatusCode.ERROR, "aborted"))
         self.span.end()

@@ -37,7 +37,7 @@ from .kube import CHILD_KINDS, KVFLEET, METADATA_ONLY_KINDS, ApiError, Kube
 from .planner import Plan
 from .resolve import Unresolved, references, resolve
 from .status import condition, fleet_status, status_changed, used_by_status, workload_state
-from .telemetry.status import gpus_of, telemetry_status
+from .telemetry.status import gpus_of, kv_by_role, telemetry_status
 from .telemetry.window import Windows
 
 log = logging.getLogger("kvfleet.operator")
@@ -264,8 +264,10 @@ class Reconciler:
         window_s = float((spec.get("autoscaling") or {}).get("windowSeconds", 60))
         meta = fleet["metadata"]
         w = self.telemetry.fleet(meta["namespace"], meta["name"], time.time(), window_s)
-        return telemetry_status(w, window_s, spec.get("sloClasses") or [], gpus_of(workloads),
-                                spec.get("gpuHourCostUsd"))
+        out = telemetry_status(w, window_s, spec.get("sloClasses") or [], gpus_of(workloads),
+                               spec.get("gpuHourCostUsd"))
+        out["_kvByRole"] = kv_by_role(w)  # merged into status.roles by _write_status
+        return out
 
     def _write_status(self, fleet: Mapping[str, Any], out: Outcome, workloads: list[Any],
                       endpoint: str | None, observed: Mapping[str, Any] | None = None) -> None:
@@ -273,7 +275,11 @@ class Reconciler:
         current = fleet.get("status") or {}
         status = fleet_status(generation=meta.get("generation"), previous=current.get("conditions") or [],
                               problem=out.problem, workloads=workloads, endpoint=endpoint, now=now())
-        status.update(observed or {})
+        observed = dict(observed or {})
+        for role, kv in observed.pop("_kvByRole", {}).items():
+            if role in status["roles"]:
+                status["roles"][role]["kvPressure"] = kv
+        status.update(observed)
         previous = current.get("conditions") or []
         status["conditions"] += [condition(t, ok, reason, message, meta.get("generation"), previous, now())
                                  for t, ok, reason, message in out.conditions]

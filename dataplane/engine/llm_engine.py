@@ -333,7 +333,8 @@ class LLMEngine:
         if seq.request.sampling.logprobs is not None:
             lps, seq.pending_logprobs = seq.pending_logprobs, []
         return RequestOutput(seq.output_id, new, finished, reason, lps, seq.num_prompt_tokens,
-                             seq.num_cached_prompt_tokens, index=seq.index, kv=kv)
+                             seq.num_cached_prompt_tokens, index=seq.index, kv=kv,
+                             num_preemptions=seq.num_preemptions if finished else 0)
 
     def _final(self, seq: Sequence, reason: str, kv: KVHandoff | None = None) -> RequestOutput:
         self.seqs.pop(seq.seq_id, None)
@@ -383,4 +384,5 @@ def _merge(outs: list[RequestOutput]) -> RequestOutput:
     toks = [t for o in outs for t in o.new_token_ids]
     lps = None if last.logprobs is None else [lp for o in outs for lp in (o.logprobs or [])]
     return RequestOutput(last.request_id, toks, last.finished, last.finish_reason, lps,
-                         last.num_prompt_tokens, outs[0].num_cached_prompt_tokens)
+                         last.num_prompt_tokens, outs[0].num_cached_prompt_tokens, index=last.index,
+                         num_preemptions=last.num_preemptions)

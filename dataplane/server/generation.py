@@ -33,7 +33,8 @@ class RequestTracer(Protocol):
 
     def first_token(self) -> None: ...
 
-    def finish(self, input_tokens: int, output_tokens: int, finish_reason: str, cached_tokens: int = 0) -> Any: ...
+    def finish(self, input_tokens: int, output_tokens: int, finish_reason: str, cached_tokens: int = 0,
+               preemptions: int = 0) -> Any: ...
 
 
 class Detokenizer(Protocol):
@@ -91,6 +92,7 @@ class Generation:
         self.first_token_time: float | None = None
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_cached_tokens = 0
+        self.num_preemptions = 0  # the engine's count for this request (final outputs carry it)
 
     @property
     def text(self) -> str:
@@ -122,6 +124,7 @@ class Generation:
         try:
             async for out in stream:
                 self.num_cached_tokens = out.num_cached_prompt_tokens
+                self.num_preemptions = max(self.num_preemptions, out.num_preemptions)
                 if out.num_prompt_tokens:
                     self.num_prompt_tokens = out.num_prompt_tokens
                 c = choices[out.index]
@@ -179,7 +182,7 @@ class Generation:
     def _record(self) -> None:
         if self._trace is not None:
             self._trace.finish(self.num_prompt_tokens, self.num_output_tokens, self.finish_reason or "abort",
-                               self.num_cached_tokens)
+                               self.num_cached_tokens, self.num_preemptions)
         now = time.monotonic()
         ttft = None if self.first_token_time is None else self.first_token_time - self.start_time
         self.metrics.observe_request(

@@ -301,6 +301,9 @@ class RoleStatus(KubeModel):
 
     desired: int = Field(default=0, ge=0, description="Replicas the operator wants.")
     ready: int = Field(default=0, ge=0, description="Replicas ready to serve.")
+    kv_pressure: float | None = Field(
+        default=None, ge=0, le=1, description="Mean KV-cache usage of the role's pods (from their telemetry)."
+    )
 
 
 class RolesStatus(KubeModel):

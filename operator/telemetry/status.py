@@ -54,6 +54,17 @@ def telemetry_status(window: FleetWindow, window_s: float, classes: Iterable[str
     return {k: v for k, v in fields.items() if v is not None}  # unknown: left out (the schema has no null)
 
 
+def kv_by_role(window: FleetWindow) -> dict[str, float]:
+    """Mean KV utilisation per role over its pods (variants of one role averaged by pod count)."""
+    acc: dict[str, list[float]] = {}
+    for r in window.roles:
+        if r.kv_pressure is not None:
+            a = acc.setdefault(r.role, [0.0, 0.0])
+            a[0] += r.kv_pressure * r.pods
+            a[1] += r.pods
+    return {role: round(total / pods, 4) for role, (total, pods) in acc.items() if pods}
+
+
 def gpus_of(workloads: Iterable[dict[str, Any]]) -> int:
     """GPUs the fleet holds: replicas x nvidia.com/gpu limit of each workload's containers."""
     total = 0

@@ -94,6 +94,10 @@ def test_attainment_below_target_scales_up_and_back_down(operator_env, podrunner
         (tight,) = [c for c in f["status"]["sloClasses"] if c["name"] == "tight"]
         assert tight["requests"] >= 20 and tight["attainment"] < 0.9, tight
         assert f["status"]["attainment"] < 0.9
+        # per role, from the pods' gauges (exported every few seconds: give the first export time to arrive)
+        wait_for("KV pressure of the role in status",
+                 lambda: "kvPressure" in _fleet(env)["status"]["roles"][scaled], timeout=30)
+        assert 0 <= _fleet(env)["status"]["roles"][scaled]["kvPressure"] <= 1
         events = json.loads(env.cluster.kubectl("get", "events", "-n", ns, "-o", "json",
                                                 "--field-selector", "involvedObject.name=auto").stdout)["items"]
         assert any("tight" in e["message"] and "attainment" in e["message"] for e in events), \

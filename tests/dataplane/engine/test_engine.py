@@ -83,6 +83,8 @@ def test_preemption_matches_dense(tiny, reference, batch_prefill):
     prompts = _prompts(tiny[1].vocab_size, [6, 11, 15, 20], seed=4)
     outs = engine.generate(prompts, GREEDY)
     assert engine.stats().num_preemptions > 0
+    # each request's final output says how often it was preempted (the request span's kvfleet.preemptions)
+    assert sum(o.num_preemptions for o in outs) == engine.stats().num_preemptions
     for p, o in zip(prompts, outs, strict=True):
         assert o.new_token_ids == reference(p)
     _check_no_leaks(engine)

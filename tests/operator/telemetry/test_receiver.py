@@ -16,6 +16,7 @@ import pytest
 from kvfleet.dataplane import tracing
 from kvfleet.dataplane.engine.api import EngineStats
 from kvfleet.operator.telemetry.receiver import Receiver, serve
+from kvfleet.operator.telemetry.status import kv_by_role
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as mpb
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as mgrpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -88,6 +89,7 @@ def test_every_request_counts_even_with_no_span_exported(receiver, monkeypatch):
     assert rec.spans.get(("ml", "chat"), 0) == 0  # nothing sampled, everything counted
     (role,) = w.roles
     assert (role.role, role.kv_pressure, role.queue_depth) == ("router", 0.25, 2)
+    assert kv_by_role(w) == {"router": 0.25}  # status.roles.<role>.kvPressure
     assert w.data_age_s is not None and w.data_age_s < 30
     # a second export of the same cumulative counters adds nothing: a request counts once
     _flush(tel)
