@@ -98,6 +98,7 @@ class RequestOutput:
     index: int = 0  # which of the request's `sampling.n` choices this increment belongs to
     kv: KVHandoff | None = None  # the prompt's KV, on the final output of an `export_kv` request
     num_preemptions: int = 0  # times the request was preempted (recomputed) so far; set on final outputs
+    queue_s: float | None = None  # time from arrival to the scheduler's first admission; set on final outputs
 
 
 def choice_request_id(request_id: str, index: int) -> str:

@@ -334,7 +334,9 @@ class LLMEngine:
             lps, seq.pending_logprobs = seq.pending_logprobs, []
         return RequestOutput(seq.output_id, new, finished, reason, lps, seq.num_prompt_tokens,
                              seq.num_cached_prompt_tokens, index=seq.index, kv=kv,
-                             num_preemptions=seq.num_preemptions if finished else 0)
+                             num_preemptions=seq.num_preemptions if finished else 0,
+                             queue_s=seq.first_scheduled_time - seq.request.arrival_time
+                             if finished and seq.first_scheduled_time is not None else None)
 
     def _final(self, seq: Sequence, reason: str, kv: KVHandoff | None = None) -> RequestOutput:
         self.seqs.pop(seq.seq_id, None)
@@ -385,4 +387,4 @@ def _merge(outs: list[RequestOutput]) -> RequestOutput:
     lps = None if last.logprobs is None else [lp for o in outs for lp in (o.logprobs or [])]
     return RequestOutput(last.request_id, toks, last.finished, last.finish_reason, lps,
                          last.num_prompt_tokens, outs[0].num_cached_prompt_tokens, index=last.index,
-                         num_preemptions=last.num_preemptions)
+                         num_preemptions=last.num_preemptions, queue_s=last.queue_s)

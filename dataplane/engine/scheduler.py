@@ -232,6 +232,8 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = n_cached
             seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             self.running.append(seq)
             seq.scheduled_step = self._step
             out.scheduled.append(ScheduledSeq(seq, n, n_cached, n_cached + n == seq.num_tokens))

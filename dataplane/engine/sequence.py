@@ -41,6 +41,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_cached_prompt_tokens: int = 0  # prefix-cache hit at first admission
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when the scheduler first admitted it (queue time = this - arrival)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: FinishReason | None = None

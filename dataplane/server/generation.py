@@ -33,6 +33,8 @@ class RequestTracer(Protocol):
 
     def first_token(self) -> None: ...
 
+    def set(self, **attrs: Any) -> None: ...
+
     def finish(self, input_tokens: int, output_tokens: int, finish_reason: str, cached_tokens: int = 0,
                preemptions: int = 0) -> Any: ...
 
@@ -93,6 +95,7 @@ class Generation:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_cached_tokens = 0
         self.num_preemptions = 0  # the engine's count for this request (final outputs carry it)
+        self.queue_s: float | None = None  # the engine's queue time (final outputs carry it)
 
     @property
     def text(self) -> str:
@@ -125,6 +128,8 @@ class Generation:
             async for out in stream:
                 self.num_cached_tokens = out.num_cached_prompt_tokens
                 self.num_preemptions = max(self.num_preemptions, out.num_preemptions)
+                if out.queue_s is not None:
+                    self.queue_s = out.queue_s
                 if out.num_prompt_tokens:
                     self.num_prompt_tokens = out.num_prompt_tokens
                 c = choices[out.index]
@@ -181,6 +186,8 @@ class Generation:
 
     def _record(self) -> None:
         if self._trace is not None:
+            if self.queue_s is not None:
+                self._trace.set(**{"kvfleet.engine_queue_ms": self.queue_s * 1000})
             self._trace.finish(self.num_prompt_tokens, self.num_output_tokens, self.finish_reason or "abort",
                                self.num_cached_tokens, self.num_preemptions)
         now = time.monotonic()

@@ -85,6 +85,7 @@ def test_preemption_matches_dense(tiny, reference, batch_prefill):
     assert engine.stats().num_preemptions > 0
     # each request's final output says how often it was preempted (the request span's kvfleet.preemptions)
     assert sum(o.num_preemptions for o in outs) == engine.stats().num_preemptions
+    assert all(o.queue_s is not None and o.queue_s >= 0 for o in outs)  # the span's kvfleet.engine_queue_ms
     for p, o in zip(prompts, outs, strict=True):
         assert o.new_token_ids == reference(p)
     _check_no_leaks(engine)
