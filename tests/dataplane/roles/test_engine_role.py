@@ -74,11 +74,12 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path: Path, 
             time.sleep(0.1)
         url = log.read_text().split("listening on ")[1].split()[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        longest = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["max_model_len"] - 8
         pieces: list[str] = []
         done: list[str] = []
 
-        def stream() -> None:
-            for c in client.completions.create(model="tiny", prompt="Hello", max_tokens=300, temperature=0,
+        def stream() -> None:  # as long as the model allows, so it is still running when SIGTERM lands
+            for c in client.completions.create(model="tiny", prompt="Hello", max_tokens=longest, temperature=0,
                                                stream=True, extra_body={"ignore_eos": True}):
                 pieces.append(c.choices[0].text)
                 if c.choices[0].finish_reason:
