@@ -38,16 +38,15 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from e2e.processes import LoggedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -66,42 +65,17 @@ def policies() -> dict[str, Any]:
 # -- processes --------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    """One role process, its log, and (once ready) its address."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    pattern: str
-    proc: subprocess.Popen[bytes] | None = None
-    address: str = ""
+class Proc(LoggedProcess):
+    """One role process (the harness's), with PYTHONSAFEPATH set and a model-load-sized start timeout."""
 
     def start(self) -> Proc:
-        self.proc = subprocess.Popen(self.argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"})
+        self.env.setdefault("PYTHONSAFEPATH", "1")
+        super().start()
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> Proc:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log.read_text(errors="replace")
-            m = re.search(self.pattern, text)
-            if m:
-                self.address = m.group(1)
-                return self
-            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not start:\n{text[-3000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().wait_ready(timeout)
+        return self
 
 
 def cpu_seconds(procs: list[Proc]) -> dict[str, float]:

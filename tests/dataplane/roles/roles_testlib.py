@@ -3,63 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
 
+from e2e.processes import LoggedProcess
 
-@dataclass
-class RoleProcess:
-    """One role process: its log file and, once started, its address (host:port or URL)."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    pattern: str
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    address: str = ""
-
-    def start(self) -> RoleProcess:
-        self.proc = subprocess.Popen(self.argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        return self
-
-    def wait_ready(self, timeout: float = 180.0) -> RoleProcess:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log.read_text(errors="replace")
-            m = re.search(self.pattern, text)
-            if m:
-                self.address = m.group(1)
-                return self
-            assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{text}"
-            assert time.monotonic() < deadline, f"{self.name} did not start:\n{text}"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit code (killed after 30 s)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return int(self.proc.returncode)
+RoleProcess = LoggedProcess  # one role process on loopback, as the pod runner would run it
 
 
 def engine_config_file(tmp: Path, model_dir: Path, variant: str, cp: CachePolicyConfig | None = None,
