@@ -82,12 +82,21 @@ class Telemetry:
         self.meter.create_observable_gauge("kvfleet.queue.depth", [queue], unit="{request}",
                                            description="Requests waiting for the engine.")
 
-    def observe_router(self, queued: Any) -> None:
-        """A gauge of the requests waiting in the router for KV room (`queued()` at each export)."""
+    def observe_router(self, queued: Any, prefix_hit_rate: Any = None, index_blocks: Any = None) -> None:
+        """Gauges of the requests waiting in the router for KV room (`queued()` at each export) and of its
+        prefix index (estimated hit rate of the pods it picked, block hashes it tracks)."""
         from opentelemetry.metrics import Observation
 
         self.meter.create_observable_gauge("kvfleet.router.queued", [lambda _: [Observation(queued())]],
                                            unit="{request}", description="Requests waiting for KV room.")
+        if prefix_hit_rate is not None:
+            self.meter.create_observable_gauge(
+                "kvfleet.router.prefix_hit_rate", [lambda _: [Observation(prefix_hit_rate())]], unit="1",
+                description="Prompt blocks the chosen prefill pods held, per the router's index / blocks routed.")
+        if index_blocks is not None:
+            self.meter.create_observable_gauge(
+                "kvfleet.router.index_blocks", [lambda _: [Observation(index_blocks())]], unit="{block}",
+                description="Block hashes in the router's prefix index.")
 
     def observe_pool(self, stats: Any) -> None:
         """The memory pool's gauges and counters, read from `stats()` (a `PoolStats`) at each export."""

@@ -4,6 +4,11 @@ Prefill side: a request with `export_kv` runs as usual with `max_tokens=1`; when
 its blocks are freed, `export_kv` copies the blocks holding its prompt (as stored), its lane rows
 and its seeded generator's state into a `KVHandoff`.
 
+Memory pool: `prompt_block_hashes` names the prompt's full blocks as the prefix cache does, and
+`import_blocks` writes blocks fetched from the pool into free blocks and caches them, so the request
+that follows takes them as ordinary prefix-cache hits (with a hit's semantics for lanes: see
+`paged_quant`). Blocks go out to the pool from an export (`export_kv`), as stored.
+
 Decode side: `Reservations` holds blocks for a request before its KV arrives (the router asks
 first, so a decode pod with no room says so before anything moves); `admit_prefilled` writes the
 hand-off into those blocks and puts the sequence straight into the running batch, one token past
@@ -21,6 +26,7 @@ from typing import Any
 from kvfleet.dataplane.engine.api import GenerationRequest, KVBlock, KVHandoff
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.kvcache import transfer
+from kvfleet.dataplane.kvcache.blocks import extend_block_hashes
 
 
 def export_kv(engine: Any, seq: Sequence) -> KVHandoff:
@@ -130,3 +136,46 @@ def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, h
     if handoff.rng_state:
         engine.runner.restore_generator(seq, handoff.rng_state)
     return seq, False
+
+
+def prompt_block_hashes(engine: Any, request: GenerationRequest) -> list[int]:
+    """Chain hashes of the prompt blocks a prefix hit may cover (never the block of the last token,
+    whose logits must be computed), exactly as the scheduler hashes them."""
+    ids = request.prompt_token_ids
+    hashes: list[int] = []
+    extend_block_hashes(hashes, ids, len(ids) - 1, engine.scheduler.bm.block_size,
+                        engine.prefix_key(request.variant))
+    return hashes
+
+
+def num_cached_blocks(engine: Any, hashes: list[int]) -> int:
+    """How many leading blocks of `hashes` this engine's prefix cache holds."""
+    return len(engine.scheduler.bm.match_prefix(hashes, len(hashes)))
+
+
+def import_blocks(engine: Any, blocks: list[tuple[int, bytes]]) -> int:
+    """Cache fetched `(hash, payload)` blocks (chain order, checksums already checked) in free blocks.
+
+    Returns how many leading blocks are now cached (held before or imported); stops at the first that
+    cannot be (no free block, a payload of another size). The blocks wait in the LRU like any freed
+    prefix, so a request added next takes them unless the cache is under pressure meanwhile."""
+    if engine.evictor is not None:
+        return 0  # evicted sequences' slots do not hold the chain's tokens: the prefix cache stays local
+    bm, kv = engine.scheduler.bm, engine.worker.kv
+    n = 0
+    for h, payload in blocks:
+        if h in bm.hash_to_block:
+            n += 1
+            continue
+        b = bm.take_block_for(h)
+        if b is None:
+            break
+        try:
+            transfer.write_block(kv, b, payload)
+        except ValueError:
+            bm.free([b])
+            break
+        bm.publish_block(b, h)
+        bm.free([b])
+        n += 1
+    return n

@@ -90,7 +90,7 @@ class LLMEngine:
         self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
                                                    mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
-        self._codec_key = kvspec.prefix_key_suffix
+        self.codec_key = kvspec.prefix_key_suffix
         self.kv_layout = transfer.layout(kv)  # prefill and decode must agree on it to hand KV over
         self.reservations = handoff.Reservations()  # decode role: blocks held for KV on its way
         self.seqs: dict[str, Sequence] = {}
@@ -190,7 +190,12 @@ class LLMEngine:
         slo = self.config.slo_class(request.slo_class)
         return dict(priority=slo.priority if slo else 0, ttft_s=slo.ttft_ms / 1000.0 if slo else math.inf,
                     tpot_s=slo.tpot_ms / 1000.0 if slo else math.inf,
-                    extra_key=(request.variant or self.config.variant) + self._codec_key)
+                    extra_key=self.prefix_key(request.variant))
+
+    def prefix_key(self, variant: str = "") -> str:
+        """The extra key of a request's prefix-cache hashes: its variant (this engine's by default) and the
+        codec, so KV of another variant or another codec is never a hit."""
+        return (variant or self.config.variant) + self.codec_key
 
     def new_sequence(self, request: GenerationRequest) -> Sequence:
         """A tracked `Sequence` for a validated one-choice request (not yet scheduled)."""

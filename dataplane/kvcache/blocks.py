@@ -67,6 +67,9 @@ class BlockManager:
         # LRU of refcount-0 blocks: head = evicted first. Never-used blocks come first.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_evictions = 0
+        self._events: list[tuple[bool, int]] | None = None  # (stored?, hash) since the last drain
+        self._events_limit = 0
+        self._events_lost = False
 
     # -- queries -------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class BlockManager:
         if h is not None:  # evict its cached prefix
             if self.hash_to_block.get(h) == b:
                 del self.hash_to_block[h]
+                self._event(False, h)
             self.block_hash[b] = None
             self.num_evictions += 1
         assert self.ref_counts[b] == 0
@@ -156,6 +160,7 @@ class BlockManager:
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = b
                 self.block_hash[b] = h
+                self._event(True, h)
         return max(n, start)
 
     def free(self, block_table: list[int]) -> None:
@@ -203,6 +208,48 @@ class BlockManager:
             if h is not None:
                 self.hash_to_block.pop(h, None)
                 self.block_hash[b] = None
+                self._event(False, h)
+
+    # -- blocks from elsewhere (the memory pool) and events (prefix-aware routing) -------------
+
+    def take_block_for(self, block_hash: int) -> int | None:
+        """A free block (refcount 1) to fill with `block_hash`'s KV fetched from elsewhere; None when
+        that hash is cached already, prefix caching is off or nothing is free. Once the KV is written,
+        `publish_block` registers it; `free([b])` then leaves it cached for the next request."""
+        if not self.enable_prefix_caching or block_hash in self.hash_to_block or not self.free_queue:
+            return None
+        return self._take_free_block()
+
+    def publish_block(self, block: int, block_hash: int) -> None:
+        """Register `block` (written with `block_hash`'s KV) in the prefix cache."""
+        assert self.block_hash[block] is None and block_hash not in self.hash_to_block
+        self.hash_to_block[block_hash] = block
+        self.block_hash[block] = block_hash
+        self._event(True, block_hash)
+
+    def record_events(self, limit: int = 1 << 16) -> None:
+        """Keep prefix-cache events (hash stored / evicted) for `drain_events`, at most `limit` between
+        drains; past that they are dropped and the next drain is a full snapshot instead."""
+        self._events, self._events_limit, self._events_lost = [], limit, True  # first drain: a snapshot
+
+    def drain_events(self) -> tuple[bool, list[int], list[int]]:
+        """(snapshot?, stored hashes, removed hashes) since the last drain. A snapshot lists every
+        cached hash in `stored`: the reader forgets what it knew first."""
+        if self._events is None:
+            raise RuntimeError("record_events() was not called")
+        if self._events_lost:
+            self._events, self._events_lost = [], False
+            return True, list(self.hash_to_block), []
+        events, self._events = self._events, []
+        return False, [h for stored, h in events if stored], [h for stored, h in events if not stored]
+
+    def _event(self, stored: bool, block_hash: int) -> None:
+        if self._events is None or self._events_lost:
+            return
+        if len(self._events) >= self._events_limit:
+            self._events, self._events_lost = [], True
+            return
+        self._events.append((stored, block_hash))
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the accounting is inconsistent (tests, debugging)."""

@@ -3,8 +3,10 @@ a prefill call and a decode stream, so the OpenAI server code is the same as `kv
 
     admit     -> Decode.Reserve on the pod with the most KV headroom (then least load); every pod
                  full: a sheddable class gets 429 + Retry-After, others wait for room (bounded)
-    generate  -> Prefill.Prefill on the least loaded prefill pod (it pushes the KV to the decode pod)
-                 -> the first token -> Decode.Generate, streamed
+    generate  -> Prefill.Prefill on the pod `routing.py` picks (round-robin, least loaded, or the one
+                 holding most of the prompt's prefix, from the pods' KV events); it pushes the KV to
+                 the decode pod -> the first token -> Decode.Generate, streamed. Both calls name the
+                 memory pool's shards (discovered like the pods) when the fleet has a pool.
     failures  -> a prefill pod that fails: the next one; a decode pod that fails before it streamed
                  a token: another decode pod recomputes (no reservation, so no pushed KV); after
                  a token: a clean error to the client, never duplicated or wrong tokens
@@ -32,6 +34,7 @@ from kvfleet.dataplane.engine.api import (
 )
 from kvfleet.dataplane.roles import wire
 from kvfleet.dataplane.roles.discovery import Endpoint, PodDiscovery
+from kvfleet.dataplane.roles.routing import Candidate, PrefillPicker, RoutingPolicy
 from kvfleet.dataplane.roles.transport import PREFILL_TIMEOUT_S, CallError, GrpcTransport, RoleTransport
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 
@@ -70,12 +73,14 @@ class DisaggregatedEngine(AsyncEngine):
     """Routes each request over prefill and decode pods found by `discovery`."""
 
     def __init__(self, discovery: PodDiscovery, variants: Iterable[str], policy: RouterPolicy | None = None,
-                 transport: RoleTransport | None = None) -> None:
+                 transport: RoleTransport | None = None, routing: RoutingPolicy | None = None) -> None:
         self.discovery = discovery
         self.variants = list(variants)
         self.transport = transport or GrpcTransport()
         self.policy = policy or RouterPolicy()
         self.loads: dict[str, PodLoad] = {}  # address -> load
+        self.picker = PrefillPicker(routing or RoutingPolicy())
+        self._followers: dict[str, asyncio.Task[None]] = {}  # prefill pod address -> its KV-event stream
         self._reserved: dict[str, Endpoint] = {}  # request id -> decode pod holding its reservation
         self._poller: asyncio.Task[None] | None = None
         self.queued = 0  # requests waiting in `admit` for KV room
@@ -108,6 +113,9 @@ class DisaggregatedEngine(AsyncEngine):
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        for task in self._followers.values():
+            task.cancel()
+        self._followers.clear()
         self.discovery.stop()
         await self.transport.close()
 
@@ -186,19 +194,22 @@ class DisaggregatedEngine(AsyncEngine):
 
     async def _prefill(self, request: GenerationRequest, decode: Endpoint) -> pb.PrefillReply:
         msg = pb.PrefillRequest(request=wire.request_to_pb(request),
-                                target=pb.KVTarget(address=decode.address, reservation=request.request_id))
-        tried: set[str] = set()
-        while True:
-            cands = [e for e in self._by_load(self.discovery.endpoints("prefill", request.variant))
-                     if e.address not in tried]
-            if not cands:
-                raise RuntimeError(f"no prefill pod of {request.variant!r} answered")
-            ep = cands[0]
-            tried.add(ep.address)
+                                target=pb.KVTarget(address=decode.address, reservation=request.request_id),
+                                pool=self.pool_shards())
+        eps = {e.address: e for e in self.discovery.endpoints("prefill", request.variant)}
+        pick = self.picker.pick([Candidate(e.name, e.address, self._load(e).in_flight + self._load(e).stats.num_waiting,
+                                           self._load(e).stats.max_num_seqs) for e in eps.values()],
+                                request.variant, request.prompt_token_ids)
+        tracing.annotate(**{"kvfleet.prefix_matched_blocks": pick.matched_blocks,
+                            "kvfleet.prompt_blocks": pick.prompt_blocks})
+        for cand in pick.order:
+            ep = eps[cand.address]
             with self._busy(ep):
                 try:
                     tracing.annotate(**{"kvfleet.prefill_pod": ep.name})
-                    return await self.transport.prefill(ep.address, msg, tracing.inject())
+                    reply = await self.transport.prefill(ep.address, msg, tracing.inject())
+                    tracing.annotate(**{"kvfleet.pool_hit_blocks": reply.num_pool_blocks})
+                    return reply
                 except CallError as e:
                     if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise ValueError(e.details) from e
@@ -206,6 +217,14 @@ class DisaggregatedEngine(AsyncEngine):
                         raise
                     self.counters["prefill_retries"] += 1
                     log.warning("prefill pod %s failed (%s); trying another", ep.name, e.code)
+        raise RuntimeError(f"no prefill pod of {request.variant!r} answered")
+
+    def pool_shards(self) -> list[str]:
+        """The memory pool's pods in ordinal order (every pod must agree on a prompt's shard)."""
+        def ordinal(ep: Endpoint) -> tuple[int, str]:
+            tail = ep.name.rpartition("-")[2]
+            return (int(tail) if tail.isdigit() else -1, ep.name)
+        return [e.address for e in sorted(self.discovery.endpoints("mempool", ""), key=ordinal)]
 
     async def _decode(self, request: GenerationRequest, decode: Endpoint,
                       reply: pb.PrefillReply) -> AsyncIterator[RequestOutput]:
@@ -213,7 +232,7 @@ class DisaggregatedEngine(AsyncEngine):
         tried = {decode.address}
         while True:
             msg = pb.GenerateRequest(request=wire.request_to_pb(request), reservation=reservation,
-                                     first_token_id=reply.first_token_id)
+                                     first_token_id=reply.first_token_id, pool=self.pool_shards())
             stream = self.transport.generate(ep.address, msg, tracing.inject())
             try:
                 with self._busy(ep):
@@ -249,9 +268,6 @@ class DisaggregatedEngine(AsyncEngine):
     def _load(self, ep: Endpoint) -> PodLoad:
         return self.loads.setdefault(ep.address, PodLoad())
 
-    def _by_load(self, eps: Iterable[Endpoint]) -> list[Endpoint]:
-        return sorted(eps, key=lambda e: (self._load(e).in_flight + self._load(e).stats.num_waiting, e.name))
-
     def _decode_candidates(self, variant: str) -> list[Endpoint]:
         """Most KV headroom first, then least load."""
         eps = self.discovery.endpoints("decode", variant)
@@ -281,8 +297,25 @@ class DisaggregatedEngine(AsyncEngine):
             for addr in [a for a in self.loads if a not in eps]:
                 self.loads.pop(addr, None)
                 await self.transport.forget(addr)
+            for addr in [a for a in self._followers if a not in eps]:
+                self._followers.pop(addr).cancel()
+                self.picker.index.forget(addr)
+            for ep in eps.values():
+                if ep.role == "prefill" and ep.address not in self._followers:
+                    self._followers[ep.address] = asyncio.get_running_loop().create_task(self._follow(ep))
             await asyncio.gather(*(self._refresh(ep) for ep in eps.values()), return_exceptions=True)
             await asyncio.sleep(self.policy.stats_interval_s)
 
     async def _refresh(self, ep: Endpoint) -> None:
         self._load(ep).stats = await self.transport.stats(ep.address, ep.role)
+
+    async def _follow(self, ep: Endpoint) -> None:
+        """Keep the prefix index current with `ep`'s KV events; a broken stream is re-opened (snapshot first)."""
+        while True:
+            try:
+                async for batch in self.transport.kv_events(ep.address, ep.role):
+                    self.picker.index.apply(ep.address, batch)
+            except CallError as e:
+                log.debug("KV events of %s: %s", ep.name, e.code)
+            self.picker.index.forget(ep.address)
+            await asyncio.sleep(1.0)

@@ -1,4 +1,5 @@
-"""Which prefill and decode pods exist: from the Kubernetes API (watch pods by label) or a static list.
+"""Which prefill, decode and memory-pool pods exist: from the Kubernetes API (watch pods by label) or a
+static list. Pool pods serve every variant of the fleet: their endpoints have the variant "".
 
 The router asks `endpoints(role, variant)` at every pick, so a pod that leaves discovery gets no new
 work from the next pick on. `StaticDiscovery` is the in-process fake (and the local-run mode);
@@ -80,8 +81,12 @@ def _ready(pod: Any) -> bool:
 class KubernetesDiscovery(PodDiscovery):
     """Watches pods labelled `kvfleet.io/fleet=<fleet>` in one namespace (a thread; list, then watch)."""
 
-    def __init__(self, namespace: str, fleet: str, grpc_port: int, api: Any = None) -> None:
-        self.namespace, self.fleet, self.port = namespace, fleet, grpc_port
+    def __init__(self, namespace: str, fleet: str, grpc_port: int, api: Any = None,
+                 pool_port: int | None = None) -> None:
+        self.namespace, self.fleet = namespace, fleet
+        self.ports = {"prefill": grpc_port, "decode": grpc_port}
+        if pool_port is not None:
+            self.ports["mempool"] = pool_port
         self._api = api
         self._pods: dict[str, Endpoint] = {}
         self._lock = threading.Lock()
@@ -116,12 +121,13 @@ class KubernetesDiscovery(PodDiscovery):
         labels = pod.metadata.labels or {}
         name = pod.metadata.name
         with self._lock:
-            if deleted or not _ready(pod) or labels.get("kvfleet.io/role") not in ("prefill", "decode"):
+            role = labels.get("kvfleet.io/role", "")
+            if deleted or not _ready(pod) or role not in self.ports:
                 if self._pods.pop(name, None) is not None:
                     log.info("discovery: %s left", name)
                 return
-            ep = Endpoint(name, f"{pod.status.pod_ip}:{self.port}", labels["kvfleet.io/role"],
-                          labels.get("kvfleet.io/variant", ""))
+            variant = "" if role == "mempool" else labels.get("kvfleet.io/variant", "")
+            ep = Endpoint(name, f"{pod.status.pod_ip}:{self.ports[role]}", role, variant)
             if self._pods.get(name) != ep:
                 log.info("discovery: %s is %s of %s at %s", name, ep.role, ep.variant, ep.address)
             self._pods[name] = ep

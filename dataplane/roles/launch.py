@@ -53,6 +53,9 @@ def load_engine(config_path: Path) -> Any:
 async def serve(role: str, args: argparse.Namespace) -> None:
     from kvfleet.dataplane import tracing
     from kvfleet.dataplane.roles import wire
+    from kvfleet.dataplane.roles.engine import read_variant
+    from kvfleet.dataplane.roles.pool_client import GrpcPoolClient
+    from kvfleet.dataplane.roles.pool_use import PoolAccess
     from kvfleet.dataplane.roles.services import DecodeService, PrefillService
     from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
 
@@ -60,12 +63,15 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     await engine.start()
     telemetry = tracing.configure(role)
     telemetry.observe_engine(engine.stats)
+    # the pool's shards come with each call (the router discovers them); the family namespaces its keys
+    family = read_variant(args.config).get("spec", {}).get("family") or engine.engine.config.variant
+    pool = PoolAccess(engine, GrpcPoolClient(timeout_s=2.0), family)
     if role == "prefill":
         servicers = [(pb_grpc.add_PrefillServicer_to_server,
                       PrefillService(engine, corrupt_for_test=os.environ.get("KVFLEET_TEST_CORRUPT_KV") == "1",
-                                     telemetry=telemetry))]
+                                     telemetry=telemetry, pool=pool))]
     else:
-        servicers = [(pb_grpc.add_DecodeServicer_to_server, DecodeService(engine, telemetry))]
+        servicers = [(pb_grpc.add_DecodeServicer_to_server, DecodeService(engine, telemetry, pool=pool))]
     server, port = await wire.start_grpc(servicers, args.host, args.grpc_port)
     health = await wire.start_health(args.host, args.http_port, lambda: engine.error is None)
     stop = asyncio.Event()
@@ -79,6 +85,8 @@ async def serve(role: str, args: argparse.Namespace) -> None:
         # a scale-down: no new calls (decode refuses reservations), in-flight ones finish within the drain time
         await server.stop(grace=float(os.environ.get("KVFLEET_DRAIN_SECONDS", "5")))
         await health.cleanup()
+        await pool.drain()
+        await pool.client.close()
         await engine.shutdown()
         telemetry.shutdown()
 

@@ -2,11 +2,13 @@
 
     python -m kvfleet.dataplane.roles.router --config /etc/kvfleet/router.json [--host IP] [--port 8000]
     python -m kvfleet.dataplane.roles.router --config router.json --endpoint prefill=base@127.0.0.1:50051 \\
-        --endpoint decode=base@127.0.0.1:50052          # a static list instead of the Kubernetes API
+        --endpoint decode=base@127.0.0.1:50052 --endpoint mempool=@127.0.0.1:50060
+                                                        # a static list instead of the Kubernetes API
 
 `router.json` is rendered by the operator (`fleet_config_data`): the fleet, its namespace, the SLO
 classes (which may be shed under overload) and, per served model, its variant, weights (for the
-tokenizer) and the gRPC port of its pods. The HTTP surface, errors and SSE behaviour are exactly
+tokenizer) and the gRPC port of its pods, the memory pool's port when the fleet has one, and how prefill
+pods are picked (`routing`: mode round-robin | load | prefix, weights; `routing.py`). The HTTP surface, errors and SSE behaviour are exactly
 `kvfleet serve`'s (`server/app.py`); only the engine behind it differs (`DisaggregatedEngine`).
 """
 
@@ -36,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a static prefill/decode endpoint (repeatable); none: watch the fleet's pods")
     p.add_argument("--queue-timeout", type=float, default=30.0,
                    help="seconds a request of a non-sheddable class waits for KV room before a 429")
+    p.add_argument("--routing", choices=("round-robin", "load", "prefix"), default=None,
+                   help="how prefill pods are picked (default: router.json's routing.mode, else prefix)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -56,6 +60,7 @@ def load_tokenizer(models: list[dict[str, Any]]) -> Any:
 async def serve(args: argparse.Namespace) -> None:
     from kvfleet.dataplane.roles.disaggregated import DisaggregatedEngine, RouterPolicy
     from kvfleet.dataplane.roles.discovery import KubernetesDiscovery, StaticDiscovery
+    from kvfleet.dataplane.roles.routing import RoutingPolicy
     from kvfleet.dataplane.server.app import build_app, drain, start_server
 
     cfg = json.loads(args.config.read_text())
@@ -67,16 +72,19 @@ async def serve(args: argparse.Namespace) -> None:
         discovery: Any = StaticDiscovery.parse(args.endpoint)
     else:
         port = models[0]["roles"]["prefill"]["grpcPort"]
-        discovery = KubernetesDiscovery(cfg["namespace"], cfg["fleet"], port)
+        pool = cfg.get("mempool") or {}
+        discovery = KubernetesDiscovery(cfg["namespace"], cfg["fleet"], port, pool_port=pool.get("port"))
     policy = RouterPolicy(sheddable=frozenset(c["name"] for c in classes if c.get("sheddable")),
                           default_slo_class=cfg.get("defaultSloClass"), queue_timeout_s=args.queue_timeout,
                           default_max_model_len=int(cfg.get("maxModelLen") or 2048),
                           max_queued_requests=int(cfg.get("maxQueuedRequests") or 256))
-    engine = DisaggregatedEngine(discovery, [m["variant"] for m in models], policy)
+    routing = RoutingPolicy.from_dict({**(cfg.get("routing") or {}), **({"mode": args.routing} if args.routing else {})})
+    engine = DisaggregatedEngine(discovery, [m["variant"] for m in models], policy, routing=routing)
     from kvfleet.dataplane import tracing
 
     telemetry = tracing.configure("router")
-    telemetry.observe_router(lambda: engine.queued)
+    telemetry.observe_router(lambda: engine.queued, lambda: engine.picker.hit_rate,
+                             lambda: len(engine.picker.index))
     targets = {c["name"]: tracing.SLOTarget(float(c["ttftMs"]), float(c["tpotMs"])) for c in classes
                if "ttftMs" in c and "tpotMs" in c}
     app = build_app(engine, load_tokenizer(models), [m["model"] for m in models],

@@ -3,12 +3,15 @@
 prefill: `Prefill` runs the prompt with `max_tokens=1` and `export_kv`, samples the first token,
 and pushes the prompt's KV — as stored, block by block with checksums — to the decode pod the
 router reserved room on. A push that fails is reported (`transfer_ok=False`), never retried here:
-decode recomputes what it did not get.
+decode recomputes what it did not get. With the memory pool (`PrefillRequest.pool`), the prompt's
+blocks the pool holds are fetched first and the ones computed here offered after (`pool_use.py`).
 
 decode: `Reserve` holds blocks before anything moves (RESOURCE_EXHAUSTED when there is no room);
 `PushKV` parks the KV under its reservation; `Generate` continues after the first token and
 streams tokens; cancelling `Generate` (router or client gone) aborts the request and frees its
-blocks. Reservations nobody claims expire.
+blocks. Reservations nobody claims expire. A decode pod that must recompute asks the pool first.
+
+Both publish their prefix cache's events (`KVEvents`, `kv_events.py`) for prefix-aware routing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from kvfleet.dataplane.engine.api import KVHandoff
 from kvfleet.dataplane.engine.async_engine import AsyncLLMEngine
 from kvfleet.dataplane.engine.handoff import usable
 from kvfleet.dataplane.roles import wire
+from kvfleet.dataplane.roles.kv_events import KVEventHub
+from kvfleet.dataplane.roles.pool_use import PoolAccess, PoolFetch
 from kvfleet.dataplane.roles.transport import CallError, GrpcTransport, RoleTransport
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
@@ -35,9 +40,11 @@ RESERVATION_TTL_S = 60.0  # when the caller names none
 MAX_RESERVATION_TTL_S = 3600.0
 
 
-def role_stats(role: str, engine: AsyncLLMEngine, **extra: int) -> pb.RoleStats:
+def role_stats(role: str, engine: AsyncLLMEngine, pool: PoolAccess | None, **extra: int) -> pb.RoleStats:
     s = engine.stats()
-    return pb.RoleStats(role=role, num_running=s.num_running, num_waiting=s.num_waiting,
+    if pool is not None:
+        extra.update(pool.stats())
+    return pb.RoleStats(role=role, prompt_tokens_computed=engine.engine.prompt_tokens_computed, num_running=s.num_running, num_waiting=s.num_waiting,
                         kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used,
                         prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
                         prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, max_model_len=engine.max_model_len,
@@ -52,10 +59,13 @@ class PrefillService(pb_grpc.PrefillServicer):
     """Prompt KV and first token; KV pushed to the decode pod named in the call."""
 
     def __init__(self, engine: AsyncLLMEngine, transport: RoleTransport | None = None,
-                 corrupt_for_test: bool = False, telemetry: tracing.Telemetry | None = None) -> None:
+                 corrupt_for_test: bool = False, telemetry: tracing.Telemetry | None = None,
+                 pool: PoolAccess | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry
         self.transport = transport or GrpcTransport()
+        self.pool = pool
+        self.events = KVEventHub(engine)
         self.kv_blocks_sent = 0
         self.kv_bytes_sent = 0
         self.corrupt_for_test = corrupt_for_test  # flips one byte of every push (failure tests only)
@@ -66,6 +76,7 @@ class PrefillService(pb_grpc.PrefillServicer):
                                  "gen_ai.usage.input_tokens": len(request.request.prompt_token_ids)}):
             reply = await self._prefill(request, context)
             tracing.annotate(**{"kvfleet.prefix_hit_tokens": reply.num_cached_prompt_tokens,
+                                "kvfleet.pool_hit_blocks": reply.num_pool_blocks,
                                 "kvfleet.kv_transfer_bytes": reply.kv_bytes, "kvfleet.transfer_ms": reply.transfer_s * 1000,
                                 "kvfleet.kv_transfer_ok": reply.transfer_ok})
             return reply
@@ -77,8 +88,11 @@ class PrefillService(pb_grpc.PrefillServicer):
             await _invalid(context, e)
         want = greq.sampling.max_tokens
         greq.sampling = type(greq.sampling)(**{**greq.sampling.__dict__, "max_tokens": 1})
-        greq.export_kv = bool(request.target.address)
         t0 = time.monotonic()
+        shards = list(request.pool)
+        fetched = await self.pool.fetch(greq, shards) if self.pool else PoolFetch()
+        offering = self.pool is not None and self.pool.enabled and bool(shards)
+        greq.export_kv = bool(request.target.address) or offering
         final = None
         try:
             async for out in self.engine.generate(greq):
@@ -88,12 +102,15 @@ class PrefillService(pb_grpc.PrefillServicer):
         assert final is not None and final.finished
         reply = pb.PrefillReply(first_token_id=final.new_token_ids[0], num_prompt_tokens=final.num_prompt_tokens,
                                 num_cached_prompt_tokens=final.num_cached_prompt_tokens,
-                                prefill_s=time.monotonic() - t0)
+                                prefill_s=time.monotonic() - t0, num_pool_blocks=fetched.pool_blocks)
         if final.logprobs:
             reply.logprob.CopyFrom(wire.logprob_to_pb(final.logprobs[0]))
         if final.finish_reason == "stop" or want == 1:
             reply.finish_reason = final.finish_reason or "length"
-        if final.kv is not None and not reply.finish_reason:
+        if final.kv is not None and offering:
+            assert self.pool is not None
+            self.pool.offer(final.kv, shards, fetched, greq.slo_class or "")
+        if final.kv is not None and request.target.address and not reply.finish_reason:
             await self._push(final.kv, request.target, reply, tracing.inject())
         return reply
 
@@ -116,16 +133,23 @@ class PrefillService(pb_grpc.PrefillServicer):
             self.kv_blocks_sent += len(kv.blocks)
             self.kv_bytes_sent += kv.nbytes
 
+    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext) -> Any:
+        async for batch in self.events.subscribe():
+            yield batch
+
     async def Stats(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.RoleStats:
-        return role_stats("prefill", self.engine, kv_blocks_sent=self.kv_blocks_sent, kv_bytes_sent=self.kv_bytes_sent)
+        return role_stats("prefill", self.engine, self.pool, kv_blocks_sent=self.kv_blocks_sent, kv_bytes_sent=self.kv_bytes_sent)
 
 
 class DecodeService(pb_grpc.DecodeServicer):
     """Reservations, KV intake and token streaming over a decode engine."""
 
-    def __init__(self, engine: AsyncLLMEngine, telemetry: tracing.Telemetry | None = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, telemetry: tracing.Telemetry | None = None,
+                 pool: PoolAccess | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry
+        self.pool = pool
+        self.events = KVEventHub(engine)
         self.pushed: dict[str, KVHandoff] = {}  # reservation -> KV, until Generate claims it
         self.kv_blocks_received = 0
         self.kv_bytes_received = 0
@@ -172,6 +196,8 @@ class DecodeService(pb_grpc.DecodeServicer):
         kv = self.pushed.pop(request.reservation, None) if request.reservation else None
         if not request.reservation:
             greq.request_id = f"{greq.request_id}-{uuid.uuid4().hex[:8]}"  # a retry: never collide with a reservation
+        if kv is None and self.pool is not None:
+            await self.pool.fetch(greq, list(request.pool))  # recompute what the pool does not hold
         before = self.engine.recomputed
         first = True
         with tracing.hop_span(self.telemetry, "decode", context.invocation_metadata(),
@@ -203,9 +229,13 @@ class DecodeService(pb_grpc.DecodeServicer):
 
     async def Stats(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.RoleStats:
         n = len(self.engine.engine.reservations.tables)
-        return role_stats("decode", self.engine, reservations=n, kv_blocks_received=self.kv_blocks_received,
+        return role_stats("decode", self.engine, self.pool, reservations=n, kv_blocks_received=self.kv_blocks_received,
                           kv_bytes_received=self.kv_bytes_received, kv_checksum_failures=self.kv_checksum_failures,
                           recomputes=self.engine.recomputed)
+
+    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext) -> Any:
+        async for batch in self.events.subscribe():
+            yield batch
 
     def _start_reaper(self) -> None:
         if self._reaper is None:

@@ -52,6 +52,10 @@ class RoleTransport(ABC):
     @abstractmethod
     async def stats(self, address: str, role: str) -> pb.RoleStats: ...
 
+    @abstractmethod
+    def kv_events(self, address: str, role: str) -> AsyncIterator[pb.KVEventBatch]:
+        """The pod's prefix-cache events (a snapshot, then deltas) until the iterator is closed."""
+
     async def forget(self, address: str) -> None:  # noqa: B027 - optional hook
         """Drop what is held for a pod that left discovery (a channel)."""
 
@@ -114,6 +118,18 @@ class GrpcTransport(RoleTransport):
             return await stub.Stats(pb.Empty(), timeout=2.0)
         except grpc.aio.AioRpcError as e:
             raise CallError(e.code(), e.details() or "") from e
+
+    async def kv_events(self, address: str, role: str) -> AsyncIterator[pb.KVEventBatch]:  # type: ignore[override]
+        ch = self._ch(address)
+        stub = pb_grpc.DecodeStub(ch) if role == "decode" else pb_grpc.PrefillStub(ch)
+        call = stub.KVEvents(pb.KVEventsRequest())
+        try:
+            async for batch in call:
+                yield batch
+        except grpc.aio.AioRpcError as e:
+            raise CallError(e.code(), e.details() or "") from e
+        finally:
+            call.cancel()
 
     async def forget(self, address: str) -> None:
         ch = self._channels.pop(address, None)
@@ -187,3 +203,13 @@ class InProcessTransport(InProcessServices, RoleTransport):
 
     async def stats(self, address: str, role: str) -> pb.RoleStats:
         return await self._svc("Stats", address).Stats(pb.Empty(), FakeContext())  # type: ignore[no-any-return]
+
+    async def kv_events(self, address: str, role: str) -> AsyncIterator[pb.KVEventBatch]:  # type: ignore[override]
+        stream = self._svc("KVEvents", address).KVEvents(pb.KVEventsRequest(), FakeContext())
+        try:
+            async for batch in stream:
+                if address in self.down:
+                    raise CallError(grpc.StatusCode.UNAVAILABLE, f"{address} went away")
+                yield batch
+        finally:
+            await stream.aclose()

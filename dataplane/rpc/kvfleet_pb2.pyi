@@ -79,15 +79,17 @@ class KVTarget(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reservation: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "target")
+    __slots__ = ("request", "target", "pool")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     request: Request
     target: KVTarget
-    def __init__(self, request: _Optional[_Union[Request, _Mapping]] = ..., target: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
+    pool: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request: _Optional[_Union[Request, _Mapping]] = ..., target: _Optional[_Union[KVTarget, _Mapping]] = ..., pool: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("first_token_id", "logprob", "finish_reason", "num_prompt_tokens", "num_cached_prompt_tokens", "kv_bytes", "kv_blocks", "prefill_s", "transfer_s", "transfer_ok")
+    __slots__ = ("first_token_id", "logprob", "finish_reason", "num_prompt_tokens", "num_cached_prompt_tokens", "kv_bytes", "kv_blocks", "prefill_s", "transfer_s", "transfer_ok", "num_pool_blocks")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +100,7 @@ class PrefillReply(_message.Message):
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_OK_FIELD_NUMBER: _ClassVar[int]
+    NUM_POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     logprob: Logprob
     finish_reason: str
@@ -108,7 +111,8 @@ class PrefillReply(_message.Message):
     prefill_s: float
     transfer_s: float
     transfer_ok: bool
-    def __init__(self, first_token_id: _Optional[int] = ..., logprob: _Optional[_Union[Logprob, _Mapping]] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., transfer_ok: _Optional[bool] = ...) -> None: ...
+    num_pool_blocks: int
+    def __init__(self, first_token_id: _Optional[int] = ..., logprob: _Optional[_Union[Logprob, _Mapping]] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., transfer_ok: _Optional[bool] = ..., num_pool_blocks: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("reservation", "layout", "num_blocks", "num_tokens", "index", "block_hash", "payload", "crc32c", "lane", "rng_state", "num_hit_blocks", "num_cached_prompt_tokens")
@@ -167,14 +171,16 @@ class ReserveReply(_message.Message):
     def __init__(self, reservation: _Optional[str] = ..., free_blocks: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request", "reservation", "first_token_id")
+    __slots__ = ("request", "reservation", "first_token_id", "pool")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     request: Request
     reservation: str
     first_token_id: int
-    def __init__(self, request: _Optional[_Union[Request, _Mapping]] = ..., reservation: _Optional[str] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    pool: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request: _Optional[_Union[Request, _Mapping]] = ..., reservation: _Optional[str] = ..., first_token_id: _Optional[int] = ..., pool: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "num_prompt_tokens", "num_cached_prompt_tokens", "recomputed")
@@ -203,7 +209,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class RoleStats(_message.Message):
-    __slots__ = ("role", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "reservations", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "kv_blocks_received", "kv_bytes_received", "kv_checksum_failures", "recomputes", "kv_blocks_sent", "kv_bytes_sent", "max_model_len", "max_num_seqs")
+    __slots__ = ("role", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "reservations", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "kv_blocks_received", "kv_bytes_received", "kv_checksum_failures", "recomputes", "kv_blocks_sent", "kv_bytes_sent", "max_model_len", "max_num_seqs", "prompt_tokens_computed", "pool_blocks_fetched", "pool_bytes_fetched", "pool_blocks_offered", "pool_errors", "pool_checksum_failures")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +227,12 @@ class RoleStats(_message.Message):
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    POOL_BLOCKS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    POOL_BLOCKS_OFFERED_FIELD_NUMBER: _ClassVar[int]
+    POOL_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    POOL_CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_running: int
     num_waiting: int
@@ -238,7 +250,31 @@ class RoleStats(_message.Message):
     kv_bytes_sent: int
     max_model_len: int
     max_num_seqs: int
-    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., reservations: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_checksum_failures: _Optional[int] = ..., recomputes: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    prompt_tokens_computed: int
+    pool_blocks_fetched: int
+    pool_bytes_fetched: int
+    pool_blocks_offered: int
+    pool_errors: int
+    pool_checksum_failures: int
+    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., reservations: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_checksum_failures: _Optional[int] = ..., recomputes: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., pool_blocks_fetched: _Optional[int] = ..., pool_bytes_fetched: _Optional[int] = ..., pool_blocks_offered: _Optional[int] = ..., pool_errors: _Optional[int] = ..., pool_checksum_failures: _Optional[int] = ...) -> None: ...
+
+class KVEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVEventBatch(_message.Message):
+    __slots__ = ("reset", "stored", "removed", "block_size", "extra_key")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEY_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    removed: _containers.RepeatedScalarFieldContainer[bytes]
+    block_size: int
+    extra_key: str
+    def __init__(self, reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., block_size: _Optional[int] = ..., extra_key: _Optional[str] = ...) -> None: ...
 
 class PoolBlock(_message.Message):
     __slots__ = ("family", "layout", "slo_class", "block_hash", "payload", "crc32")

@@ -44,6 +44,11 @@ class PrefillStub:
                 request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.SerializeToString,
                 response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.RoleStats.FromString,
                 _registered_method=True)
+        self.KVEvents = channel.unary_stream(
+                '/kvfleet.v1alpha1.Prefill/KVEvents',
+                request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventBatch.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -62,6 +67,13 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVEvents(self, request, context):
+        """This pod's prefix cache: a snapshot, then what it stores and evicts, until the caller hangs up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.FromString,
                     response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.RoleStats.SerializeToString,
+            ),
+            'KVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventsRequest.FromString,
+                    response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +157,33 @@ class Prefill:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def KVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvfleet.v1alpha1.Prefill/KVEvents',
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventsRequest.SerializeToString,
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeStub:
     """Missing associated documentation comment in .proto file."""
@@ -174,6 +218,11 @@ class DecodeStub:
                 '/kvfleet.v1alpha1.Decode/Stats',
                 request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.SerializeToString,
                 response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.RoleStats.FromString,
+                _registered_method=True)
+        self.KVEvents = channel.unary_stream(
+                '/kvfleet.v1alpha1.Decode/KVEvents',
+                request_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventBatch.FromString,
                 _registered_method=True)
 
 
@@ -214,6 +263,12 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +296,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.FromString,
                     response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.RoleStats.SerializeToString,
+            ),
+            'KVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventsRequest.FromString,
+                    response_serializer=kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -378,6 +438,33 @@ class Decode:
             '/kvfleet.v1alpha1.Decode/Stats',
             kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.Empty.SerializeToString,
             kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.RoleStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvfleet.v1alpha1.Decode/KVEvents',
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventsRequest.SerializeToString,
+            kvfleet_dot_dataplane_dot_rpc_dot_kvfleet__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -141,3 +141,41 @@ def test_duplicate_hash_keeps_first_mapping():
 def test_blocks_module_is_torch_free():
     code = "import sys, kvfleet.dataplane.kvcache.blocks; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_events_report_what_is_cached_and_evicted_and_overflow_becomes_a_snapshot():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    bm.record_events(limit=8)
+    assert bm.drain_events() == (True, [], [])  # the first drain is a snapshot
+    table: list[int] = []
+    assert bm.allocate(table, 4)
+    bm.cache_blocks(table, [11, 12], 4)
+    assert bm.drain_events() == (False, [11, 12], [])
+    bm.free(table)
+    other: list[int] = []
+    assert bm.allocate(other, 8)  # needs every block: both cached ones are evicted
+    reset, stored, removed = bm.drain_events()
+    assert not reset and stored == [] and sorted(removed) == [11, 12]
+    bm.free(other)
+    for h in range(100, 110):  # more events than the log keeps between drains
+        b = bm.take_block_for(h)
+        assert b is not None
+        bm.publish_block(b, h)
+        bm.free([b])
+    reset, stored, removed = bm.drain_events()
+    assert reset and sorted(stored) == sorted(bm.hash_to_block) and removed == []
+    bm.check_invariants()
+
+
+def test_take_block_for_refuses_a_cached_hash_and_a_full_cache():
+    bm = BlockManager(num_blocks=2, block_size=2)
+    b = bm.take_block_for(7)
+    assert b is not None
+    bm.publish_block(b, 7)
+    assert bm.take_block_for(7) is None  # held already
+    table: list[int] = []
+    assert bm.allocate(table, 2)  # the other block
+    assert bm.take_block_for(8) is None  # block b is referenced by nobody but not free yet: nothing to take
+    bm.free([b])
+    assert bm.match_prefix([7], 1) == [b]  # freed, it stays cached for the next request
+    bm.check_invariants()

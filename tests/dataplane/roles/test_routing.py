@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from kvfleet.dataplane.roles.disaggregated import DisaggregatedEngine
 from kvfleet.dataplane.roles.discovery import Endpoint, KubernetesDiscovery, StaticDiscovery
+from kvfleet.dataplane.roles.routing import Candidate, RoutingPolicy
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 
 
@@ -24,13 +25,26 @@ def test_decode_pick_prefers_headroom_then_load_and_drops_pods_that_left():
     assert [e.name for e in eng._decode_candidates("v")] == ["a"]  # gone from discovery: no new work at once
 
 
-def test_prefill_pick_prefers_least_loaded():
+def test_prefill_pick_by_load_prefers_least_loaded():
     p1, p2 = Endpoint("p1", "h:1", "prefill", "v"), Endpoint("p2", "h:2", "prefill", "v")
-    eng, _ = _engine(p1, p2)
+    disc = StaticDiscovery([p1, p2])
+    eng = DisaggregatedEngine(disc, ["v"], routing=RoutingPolicy(mode="load"))
+
+    def order() -> list[str]:
+        cands = [Candidate(e.name, e.address, eng._load(e).in_flight + eng._load(e).stats.num_waiting, 0)
+                 for e in (p1, p2)]
+        return [c.name for c in eng.picker.pick(cands, "v", [1, 2, 3]).order]
+
     with eng._busy(p1):
-        assert [e.name for e in eng._by_load([p1, p2])] == ["p2", "p1"]
+        assert order() == ["p2", "p1"]
     eng._load(p2).stats = pb.RoleStats(num_waiting=3)
-    assert [e.name for e in eng._by_load([p1, p2])] == ["p1", "p2"]
+    assert order() == ["p1", "p2"]
+
+
+def test_pool_shards_are_discovered_in_ordinal_order():
+    pools = [Endpoint(f"f-mempool-{i}", f"10.0.0.{i}:50052", "mempool", "") for i in (10, 2, 0)]
+    eng, _ = _engine(*pools, Endpoint("p", "h:3", "prefill", "v"))
+    assert eng.pool_shards() == ["10.0.0.0:50052", "10.0.0.2:50052", "10.0.0.10:50052"]
 
 
 def test_static_endpoints_parse_and_refuse_garbage():
@@ -62,6 +76,14 @@ def test_kubernetes_discovery_keeps_ready_serving_pods_only():
     d._apply(_pod("d3", "decode", ip="10.0.0.3"), False)
     d._apply(_pod("d3", "decode", ip="10.0.0.3"), True)
     assert d.endpoints("decode", "v") == []
+    d._apply(_pod("m0", "mempool", ip="10.0.0.9"), False)
+    assert d.endpoints("mempool", "") == []  # no pool port configured: pool pods are not the router's
+
+
+def test_kubernetes_discovery_finds_pool_pods_on_the_pool_port():
+    d = KubernetesDiscovery("ns", "fleet", 50051, api=object(), pool_port=50052)
+    d._apply(_pod("m0", "mempool", ip="10.0.0.9"), False)
+    assert [e.address for e in d.endpoints("mempool", "")] == ["10.0.0.9:50052"]  # serves every variant
 
 
 def test_a_long_queue_sheds_sheddable_classes_at_once():
