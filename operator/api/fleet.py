@@ -109,6 +109,20 @@ class MempoolSpec(KubeModel):
     placement: Placement = Field(default_factory=Placement, description="Node selection and tolerations.")
 
 
+class RoutingSpec(KubeModel):
+    """How the router picks a prefill pod for each request."""
+
+    mode: Literal["round-robin", "load", "prefix"] = Field(
+        default="prefix",
+        description="prefix: the pod holding most of the prompt's leading KV blocks (from the pods' KV events), "
+        "less its load; a saturated pod's prefix counts for nothing. load: the least loaded. round-robin: in turn.",
+    )
+    prefix_weight: float = Field(default=1.0, ge=0, le=100, description="prefix: weight of the share of prompt "
+                                 "blocks a pod holds.")
+    load_weight: float = Field(default=1.0, ge=0, le=100, description="prefix: weight of a pod's load "
+                               "(requests in flight and waiting / its seats).")
+
+
 class RouterSpec(KubeModel):
     """The fleet's OpenAI-compatible entry point."""
 
@@ -123,6 +137,7 @@ class RouterSpec(KubeModel):
         default=256, ge=1, le=100000,
         description="Above this many queued requests, sheddable classes get HTTP 429.",
     )
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="How prefill pods are picked.")
 
 
 class RatioBand(KubeModel):

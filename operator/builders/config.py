@@ -123,6 +123,7 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
         "namespace": ns,
         "port": ROUTER_CONTAINER_PORT,
         "maxQueuedRequests": spec.router.max_queued_requests,
+        "routing": spec.router.routing.to_k8s(),
         "topology": spec.topology.mode,
         "defaultSloClass": spec.default_slo_class,
         "sloClasses": [{"name": c.metadata.name, **c.spec.to_k8s()} for c in inputs.slo_classes],
