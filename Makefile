@@ -111,9 +111,12 @@ bench-fleet-sim: venv ## kvfleet's planner vs HPA on GPU util vs KEDA on queue d
 bench-openai: venv ## SmolLM2-135M: throughput with 25% JSON-schema-constrained requests vs none, sampler cost per step (penalties, bias, grammar mask); writes bench/results/openai_surface.*
 	$(PY) -m bench.openai_surface
 
-.PHONY: bench-disagg
+.PHONY: bench-disagg bench-prefix
 bench-disagg: venv ## colocated vs router+prefill+decode on long prompts (TTFT/TPOT), KV transfer per prompt token for fp32/int8/int4, GPU-cluster model; writes bench/results/disaggregated.* (~10 min)
 	$(PY) -m bench.disaggregated
+
+bench-prefix: venv ## shared-prefix workload on router + 2 prefill + 2 decode: round-robin vs load vs prefix routing, with and without the memory pool; writes bench/results/prefix_routing.* (~15 min)
+	$(PY) -m bench.prefix_routing
 
 bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet serve latency at 1/4/16; writes bench/results/engine.* (VLLM_PYTHON=venv/bin/python adds vLLM)
 	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)

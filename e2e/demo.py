@@ -123,24 +123,30 @@ def demo_fleet() -> list[dict[str, Any]]:
 
 
 def split_fleet() -> list[dict[str, Any]]:
-    """A disaggregated fleet of the real model (router + prefill + decode run locally) and its int8 policy."""
-    role = {"minReplicas": 1, "maxReplicas": 2, "maxNumSeqs": 16,
-            "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
-            "placement": {"tolerations": [GPU_TOLERATION]}}
+    """A disaggregated fleet of the real model (router, two prefill pods, decode and the KV memory pool run
+    locally) and its int8 policy with the pool enabled."""
+    gpu = {"resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+           "placement": {"tolerations": [GPU_TOLERATION]}}
+    prefill = {"minReplicas": 2, "maxReplicas": 2, "maxNumSeqs": 16, **gpu}
+    decode = {"minReplicas": 1, "maxReplicas": 2, "maxNumSeqs": 16, **gpu}
     policy = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "CachePolicy",
               "metadata": {"name": "int8-split", "namespace": NAMESPACE},
               # NOTE: per-token keys. With per-channel (KIVI) keys and sinkTokens not a multiple of groupSize, a
               # prefix-cache hit reads the sink rows as stored, quantized with a scale that excluded them: SmolLM2's
               # output collapses (colocated too; see the session note). Per-token scales have no such coupling.
               "spec": {"blockSizeTokens": 16, "quantization": {"dtype": "int8", "keyGranularity": "per-token",
-                                                               "groupSize": 16, "residualTokens": 32, "sinkTokens": 4}}}
+                                                               "groupSize": 16, "residualTokens": 32, "sinkTokens": 4},
+                       "pool": {"enabled": True, "capacityBytes": 1 << 30}}}
     fleet = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet",
              "metadata": {"name": SPLIT_FLEET, "namespace": NAMESPACE},
              "spec": {"variants": [{"name": "smollm2-base"}], "cachePolicy": "int8-split",
                       "sloClasses": ["interactive", "batch"], "defaultSloClass": "interactive",
                       "podAnnotations": {"kvfleet.io/run-locally": "true"},
-                      "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
-                      "topology": {"mode": "disaggregated", "prefill": role, "decode": role}}}
+                      # round-robin: each prefill pod in turn, so the second one must take a prefix the
+                      # first computed from the pool (the default, prefix, would send it back to the first)
+                      "router": {"placement": {"tolerations": [GPU_TOLERATION]}, "routing": {"mode": "round-robin"}},
+                      "mempool": {"replicas": 1, "placement": {"tolerations": [GPU_TOLERATION]}},
+                      "topology": {"mode": "disaggregated", "prefill": prefill, "decode": decode}}}
     return [policy, fleet]
 
 
@@ -157,15 +163,16 @@ def adapters_volume() -> list[dict[str, Any]]:
     ]
 
 
-def chat(ip: str, prompt: str, port: int = 8080) -> tuple[str, float, float, int]:
+def chat(ip: str, prompt: str, port: int = 8080, system: str | None = None) -> tuple[str, float, float, int]:
     """Stream one chat completion from an engine or router pod; (text, ttft_s, total_s, tokens)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://{ip}:{port}/v1", api_key="demo", max_retries=0, timeout=120)
     t0 = time.perf_counter()
     ttft, parts, tokens = 0.0, [], 0
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     stream = client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0,
+        model="smollm2", messages=messages, max_tokens=48, temperature=0,
         stream=True, stream_options={"include_usage": True},
     )
     for chunk in stream:
@@ -305,8 +312,9 @@ def autoscale(demo: Demo, ip: str) -> None:
 
 
 def serve_disaggregated(demo: Demo) -> None:
-    step(f"a disaggregated fleet of the real SmolLM2-135M-Instruct ({SPLIT_FLEET}, int8 KV): router, prefill and "
-         "decode pods run locally; the router finds its pods from the API under its own ServiceAccount")
+    step(f"a disaggregated fleet of the real SmolLM2-135M-Instruct ({SPLIT_FLEET}, int8 KV): router, two prefill "
+         "pods, a decode pod and the KV memory pool run locally; the router finds them from the API under its own "
+         "ServiceAccount")
     demo.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(split_fleet()), show=True)
     sel = f"kvfleet.io/fleet={SPLIT_FLEET}"
 
@@ -314,8 +322,8 @@ def serve_disaggregated(demo: Demo) -> None:
         return serving_pod_ips(demo.get("pods", "-n", NAMESPACE, "-l", f"{sel},kvfleet.io/role={role}")["items"],
                                port=port)
 
-    for role, port in (("prefill", 8080), ("decode", 8080), ("router", 8000)):
-        wait_for(f"a ready {role} pod", lambda r=role, p=port: serving(r, p), 300)
+    for role, port, n in (("prefill", 8080, 2), ("decode", 8080, 1), ("mempool", 8080, 1), ("router", 8000, 1)):
+        wait_for(f"{n} ready {role} pod(s)", lambda r=role, p=port, k=n: len(serving(r, p)) >= k or None, 300)
     demo.kubectl("get", "pods,sa,role,rolebinding", "-n", NAMESPACE, "-l", sel, "-o", "wide", show=True)
     (router_ip,) = serving("router", 8000)
 
@@ -338,7 +346,53 @@ def serve_disaggregated(demo: Demo) -> None:
     print(f"decode pod {decode_ip}: received {s.kv_blocks_received} KV blocks = {s.kv_bytes_received / 1e6:.2f} MB "
           f"(int8 codes + scales + full-precision lanes), {s.recomputes} recomputed, "
           f"{s.kv_checksum_failures} checksum failures")
+    show_pool(demo, lambda q: wait_for("an answer", lambda: _ask(router_ip, q), 60), serving)
     demo.kubectl("delete", "fleet", SPLIT_FLEET, "-n", NAMESPACE, "--wait=true", show=True)
+
+
+LIBRARIAN = ("You are the librarian of a small town library. Answer in one or two sentences, name the shelf where "
+             "the book can be found, and never invent a title the catalogue does not list. Shelves: A holds atlases "
+             "and travel guides, B holds history, C holds cooking, D holds poetry, E holds science, F holds fiction "
+             "for children, G holds fiction for adults, and H holds magazines and newspapers of the last month.")
+
+
+def _ask(router_ip: str, question: str) -> tuple[str, float, float, int] | None:
+    try:
+        return chat(router_ip, question, port=8000, system=LIBRARIAN)
+    except Exception:  # noqa: BLE001 - a transient 429/503 while pods settle
+        return None
+
+
+def show_pool(demo: Demo, ask: Any, serving: Any) -> None:
+    """Two questions under one long system prompt land on the two prefill pods in turn: the second pod takes
+    the shared prefix from the memory pool; the pool's hit rate reaches the fleet's status over OTLP."""
+    from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
+    from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc
+
+    step("the KV memory pool: one long system prompt, two questions, two prefill pods (round-robin)")
+    for q in ("Where are the atlases?", "Where would I find a cookbook?", "Do you have poetry?"):
+        text, ttft, _, _ = ask(q)
+        print(f"  {q!r} -> {text.strip()!r} (TTFT {ttft * 1000:.0f} ms)")
+    for ip in serving("prefill", 8080):
+        with grpc.insecure_channel(f"{ip}:50051") as ch:
+            s = pb_grpc.PrefillStub(ch).Stats(pb.Empty(), timeout=5)
+        print(f"  prefill pod {ip}: {s.prompt_tokens} prompt tokens, {s.prompt_tokens_computed} computed, "
+              f"{s.pool_blocks_fetched} blocks from the pool, {s.pool_blocks_offered} offered to it")
+    (pool_ip,) = serving("mempool", 8080)
+    with grpc.insecure_channel(f"{pool_ip}:50052") as ch:
+        ps = pb_grpc.MempoolStub(ch).Stats(pb.Empty(), timeout=5)
+    print(f"  mempool pod {pool_ip}: {ps.blocks} blocks = {ps.used_bytes / 1e6:.1f} MB held, "
+          f"{ps.hit_keys}/{ps.lookup_keys} blocks asked for were found")
+
+    def status_hit_rate() -> float | None:
+        rate = (demo.get("fleet", SPLIT_FLEET, "-n", NAMESPACE).get("status") or {}).get("poolHitRate")
+        return rate if rate else None
+
+    rate = wait_for("the pool's hit rate in the fleet status (OTLP metrics)", status_hit_rate, 90)
+    print(f"  fleet status: poolHitRate={rate}")
+    demo.kubectl("get", "fleet", SPLIT_FLEET, "-n", NAMESPACE, "-o",
+                 "custom-columns=NAME:.metadata.name,POOL-HIT-RATE:.status.poolHitRate,POOL-BYTES:.status.poolBytes",
+                 show=True)
 
 
 def main(argv: list[str] | None = None) -> int:
