@@ -42,11 +42,11 @@ BLOCK_SIZE = 16
 MODES = ("round-robin", "load", "prefix")
 
 
-def engine_config(tmp: Path, model_dir: str, num_kv_blocks: int, name: str) -> Path:
+def engine_config(tmp: Path, model_dir: str, num_kv_blocks: int, name: str, max_num_seqs: int) -> Path:
     from kvfleet.dataplane.config import EngineConfig
 
     cfg = EngineConfig(model_dir=model_dir, variant=MODEL, dtype="float32", device="cpu", block_size=BLOCK_SIZE,
-                       num_kv_blocks=num_kv_blocks, max_num_seqs=8, max_num_batched_tokens=1024)
+                       num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=1024)
     path = tmp / name / "engine.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg.to_json())
@@ -62,8 +62,10 @@ def start_fleet(tmp: Path, model_dir: str, mode: str, pool: bool, prefill_blocks
             argv += ["--threads", "1"]
         return Proc(name, argv, tmp / f"{name}-{time.monotonic_ns()}.log", r"gRPC on (\S+:\d+)")
 
-    pre_cfg = engine_config(tmp, model_dir, prefill_blocks, "prefill")
-    dec_cfg = engine_config(tmp, model_dir, 512, "decode")
+    pre_cfg = engine_config(tmp, model_dir, prefill_blocks, "prefill", 8)
+    # decode holds a seat from reservation to the last token: enough seats that an overloaded setup queues
+    # in prefill (longer TTFT), as it would with more decode pods, instead of refusing requests
+    dec_cfg = engine_config(tmp, model_dir, 2048, "decode", 64)
     procs = [role(f"prefill-{i}", "prefill", pre_cfg) for i in range(2)]
     procs += [role(f"decode-{i}", "decode", dec_cfg) for i in range(2)]
     if pool:
@@ -82,7 +84,7 @@ def start_fleet(tmp: Path, model_dir: str, mode: str, pool: bool, prefill_blocks
     path = tmp / f"router-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(rcfg))
     argv = [sys.executable, "-m", "kvfleet.dataplane.roles.router", "--config", str(path), "--host", "127.0.0.1",
-            "--port", "0", "--log-level", "WARNING", "--routing", mode, *eps]
+            "--port", "0", "--log-level", "WARNING", "--routing", mode, "--queue-timeout", "1800", *eps]
     rtr = Proc("router", argv, tmp / f"router-{time.monotonic_ns()}.log", r"listening on (http://\S+)").start()
     rtr.wait_ready()
     return [rtr, *procs]
@@ -225,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tenants", type=int, default=8)
     p.add_argument("--system-tokens", type=int, default=384)
-    p.add_argument("--requests", type=int, default=96)
-    p.add_argument("--rate", type=float, default=0.7, help="Poisson arrivals, requests/s")
+    p.add_argument("--requests", type=int, default=72)
+    p.add_argument("--rate", type=float, default=0.45, help="Poisson arrivals, requests/s")
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--pod-cache-prompts", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
