@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kvfleet.dataplane.config import EngineConfig, SLOClassConfig
+from kvfleet.dataplane.config import EngineConfig, SLOClassConfig, tokenizer_dir
 
 log = logging.getLogger("kvfleet.serve")
 
@@ -99,8 +99,8 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     from kvfleet.dataplane.model.tokenizer import Tokenizer
     from kvfleet.dataplane.server.app import build_app, drain, start_server
 
-    log.info("loading %s", config.model_dir)
-    tokenizer = Tokenizer.from_dir(config.model_dir)
+    log.info("loading %s", config.weights_dir)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(config))
     engine = AsyncLLMEngine.from_config(config)
     slo_names = [c.name for c in config.slo_classes] or None
     from kvfleet.dataplane import tracing
