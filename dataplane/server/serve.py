@@ -78,7 +78,7 @@ def parse_slo_class(spec: str) -> SLOClassConfig:
 
 
 def parse_lora(spec: str) -> AdapterConfig:
-    """NAME=DIR (a PEFT adapter directory) -> AdapterConfig with the rank and alpha it declares."""
+    """NAME=DIR (a PEFT adapter directory) -> AdapterConfig (its rank and alpha are read from the directory)."""
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise SystemExit(f"kvfleet serve: --lora {spec!r}: expected NAME=DIR")
@@ -88,7 +88,7 @@ def parse_lora(spec: str) -> AdapterConfig:
         declared = read_adapter_config(path)
     except AdapterError as e:
         raise SystemExit(f"kvfleet serve: --lora {spec!r}: {e}") from e
-    return AdapterConfig(name, path, declared.rank, declared.alpha)
+    return AdapterConfig(name, path, declared.rank, declared.alpha)  # checked again by the engine
 
 
 def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> EngineConfig:
@@ -137,7 +137,7 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     app = build_app(engine, tokenizer, names, variant=config.variant, slo_classes=slo_names,
                     telemetry=telemetry, slo_targets=targets, default_slo_class=config.default_slo_class,
                     variants={**{n: config.variant for n in served_model_names}, **adapters} if adapters else None,
-                    parents={n: served_model_names[0] for n in adapters})
+                    parents={n: served_model_names[0] for n in adapters} if served_model_names else None)
     runner, url = await start_server(app, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
