@@ -186,22 +186,22 @@ class AdapterConfig:
 
     name: the ModelVariant name (what `GenerationRequest.variant` carries); served_name: the OpenAI
     `model` clients send (default: name). dir: a PEFT adapter directory (adapter_config.json +
-    adapter_model.safetensors); rank/alpha must agree with its adapter_config.json (the engine checks
-    on load: the scale is alpha / rank). preload: load at startup instead of on first use.
+    adapter_model.safetensors); rank/alpha, when given, must agree with its adapter_config.json (the
+    engine checks at startup; None: as the adapter declares). preload: load at startup, not on first use.
     """
 
     name: str
     dir: str
-    rank: int
-    alpha: float
+    rank: int | None = None
+    alpha: float | None = None
     served_name: str = ""
     preload: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "adapters[].name must be non-empty")
         _check(bool(self.dir), f"adapter {self.name!r}: dir must be non-empty")
-        _check(self.rank >= 1, f"adapter {self.name!r}: rank must be >= 1, got {self.rank}")
-        _check(self.alpha > 0, f"adapter {self.name!r}: alpha must be > 0, got {self.alpha}")
+        _check(self.rank is None or self.rank >= 1, f"adapter {self.name!r}: rank must be >= 1, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, f"adapter {self.name!r}: alpha must be > 0, got {self.alpha}")
 
     @property
     def model_name(self) -> str:
