@@ -11,6 +11,7 @@ from kvfleet.dataplane.config import AdapterConfig, EngineConfig
 from kvfleet.dataplane.engine.api import SamplingParams
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
 from kvfleet.dataplane.model.tiny import write_tiny_llama
+
 from kvfleet.tools.finetune import Recipe, corpus_text, train
 
 transformers = pytest.importorskip("transformers")
