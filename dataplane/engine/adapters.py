@@ -137,11 +137,23 @@ class AdapterManager:
         if key != self._stack_key:  # NOTE: a steady decode batch keeps its adapter set, so this is rare
             self._stack_key, self._stacks = key, LoRABatch.stack(adapters)
         slot = {n: i for i, n in enumerate(names)}
-        per_seq = torch.tensor([-1 if n is None else slot[n] for n in seq_adapters], dtype=torch.int64)
-        token_slots = per_seq.repeat_interleave(torch.tensor(counts, dtype=torch.int64))  # [T]
-        return LoRABatch(adapters, self._stacks, token_slots.to(self.device, non_blocking=True))
+        slots = [-1 if n is None else slot[n] for n in seq_adapters]
+        token_slots = torch.tensor(slots, dtype=torch.int64).repeat_interleave(
+            torch.tensor(counts, dtype=torch.int64))  # [T]
+        rows: list[list[int]] = [[] for _ in names]  # each slot's token rows in the flat batch
+        start = 0
+        for s, c in zip(slots, counts, strict=True):
+            if s >= 0:
+                rows[s] += range(start, start + c)
+            start += c
+        tmax = max(len(r) for r in rows)
+        gather = None
+        if len(names) * tmax <= 2 * sum(len(r) for r in rows):  # even enough: padding costs at most 2x
+            gather = torch.tensor([r + [start] * (tmax - len(r)) for r in rows], dtype=torch.int64)  # [S, Tmax]
+            gather = gather.to(self.device, non_blocking=True)
+        return LoRABatch(adapters, self._stacks, token_slots.to(self.device, non_blocking=True), gather)
 
     @property
     def stack_bytes(self) -> int:
         """Bytes held by the current step's stacked copies (freed when the adapter set changes)."""
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self._stacks.values())
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self._stacks.values())

@@ -8,12 +8,16 @@ A is [r, in], B is [out, r], and a target module's output becomes `W x + (alpha 
 ranks, modules_to_save, embeddings or lm_head) is refused with the reason, never ignored.
 
 `LoRABatch` applies several adapters to one flat token batch (Punica/S-LoRA style): each token carries
-the slot of its adapter (-1: the base); per (layer, module) the active adapters' A are stacked into
-A_cat [R, in] and their scaled B into B_cat [out, R] (R = sum of ranks), and
+the slot of its adapter (-1: the base); per (layer, module) the step's S adapters are stacked, zero-padded
+to the largest rank r: A [S, r, in] and scaled B^T [S, r, out]. Two exact ways to apply them, chosen per
+step by how the tokens spread over the adapters:
 
-    delta = ((x @ A_cat.T) * mask) @ B_cat.T        x [T, in], mask [T, R]: 1 where column r is the token's adapter
+    grouped (tokens spread evenly, e.g. decode):  xs = x[gather]  [S, Tmax, in]   (each adapter's tokens)
+        delta[gather] = bmm(bmm(xs, A^T), B^T)    -> T*r multiply-adds per input feature
+    masked (one adapter holds most tokens, e.g. a long prefill):
+        delta = ((x @ A.view(S*r, in)^T) * mask) @ B^T.view(S*r, out)    mask [T, S*r]: 1 on the token's own slot
 
-two matmuls for every adapter in the step at once; base tokens get an exact zero.
+Base tokens get an exact zero either way.
 """
 
 from __future__ import annotations
@@ -163,48 +167,58 @@ def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], rank: in
 class LoRABatch:
     """The adapters of one step, stacked per (layer, module); see the module docstring for the maths.
 
-    slots: the step's adapters in slot order; token_slots [T] (int64, -1 = base) says whose each token is.
+    slots: the step's adapters in slot order; token_slots [T] (int64, -1 = base) says whose each token is;
+    gather [S, Tmax] (or None): each slot's token rows, padded with row T, for the grouped path.
     """
 
-    def __init__(self, slots: list[LoRAAdapter], stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]],
-                 token_slots: torch.Tensor) -> None:
+    def __init__(self, slots: list[LoRAAdapter], stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                 token_slots: torch.Tensor, gather: torch.Tensor | None = None) -> None:
         self.slots = slots
-        self.stacks = stacks  # (layer, module) -> A_cat [R, in], B_cat [out, R], owner [R] (slot of each column)
+        self.stacks = stacks  # (layer, module) -> A [S, r, in], B^T*scale [S, r, out] (zero-padded to r = max rank)
         self.token_slots = token_slots  # [T]
-        self._masks: dict[int, torch.Tensor] = {}  # id(owner) -> mask [T, R]
+        self.gather = gather  # [S, Tmax] rows of x (T = the zero pad row), or None: the masked path
+        self._mask: torch.Tensor | None = None  # [T, S*r], masked path
 
     @staticmethod
-    def stack(slots: list[LoRAAdapter]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Concatenate the slots' matrices per (layer, module) (done once per distinct adapter set)."""
-        keys = sorted({k for a in slots for k in a.weights})
-        out = {}
-        owners: dict[tuple[int, ...], torch.Tensor] = {}  # one owner tensor per slot pattern (shared masks)
-        for key in keys:
-            parts = [(s, a.weights[key]) for s, a in enumerate(slots) if key in a.weights]
-            pattern = tuple(s for s, (a, _) in parts for _ in range(a.shape[0]))
-            if pattern not in owners:
-                owners[pattern] = torch.tensor(pattern, dtype=torch.int64, device=parts[0][1][0].device)
-            out[key] = (torch.cat([a for _, (a, _) in parts], 0),  # [R, in]
-                        torch.cat([b for _, (_, b) in parts], 1),  # [out, R]
-                        owners[pattern])
-        return out
+    def stack(slots: list[LoRAAdapter]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Pad the slots' matrices to the largest rank and stack them per (layer, module) (once per adapter set).
 
-    def _mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        mask = self._masks.get(id(owner))
-        if mask is None:
-            mask = (self.token_slots[:, None] == owner[None, :]).to(dtype)  # [T, R]
-            self._masks[id(owner)] = mask
-        return mask
+        A slot that does not target a module (or has a smaller rank) contributes zero rows: exact zeros.
+        """
+        rank = max(a.spec.rank for a in slots)
+        out = {}
+        for key in sorted({k for a in slots for k in a.weights}):
+            ref_a, ref_b = next(a.weights[key] for a in slots if key in a.weights)
+            a_pad = ref_a.new_zeros(len(slots), rank, ref_a.shape[1])  # [S, r, in]
+            bt_pad = ref_b.new_zeros(len(slots), rank, ref_b.shape[0])  # [S, r, out]
+            for s, adapter in enumerate(slots):
+                if key in adapter.weights:
+                    a, b = adapter.weights[key]
+                    a_pad[s, :a.shape[0]] = a
+                    bt_pad[s, :a.shape[0]] = b.T
+            out[key] = (a_pad, bt_pad)
+        return out
 
     def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
         """x [T, in] -> the adapters' contribution [T, out] to `module`'s output (None: no adapter targets it)."""
         stack = self.stacks.get((layer, module))
         if stack is None:
             return None
-        a_cat, b_cat, owner = stack
-        xa = x @ a_cat.T  # [T, R]
-        return (xa * self._mask(owner, xa.dtype)) @ b_cat.T  # [T, out]
+        a_pad, bt_pad = stack
+        n_slots, rank, d_out = bt_pad.shape
+        if self.gather is not None:  # grouped (SGMV-like): each adapter's tokens times its own matrices
+            t = x.shape[0]
+            xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather]  # [S, Tmax, in]
+            d = torch.bmm(torch.bmm(xs, a_pad.transpose(1, 2)), bt_pad)  # [S, Tmax, r] -> [S, Tmax, out]
+            out = x.new_zeros(t + 1, d_out)
+            out[self.gather.reshape(-1)] = d.reshape(-1, d_out)  # padding lands on row T, dropped
+            return out[:t]
+        # masked: every token against every slot's columns, zero outside its own
+        if self._mask is None:
+            owner = torch.arange(n_slots, device=x.device).repeat_interleave(rank)  # [S*r]
+            self._mask = (self.token_slots[:, None] == owner[None, :]).to(x.dtype)  # [T, S*r]
+        xa = x @ a_pad.reshape(n_slots * rank, -1).T  # [T, S*r]
+        return (xa * self._mask) @ bt_pad.reshape(n_slots * rank, d_out)  # [T, out]
 
     def add_packed(self, layer: int, modules: tuple[str, ...], sizes: list[int], x: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
