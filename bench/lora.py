@@ -35,6 +35,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def adapters_for(base: Path, n: int, tmp: Path) -> list[Path]:
     from kvfleet.dataplane.model.tiny import write_random_lora
+
     from kvfleet.tools.finetune import RECIPES, finetune_dir
 
     dirs = []
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "lora")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from kvfleet.dataplane.model.smollm2 import smollm2_dir
     from kvfleet.dataplane.model.loader import safetensors_files
+    from kvfleet.dataplane.model.smollm2 import smollm2_dir
 
     base = Path(smollm2_dir())
     rows = []
