@@ -213,13 +213,13 @@ class Scheduler:
         admitted: list[Sequence] = []
         victims: list[Sequence] = []  # joined to waiting after the loop: never re-admitted this step
         ok = True
-        adapters = {s.adapter for s in self.running if s.adapter is not None}
+        adapters = self.running_adapters()
         for seq in self.waiting:
             if budget == 0:
                 break
-            if seq.adapter is not None and seq.adapter not in adapters:
-                if self.max_adapters is not None and len(adapters) >= self.max_adapters:
-                    break  # its adapter waits for one of the running ones to finish (order is kept)
+            if not self.adapter_fits(seq, adapters):
+                break  # its adapter waits for one of the running ones to finish (order is kept)
+            if seq.adapter is not None:
                 adapters.add(seq.adapter)
             while ok and len(self.running) >= self.max_num_seqs:
                 ok, budget = self._preempt_lower(seq, out, budget, now, victims, admitted)
@@ -249,6 +249,16 @@ class Scheduler:
         del self.waiting[:len(admitted)]
         self.waiting.extend(victims)
         return budget
+
+    def running_adapters(self) -> set[str]:
+        return {s.adapter for s in self.running if s.adapter is not None}
+
+    def adapter_fits(self, seq: Sequence, adapters: set[str] | None = None) -> bool:
+        """Whether `seq` may run now without more than `max_adapters` distinct adapters among running ones."""
+        if seq.adapter is None or self.max_adapters is None:
+            return True
+        adapters = self.running_adapters() if adapters is None else adapters
+        return seq.adapter in adapters or len(adapters) < self.max_adapters
 
     def _preempt_lower(self, seq: Sequence, out: SchedulerOutput, budget: int, now: float,
                        victims: list[Sequence], admitted: list[Sequence]) -> tuple[bool, int]:

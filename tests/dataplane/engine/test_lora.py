@@ -164,3 +164,33 @@ def test_full_fine_tune_equals_transformers_and_uses_the_base_tokenizer(lora_set
     # same variant name, other weights: a different prefix key (no stale KV through the pool)
     assert engine.new_sequence(GenerationRequest("a", PROMPTS[0])).extra_key != \
         base_engine.new_sequence(GenerationRequest("a", PROMPTS[0])).extra_key
+
+
+def _steps(engine, rid: str) -> list[int]:
+    toks = []
+    while engine.has_unfinished():
+        toks += [t for o in engine.step() if o.request_id == rid for t in o.new_token_ids]
+    return toks
+
+
+def test_prefill_to_decode_hand_off_carries_the_adapter_through_the_variant(lora_setup) -> None:
+    from dataclasses import replace
+
+    base, adapters = lora_setup
+    want = LLMEngine.from_config(_config(base, adapters)).generate([PROMPTS[1]], GREEDY, variant="attn-r4")[0]
+    prefill = LLMEngine.from_config(_config(base, adapters))
+    prefill.add_request(GenerationRequest("r", PROMPTS[1], replace(GREEDY, max_tokens=1), variant="attn-r4",
+                                          export_kv=True))
+    first = [o for o in (o for _ in range(4) for o in prefill.step()) if o.finished][0]
+    decode = LLMEngine.from_config(_config(base, adapters, max_active_adapters=1))
+    assert decode.reserve("r", len(PROMPTS[1]), GREEDY.max_tokens)
+    assert decode.add_prefilled(GenerationRequest("r", PROMPTS[1], GREEDY, variant="attn-r4"),
+                                first.new_token_ids[0], first.kv) is False  # the pushed KV was used
+    assert first.new_token_ids + _steps(decode, "r") == want.new_token_ids
+    # the decode engine is at its adapter cap (another adapter runs): the hand-off queues as a recompute
+    decode.add_request(GenerationRequest("busy", PROMPTS[0], GREEDY, variant="all-r8"))
+    decode.step()
+    assert decode.reserve("r2", len(PROMPTS[1]), GREEDY.max_tokens)
+    assert decode.add_prefilled(GenerationRequest("r2", PROMPTS[1], GREEDY, variant="attn-r4"),
+                                first.new_token_ids[0], first.kv) is True
+    assert first.new_token_ids + _steps(decode, "r2") == want.new_token_ids
