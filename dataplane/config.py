@@ -307,29 +307,13 @@ class EngineConfig:
         _check(isinstance(data, dict), f"engine config must be an object, got {type(data).__name__}")
         data = dict(data)
         _reject_unknown(cls, data, "engine config")
-        if "slo_classes" in data:
-            raw = data["slo_classes"]
-            _check(isinstance(raw, list | tuple), "slo_classes must be a list")
-            classes = []
-            for i, c in enumerate(raw):
-                _check(isinstance(c, dict), f"slo_classes[{i}] must be an object")
-                _reject_unknown(SLOClassConfig, c, f"slo_classes[{i}]")
-                classes.append(_build(SLOClassConfig, c, f"slo_classes[{i}]"))
-            data["slo_classes"] = tuple(classes)
+        for key, item_cls in (("slo_classes", SLOClassConfig), ("adapters", AdapterConfig)):
+            if key in data:
+                raw = data[key]
+                _check(isinstance(raw, list | tuple), f"{key} must be a list")
+                data[key] = tuple(_build_object(item_cls, c, f"{key}[{i}]") for i, c in enumerate(raw))
         if "cache_policy" in data:
-            cp = data["cache_policy"]
-            _check(isinstance(cp, dict), "cache_policy must be an object")
-            _reject_unknown(CachePolicyConfig, cp, "cache_policy")
-            data["cache_policy"] = _build(CachePolicyConfig, cp, "cache_policy")
-        if "adapters" in data:
-            raw = data["adapters"]
-            _check(isinstance(raw, list | tuple), "adapters must be a list")
-            adapters = []
-            for i, a in enumerate(raw):
-                _check(isinstance(a, dict), f"adapters[{i}] must be an object")
-                _reject_unknown(AdapterConfig, a, f"adapters[{i}]")
-                adapters.append(_build(AdapterConfig, a, f"adapters[{i}]"))
-            data["adapters"] = tuple(adapters)
+            data["cache_policy"] = _build_object(CachePolicyConfig, data["cache_policy"], "cache_policy")
         return _build(cls, data, "engine config")
 
     @classmethod
@@ -358,6 +342,13 @@ def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
+def _build_object(cls: type, data: Any, where: str) -> Any:
+    """A nested config object from its JSON object: unknown keys refused, scalars type-checked."""
+    _check(isinstance(data, dict), f"{where} must be an object")
+    _reject_unknown(cls, data, where)
+    return _build(cls, data, where)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

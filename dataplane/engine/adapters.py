@@ -29,6 +29,7 @@ from kvfleet.dataplane.model.lora import (
     LoRABatch,
     adapter_nbytes,
     load_adapter,
+    module_shapes,
     read_adapter_config,
     weights_identity,
 )
@@ -41,13 +42,6 @@ class AdapterStats:
     loads: int = 0
     evictions: int = 0
     load_seconds: float = 0.0
-
-
-def module_shapes(mc: Any) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each LoRA-targetable module of a Llama-family config."""
-    h, i = mc.hidden_size, mc.intermediate_size
-    return {"q_proj": (h, mc.q_size), "k_proj": (h, mc.kv_size), "v_proj": (h, mc.kv_size),
-            "o_proj": (mc.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 class AdapterManager:

@@ -28,6 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -86,6 +87,13 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterSpec:
     if unknown or not targets:
         raise AdapterError(f"{path}: target_modules {list(targets)}: LoRA applies to {list(MODULES)}")
     return AdapterSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, bool(cfg.get("use_rslora", False)))
+
+
+def module_shapes(mc: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each LoRA-targetable module of a Llama-family config."""
+    h, i = mc.hidden_size, mc.intermediate_size
+    return {"q_proj": (h, mc.q_size), "k_proj": (h, mc.kv_size), "v_proj": (h, mc.kv_size),
+            "o_proj": (mc.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 def weights_identity(*paths: Path) -> str:

@@ -180,12 +180,10 @@ def write_random_lora(out_dir: str | Path, model_dir: str | Path, rank: int = 8,
                       std: float = 0.3) -> Path:
     """A PEFT LoRA adapter for the model in `model_dir` with random non-zero A and B (B is zero in a fresh
     PEFT init; here it is not, so the adapter changes the outputs). Same arguments -> same bytes."""
-    from .lora import peft_key, save_adapter
+    from .lora import module_shapes, peft_key, save_adapter
 
     config = ModelConfig.from_dir(Path(model_dir))
-    h, i = config.hidden_size, config.intermediate_size
-    shapes = {"q_proj": (h, config.q_size), "k_proj": (h, config.kv_size), "v_proj": (h, config.kv_size),
-              "o_proj": (config.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = module_shapes(config)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config.num_hidden_layers):
