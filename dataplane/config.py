@@ -238,7 +238,9 @@ class EngineConfig:
     fine_tune_dir: str | None = None
     # LoRA variants served on model_dir's weights, in one batch with the base (engine/adapters.py)
     adapters: tuple[AdapterConfig, ...] = ()
-    adapter_memory_bytes: int = 256 << 20  # resident adapters' weights at most (LRU beyond it)
+    # resident adapters' weights at most (LRU beyond it). NOTE: the running adapters are also stacked into one
+    # padded copy per step set (AdapterManager.stack_bytes), up to max_active_adapters x the largest, on top
+    adapter_memory_bytes: int = 256 << 20
     max_active_adapters: int = 8  # distinct adapters among running sequences at most (the scheduler's cap)
 
     def __post_init__(self) -> None:
