@@ -52,6 +52,14 @@ test: venv binaries collector ## everything CI runs: lint, unit, engine, real co
 test-fast: venv ## unit tests only (no cluster, no real model)
 	$(VENV)/bin/pytest -m 'not k8s and not slow'
 
+.PHONY: finetunes bench-lora
+
+finetunes: venv ## train (once; cached in $(KVFLEET_CACHE)/finetunes) 2 LoRA adapters + 2 full fine-tunes of SmolLM2 on CPU
+	$(VENV)/bin/kvfleet model finetune
+
+bench-lora: finetunes ## many adapters in one batch vs the base alone; writes bench/results/lora.{md,json}
+	$(PY) -m bench.lora
+
 # ---- local control plane and cluster e2e (e2e/) ------------------------------------------
 CLUSTER ?= kvfleet
 GPU_NODES ?= 4

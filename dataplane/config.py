@@ -181,6 +181,35 @@ class CachePolicyConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """One LoRA adapter served on the engine's base weights (a LoRA ModelVariant).
+
+    name: the ModelVariant name (what `GenerationRequest.variant` carries); served_name: the OpenAI
+    `model` clients send (default: name). dir: a PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors); rank/alpha, when given, must agree with its adapter_config.json (the
+    engine checks at startup; None: as the adapter declares). preload: load at startup, not on first use.
+    """
+
+    name: str
+    dir: str
+    rank: int | None = None
+    alpha: float | None = None
+    served_name: str = ""
+    preload: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "adapters[].name must be non-empty")
+        _check(bool(self.dir), f"adapter {self.name!r}: dir must be non-empty")
+        _check(self.rank is None or self.rank >= 1, f"adapter {self.name!r}: rank must be >= 1, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, f"adapter {self.name!r}: alpha must be > 0, got {self.alpha}")
+
+    @property
+    def model_name(self) -> str:
+        """The OpenAI `model` name of this adapter."""
+        return self.served_name or self.name
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine process needs to serve one model variant.
 
@@ -204,9 +233,29 @@ class EngineConfig:
     default_slo_class: str | None = None
     starvation_ms: float = 10_000.0  # waiting longer than this jumps the slack order
     cache_policy: CachePolicyConfig = field(default_factory=CachePolicyConfig)
+    # a full fine-tune: its weights (HF dir) replace model_dir's; the tokenizer is the fine-tune's when it
+    # has one, else model_dir's
+    fine_tune_dir: str | None = None
+    # LoRA variants served on model_dir's weights, in one batch with the base (engine/adapters.py)
+    adapters: tuple[AdapterConfig, ...] = ()
+    # resident adapters' weights at most (LRU beyond it). NOTE: the running adapters are also stacked into one
+    # padded copy per step set (AdapterManager.stack_bytes), up to max_active_adapters x the largest, on top
+    adapter_memory_bytes: int = 256 << 20
+    max_active_adapters: int = 8  # distinct adapters among running sequences at most (the scheduler's cap)
 
     def __post_init__(self) -> None:
         _check(bool(self.model_dir), "model_dir must be non-empty")
+        _check(self.fine_tune_dir is None or bool(self.fine_tune_dir), "fine_tune_dir must be non-empty or null")
+        _check(not (self.fine_tune_dir and self.adapters),
+               "adapters apply to the base weights: a full fine-tune (fine_tune_dir) serves no adapters")
+        anames = [a.name for a in self.adapters]
+        served = [a.model_name for a in self.adapters]
+        _check(len(anames) == len(set(anames)), f"adapters: duplicate names in {anames}")
+        _check(len(served) == len(set(served)), f"adapters: duplicate served names in {served}")
+        _check(not self.variant or self.variant not in anames,
+               f"adapters: {self.variant!r} is the base variant's name")
+        _check(self.adapter_memory_bytes > 0, "adapter_memory_bytes must be > 0")
+        _check(self.max_active_adapters >= 1, "max_active_adapters must be >= 1")
         _check(self.dtype in DTYPES, f"dtype: {self.dtype!r} not in {DTYPES}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -227,6 +276,15 @@ class EngineConfig:
         _check(len(names) == len(set(names)), f"slo_classes: duplicate names in {names}")
         _check(self.default_slo_class is None or self.default_slo_class in names,
                f"default_slo_class {self.default_slo_class!r} is not one of slo_classes {names}")
+
+    @property
+    def weights_dir(self) -> str:
+        """The directory whose weights the engine loads: the full fine-tune's, else the base's."""
+        return self.fine_tune_dir or self.model_dir
+
+    def adapter(self, variant: str) -> AdapterConfig | None:
+        """The adapter serving ModelVariant `variant` (None: the base, or unknown)."""
+        return next((a for a in self.adapters if a.name == variant), None)
 
     def slo_class(self, name: str | None) -> SLOClassConfig | None:
         """The named class if known, else the default class, else None (best effort)."""
@@ -251,20 +309,13 @@ class EngineConfig:
         _check(isinstance(data, dict), f"engine config must be an object, got {type(data).__name__}")
         data = dict(data)
         _reject_unknown(cls, data, "engine config")
-        if "slo_classes" in data:
-            raw = data["slo_classes"]
-            _check(isinstance(raw, list | tuple), "slo_classes must be a list")
-            classes = []
-            for i, c in enumerate(raw):
-                _check(isinstance(c, dict), f"slo_classes[{i}] must be an object")
-                _reject_unknown(SLOClassConfig, c, f"slo_classes[{i}]")
-                classes.append(_build(SLOClassConfig, c, f"slo_classes[{i}]"))
-            data["slo_classes"] = tuple(classes)
+        for key, item_cls in (("slo_classes", SLOClassConfig), ("adapters", AdapterConfig)):
+            if key in data:
+                raw = data[key]
+                _check(isinstance(raw, list | tuple), f"{key} must be a list")
+                data[key] = tuple(_build_object(item_cls, c, f"{key}[{i}]") for i, c in enumerate(raw))
         if "cache_policy" in data:
-            cp = data["cache_policy"]
-            _check(isinstance(cp, dict), "cache_policy must be an object")
-            _reject_unknown(CachePolicyConfig, cp, "cache_policy")
-            data["cache_policy"] = _build(CachePolicyConfig, cp, "cache_policy")
+            data["cache_policy"] = _build_object(CachePolicyConfig, data["cache_policy"], "cache_policy")
         return _build(cls, data, "engine config")
 
     @classmethod
@@ -277,6 +328,15 @@ class EngineConfig:
         return cls.from_dict(data)
 
 
+def tokenizer_dir(cfg: EngineConfig) -> str:
+    """Where the tokenizer is: the full fine-tune's directory when it has a tokenizer.json, else the base's."""
+    from pathlib import Path
+
+    if cfg.fine_tune_dir and (Path(cfg.fine_tune_dir) / "tokenizer.json").is_file():
+        return cfg.fine_tune_dir
+    return cfg.model_dir
+
+
 _SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
@@ -284,6 +344,13 @@ def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
+def _build_object(cls: type, data: Any, where: str) -> Any:
+    """A nested config object from its JSON object: unknown keys refused, scalars type-checked."""
+    _check(isinstance(data, dict), f"{where} must be an object")
+    _reject_unknown(cls, data, where)
+    return _build(cls, data, where)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

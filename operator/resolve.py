@@ -18,6 +18,7 @@ from kvfleet.operator.api.validate import InvalidResource, parse
 
 from .builders import FleetInputs, OperatorSettings
 from .builders.names import ANNOTATION_PLANNED_REPLICAS
+from .builders.serving import unservable
 
 # (kind, name) -> the object's body in the fleet's namespace, or None when it does not exist.
 Lookup = Callable[[str, str], Mapping[str, Any] | None]
@@ -120,6 +121,10 @@ def resolve(fleet_body: Mapping[str, Any], lookup: Lookup, settings: OperatorSet
         for path in host_paths(v)
         if not under_prefix(path, settings.host_path_prefixes)
     ]
+    unserved = unservable(tuple(v for v in variants if isinstance(v, ModelVariant)))
+    if unserved:
+        return Unresolved("UnservableVariant", "; ".join(unserved) + ". Nothing of this fleet is rendered until "
+                          "it is fixed; already running children are kept as they were.")
     if refused:
         allowed = ", ".join(settings.host_path_prefixes) or "none (the default)"
         return Unresolved(

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .builders.names import LABEL_ROLE, LABEL_VARIANT
+from .builders.names import ANNOTATION_ADAPTERS, LABEL_ROLE, LABEL_VARIANT
 
 CONDITION_TYPES = ("Available", "Progressing", "Degraded")
 
@@ -25,6 +25,7 @@ class WorkloadState:
     desired: int
     ready: int
     rolled_out: bool  # the controller saw the latest spec and every replica runs it and is ready
+    adapters: tuple[str, ...] = ()  # LoRA variants its pods serve on its weights (builders/serving.py)
 
 
 def workload_state(obj: Mapping[str, Any]) -> WorkloadState:
@@ -38,8 +39,9 @@ def workload_state(obj: Mapping[str, Any]) -> WorkloadState:
     rolled = seen and updated == desired and ready == desired and int(st.get("replicas") or 0) == desired
     if obj.get("kind") == "StatefulSet" and st.get("updateRevision"):
         rolled = rolled and st.get("currentRevision") == st.get("updateRevision")
+    adapters = tuple(a for a in ((meta.get("annotations") or {}).get(ANNOTATION_ADAPTERS) or "").split(",") if a)
     return WorkloadState(meta.get("name", ""), labels.get(LABEL_ROLE, ""), labels.get(LABEL_VARIANT, ""),
-                         desired, ready, rolled)
+                         desired, ready, rolled, adapters)
 
 
 def condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
@@ -107,6 +109,10 @@ def fleet_status(*, generation: int | None, previous: Iterable[Mapping[str, Any]
         "conditions": [available, progressing, degraded],
         "roles": roles_status(workloads),
     }
+    served = [{"workload": w.name, "variant": w.variant, "adapters": list(w.adapters)}
+              for w in sorted(workloads, key=lambda w: w.name) if w.adapters]
+    if served:
+        out["adapters"] = served
     if endpoint:
         out["routerEndpoint"] = endpoint
     return out

@@ -67,7 +67,9 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    variant: str = ""  # ModelVariant name; part of the prefix-cache key
+    # ModelVariant name: part of the prefix-cache key, and it picks the LoRA adapter the request runs with when
+    # it names one of the engine's `EngineConfig.adapters` (else the engine's own weights). A hand-off carries it.
+    variant: str = ""
     slo_class: str | None = None  # SLOClass name; drives priority / deadlines
     arrival_time: float = field(default_factory=time.monotonic)
     export_kv: bool = False  # prefill role: hand the prompt's KV out with the final output (`RequestOutput.kv`)

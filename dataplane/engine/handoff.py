@@ -116,7 +116,10 @@ def admit_prefilled(engine: Any, request: GenerationRequest, first_token: int, h
     engine.generation_tokens += 1
     engine.prompt_tokens += seq.num_prompt_tokens
     bm = engine.scheduler.bm
-    if usable(engine, handoff, seq.num_prompt_tokens) is not None or table is None:
+    # NOTE: a LoRA adapter beyond the engine's max_active_adapters queues it like a recompute: the scheduler
+    # admits it when an adapter slot frees (the pushed KV is dropped)
+    if usable(engine, handoff, seq.num_prompt_tokens) is not None or table is None \
+            or not engine.scheduler.adapter_fits(seq):
         if table is not None:
             bm.free(table)
         engine.scheduler.add(seq)  # recompute prompt + first token, then go on

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvfleet.dataplane.config import EngineConfig
+from kvfleet.dataplane.config import EngineConfig, tokenizer_dir
 from kvfleet.dataplane.engine import handoff
+from kvfleet.dataplane.engine.adapters import AdapterManager
 from kvfleet.dataplane.engine.api import (
     SEED_MAX,
     SEED_MIN,
@@ -44,6 +45,7 @@ from kvfleet.dataplane.engine.worker import Sample, StepPlan, StepResult, Worker
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
+from kvfleet.dataplane.kvcache.keys import prefix_extra_key
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,9 @@ class LLMEngine:
     """Continuous-batching engine over a paged KV cache."""
 
     def __init__(self, model: Any, model_config: Any, config: EngineConfig,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 weights_id: str = "") -> None:
+        """weights_id: content hash of weights that are not the base's (a full fine-tune), for the prefix key."""
         self.config = config
         self.model_config = model_config
         self.device = torch.device(device)
@@ -83,11 +87,16 @@ class LLMEngine:
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
-                                   hit_align_blocks=kvspec.hit_align_blocks)
+                                   hit_align_blocks=kvspec.hit_align_blocks,
+                                   max_adapters=config.max_active_adapters if config.adapters else None)
         self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
+        # LoRA variants served on these base weights (checked now, loaded on first use)
+        self.adapters = AdapterManager.from_config(config, mc, self.device, dtype) if config.adapters else None
+        self.runner.adapters = self.adapters
+        self.weights_id = weights_id
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         self.runner.eos_token_ids = self.eos_token_ids
-        self.runner.structured = StructuredOutputs(Path(config.model_dir) / "tokenizer.json",
+        self.runner.structured = StructuredOutputs(Path(tokenizer_dir(config)) / "tokenizer.json",
                                                    mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self.codec_key = kvspec.prefix_key_suffix
@@ -115,8 +124,14 @@ class LLMEngine:
         from kvfleet.dataplane.model.loader import load_model
 
         device, dtype = resolve_device_dtype(config)
-        model, model_config = load_model(config.model_dir, dtype=dtype, device=device)
-        return cls(model, model_config, config, device, dtype)
+        model, model_config = load_model(config.weights_dir, dtype=dtype, device=device)
+        weights_id = ""
+        if config.fine_tune_dir:  # a full fine-tune: its KV is its own (the prefix key names its weights)
+            from kvfleet.dataplane.model.loader import safetensors_files
+            from kvfleet.dataplane.model.lora import weights_identity
+
+            weights_id = weights_identity(*safetensors_files(Path(config.fine_tune_dir)))
+        return cls(model, model_config, config, device, dtype, weights_id)
 
     def _num_blocks(self, kvspec: KVStorageSpec) -> int:
         cfg = self.config
@@ -188,14 +203,26 @@ class LLMEngine:
 
     def _sequence_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         slo = self.config.slo_class(request.slo_class)
+        variant = request.variant or self.config.variant
+        adapter = self.config.adapter(variant)
+        if adapter is None and self.config.adapters and variant != self.config.variant:
+            known = [self.config.variant] + [a.name for a in self.config.adapters]
+            raise InvalidRequest(f"this engine serves variants {known}, not {variant!r}", param="model")
         return dict(priority=slo.priority if slo else 0, ttft_s=slo.ttft_ms / 1000.0 if slo else math.inf,
                     tpot_s=slo.tpot_ms / 1000.0 if slo else math.inf,
-                    extra_key=self.prefix_key(request.variant))
+                    extra_key=self.prefix_key(variant), adapter=adapter.name if adapter else None)
 
     def prefix_key(self, variant: str = "") -> str:
-        """The extra key of a request's prefix-cache hashes: its variant (this engine's by default) and the
-        codec, so KV of another variant or another codec is never a hit."""
-        return (variant or self.config.variant) + self.codec_key
+        """The extra key of a request's prefix-cache hashes (`keys.prefix_extra_key`): its variant (this
+        engine's by default), the identity of the weights it runs on and the codec."""
+        variant = variant or self.config.variant
+        adapter = self.config.adapter(variant)
+        weights_id = self.adapters.identities[adapter.name] if adapter and self.adapters else self.weights_id
+        return prefix_extra_key(variant, weights_id, self.codec_key)
+
+    def served_variants(self) -> list[str]:
+        """The variants this engine answers for: its own and its LoRA adapters'."""
+        return [self.config.variant] + [a.name for a in self.config.adapters]
 
     def new_sequence(self, request: GenerationRequest) -> Sequence:
         """A tracked `Sequence` for a validated one-choice request (not yet scheduled)."""

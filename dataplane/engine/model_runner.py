@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kvfleet.dataplane.engine.adapters import AdapterManager
 from kvfleet.dataplane.engine.api import TokenLogprob
 from kvfleet.dataplane.engine.logits_process import row_history
 from kvfleet.dataplane.engine.sampler import sample
@@ -47,6 +48,7 @@ class ModelRunner:
         self.eos_token_ids: frozenset[int] = frozenset()  # banned while a request is short of min_tokens
         self.fork_samples: dict[str, tuple[int, TokenLogprob | None]] = {}  # first tokens of forked choices
         self.structured: StructuredOutputs | None = None  # grammar masks (json_schema requests)
+        self.adapters: AdapterManager | None = None  # LoRA variants on these base weights (engine/adapters.py)
 
     @property
     def lanes(self) -> LaneTable:
@@ -98,7 +100,12 @@ class ModelRunner:
             if self.kv.score_hook is not None:  # h2o/snapkv: which slots each row attends, per step
                 meta.scores = self.kv.score_hook.plan(ordered, meta)
             self.attn.set_metadata(meta)
-            hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
+            lora = None if self.adapters is None else self.adapters.batch(
+                [it.seq.adapter for it in ordered], [it.num_new_tokens for it in ordered])
+            if lora is None:
+                hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
+            else:  # one forward for the base and every adapter of the step (per-token adapter slots)
+                hidden = self.model.forward(input_ids, positions, self.attn, lora=lora)
             self.attn.meta = None
             result: list[tuple[int, TokenLogprob | None] | None] = [None] * len(items)
             if not which:

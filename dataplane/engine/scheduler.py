@@ -71,6 +71,7 @@ class Scheduler:
         starvation_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         hit_align_blocks: int = 1,
+        max_adapters: int | None = None,
     ) -> None:
         """hit_align_blocks: prefix hits are taken in multiples of this many blocks (a quantized
         cache whose scale groups span blocks must never share half a group)."""
@@ -78,6 +79,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.starvation_s = starvation_s
+        self.max_adapters = max_adapters  # distinct LoRA adapters among running sequences at most
         self.clock = clock
         self.hit_align_blocks = hit_align_blocks
         self.waiting: list[Sequence] = []
@@ -211,9 +213,14 @@ class Scheduler:
         admitted: list[Sequence] = []
         victims: list[Sequence] = []  # joined to waiting after the loop: never re-admitted this step
         ok = True
+        adapters = self.running_adapters()
         for seq in self.waiting:
             if budget == 0:
                 break
+            if not self.adapter_fits(seq, adapters):
+                break  # its adapter waits for one of the running ones to finish (order is kept)
+            if seq.adapter is not None:
+                adapters.add(seq.adapter)
             while ok and len(self.running) >= self.max_num_seqs:
                 ok, budget = self._preempt_lower(seq, out, budget, now, victims, admitted)
             if not ok:
@@ -242,6 +249,16 @@ class Scheduler:
         del self.waiting[:len(admitted)]
         self.waiting.extend(victims)
         return budget
+
+    def running_adapters(self) -> set[str]:
+        return {s.adapter for s in self.running if s.adapter is not None}
+
+    def adapter_fits(self, seq: Sequence, adapters: set[str] | None = None) -> bool:
+        """Whether `seq` may run now without more than `max_adapters` distinct adapters among running ones."""
+        if seq.adapter is None or self.max_adapters is None:
+            return True
+        adapters = self.running_adapters() if adapters is None else adapters
+        return seq.adapter in adapters or len(adapters) < self.max_adapters
 
     def _preempt_lower(self, seq: Sequence, out: SchedulerOutput, budget: int, now: float,
                        victims: list[Sequence], admitted: list[Sequence]) -> tuple[bool, int]:

@@ -31,7 +31,8 @@ class Sequence:
     priority: int = 0
     ttft_s: float = math.inf  # target time to first token (inf = best effort)
     tpot_s: float = math.inf  # target time per output token
-    extra_key: str = ""  # prefix-cache isolation key (variant name)
+    extra_key: str = ""  # prefix-cache isolation key (keys.prefix_extra_key: variant, weights, codec)
+    adapter: str | None = None  # the LoRA adapter (its variant name) this sequence runs with; None = base
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0

@@ -32,6 +32,17 @@ def hash_from_bytes(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
 
 
+def prefix_extra_key(variant: str, weights_id: str = "", codec: str = "") -> str:
+    """The extra key every prefix-cache hash of a sequence is chained with (`blocks.hash_block`).
+
+    variant: the ModelVariant the tokens are computed for; weights_id: a content hash of the weights
+    that differ from the base (a LoRA adapter, a full fine-tune), empty for the base;
+    codec: how KV is stored (`KVStorageSpec.prefix_key_suffix`). Variants (and re-trained weights under
+    one variant name) never read each other's KV, here or through the memory pool.
+    """
+    return variant + (f"@{weights_id}" if weights_id else "") + codec
+
+
 class PoolKey(NamedTuple):
     """A block in the memory pool: (model family, KV layout, prefix hash as 16 bytes)."""
 

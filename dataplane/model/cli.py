@@ -1,4 +1,4 @@
-"""`kvfleet model ...`: import a GGUF Llama, write a tiny test model, locate SmolLM2."""
+"""`kvfleet model ...`: import a GGUF Llama, write a tiny test model, locate SmolLM2, fine-tune it."""
 
 from __future__ import annotations
 
@@ -21,12 +21,19 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default 2)")
     tiny.add_argument("--hidden", type=int, default=None, help="hidden_size (default 64)")
     sub.add_parser("smollm2", help="convert (once) and print the cached SmolLM2-135M-Instruct directory")
+    sub.add_parser("finetune", add_help=False,
+                   help="train (once, cached) LoRA adapters and full fine-tunes of SmolLM2; see --help")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kvfleet model`; returns the exit status."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["finetune"]:  # its own flags (kvfleet/tools/finetune.py: the training is a tool)
+        from kvfleet.tools.finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
+    args = _parser().parse_args(argv)
     start = time.perf_counter()
     if args.command == "import-gguf":
         from .gguf_import import GGUFImportError, import_gguf

@@ -18,6 +18,7 @@ from torch import nn
 
 from .attention import AttentionBackend
 from .config import ModelConfig, RopeScaling
+from .lora import LoRABatch
 
 
 class RMSNorm(nn.Module):
@@ -105,14 +106,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:  # x [T, H] -> [T, H]
+                attn: AttentionBackend, lora: LoRABatch | None = None) -> torch.Tensor:  # x [T, H] -> [T, H]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # [T, Hq*D + 2*Hkv*D]
+        if lora is not None:
+            qkv = lora.add_packed(self.layer_idx, ("q_proj", "k_proj", "v_proj"),
+                                  [self.q_size, self.kv_size, self.kv_size], x, qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)  # [T, Hq, D]
         k = apply_rope(k.view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, D]
-        out = attn.attend(self.layer_idx, q, k, v)  # [T, Hq, D]
-        projected: torch.Tensor = self.o_proj(out.reshape(t, self.q_size))
+        out = attn.attend(self.layer_idx, q, k, v).reshape(t, self.q_size)  # [T, Hq*D]
+        projected: torch.Tensor = self.o_proj(out)
+        if lora is not None:
+            projected = lora.add(self.layer_idx, "o_proj", out, projected)
         return projected
 
 
@@ -123,13 +130,21 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        down: torch.Tensor = self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if lora is not None:
+            gate_up = lora.add_packed(self.layer_idx, ("gate_proj", "up_proj"),
+                                      [self.intermediate_size, self.intermediate_size], x, gate_up)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        act = F.silu(gate) * up  # [T, I]
+        down: torch.Tensor = self.down_proj(act)
+        if lora is not None:
+            down = lora.add(self.layer_idx, "down_proj", act, down)
         return down
 
 
@@ -149,9 +164,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = make_mlp(config, layer_idx)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:  # [T, H] -> [T, H]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+                attn: AttentionBackend, lora: LoRABatch | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, lora)
+        normed = self.post_attention_layernorm(x)
+        out: torch.Tensor = x + (self.mlp(normed, lora) if lora is not None else self.mlp(normed))
         return out
 
 
@@ -187,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
-                   start: int = 0, end: int | None = None) -> torch.Tensor:
+                   start: int = 0, end: int | None = None, lora: LoRABatch | None = None) -> torch.Tensor:
         """Layers [start, end) on hidden [T, H] -> [T, H] (no final norm).
 
         Lets a caller recompute a contiguous layer group from a stored hidden state
@@ -195,13 +211,16 @@ class LlamaForCausalLM(nn.Module):
         """
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         for layer in self.model.layers[start:end]:
-            hidden = layer(hidden, cos, sin, attn)
+            hidden = layer(hidden, cos, sin, attn, lora)
         return hidden
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        """input_ids [T], positions [T] -> final-normed hidden [T, H]."""
-        hidden = self.run_layers(self.embed(input_ids), positions, attn)
+                attn: AttentionBackend, lora: LoRABatch | None = None) -> torch.Tensor:
+        """input_ids [T], positions [T] -> final-normed hidden [T, H].
+
+        lora: the step's adapters and which token uses which (None: every token runs the base weights).
+        """
+        hidden = self.run_layers(self.embed(input_ids), positions, attn, lora=lora)
         normed: torch.Tensor = self.model.norm(hidden)
         return normed
 

@@ -172,3 +172,23 @@ def write_tiny_llama(out_dir: str | Path, seed: int = 0, num_shards: int = 1, **
     generation_config = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     return out
+
+
+def write_random_lora(out_dir: str | Path, model_dir: str | Path, rank: int = 8, alpha: float = 16.0,
+                      target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"), seed: int = 0,
+                      std: float = 0.3) -> Path:
+    """A PEFT LoRA adapter for the model in `model_dir` with random non-zero A and B (B is zero in a fresh
+    PEFT init; here it is not, so the adapter changes the outputs). Same arguments -> same bytes."""
+    from .lora import module_shapes, peft_key, save_adapter
+
+    config = ModelConfig.from_dir(Path(model_dir))
+    shapes = module_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module in target_modules:
+            d_in, d_out = shapes[module]
+            tensors[peft_key(layer, module, "A")] = torch.randn(rank, d_in, generator=gen) / math.sqrt(d_in)
+            tensors[peft_key(layer, module, "B")] = torch.randn(d_out, rank, generator=gen) * std / math.sqrt(rank)
+    return save_adapter(out_dir, tensors, rank, alpha, target_modules, base_model=str(model_dir))

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     variant = read_variant(args.config)
     model_dir = resolve_model_dir(config.model_dir, variant)
     config = dataclasses.replace(config, model_dir=str(model_dir))
-    names = [variant.get("servedModelName") or config.variant or model_dir.name]
+    # a group serving only LoRA variants (their base is no variant of the fleet) lists no base name
+    served = variant.get("servedModelName")
+    names = [served] if served else ([] if config.adapters and variant else [config.variant or model_dir.name])
     if args.threads:
         import torch
 

@@ -32,7 +32,8 @@ class KVEventHub:
         e = self.engine.engine
         return pb.KVEventBatch(reset=reset, stored=[hash_to_bytes(h) for h in stored],
                                removed=[hash_to_bytes(h) for h in removed],
-                               block_size=e.scheduler.bm.block_size, extra_key=e.codec_key)
+                               block_size=e.scheduler.bm.block_size, extra_key=e.codec_key,
+                               prefix_keys={v: e.prefix_key(v) for v in e.served_variants()})
 
     async def _snapshot(self) -> pb.KVEventBatch:
         hashes = await self.engine.call(lambda e: list(e.scheduler.bm.hash_to_block))

@@ -59,7 +59,7 @@ class PrefixIndex:
         self.max_blocks = max_blocks
         self._pods: OrderedDict[bytes, set[str]] = OrderedDict()
         self._by_pod: dict[str, set[bytes]] = {}
-        self.hashing: dict[str, tuple[int, str]] = {}  # pod -> (block size, codec key) it hashes with
+        self.hashing: dict[str, tuple[int, str, dict[str, str]]] = {}  # pod -> (block size, codec, keys by variant)
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -68,7 +68,7 @@ class PrefixIndex:
         """One `KVEventBatch` from `pod` (a `reset` first forgets what the index knew of it)."""
         if batch.reset:
             self.forget(pod)
-        self.hashing[pod] = (int(batch.block_size), str(batch.extra_key))
+        self.hashing[pod] = (int(batch.block_size), str(batch.extra_key), dict(batch.prefix_keys))
         mine = self._by_pod.setdefault(pod, set())
         for h in batch.stored:
             pods = self._pods.get(h)
@@ -107,9 +107,9 @@ class PrefixIndex:
         hashing = self.hashing.get(pod)
         if hashing is None:
             return []
-        block_size, codec_key = hashing
+        block_size, codec_key, keys = hashing
         hashes: list[int] = []
-        extend_block_hashes(hashes, token_ids, len(token_ids) - 1, block_size, variant + codec_key)
+        extend_block_hashes(hashes, token_ids, len(token_ids) - 1, block_size, keys.get(variant, variant + codec_key))
         return [hash_to_bytes(h) for h in hashes]
 
     def leading_blocks(self, pod: str, hashes: Sequence[bytes]) -> int:

@@ -263,18 +263,27 @@ class KVEventsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVEventBatch(_message.Message):
-    __slots__ = ("reset", "stored", "removed", "block_size", "extra_key")
+    __slots__ = ("reset", "stored", "removed", "block_size", "extra_key", "prefix_keys")
+    class PrefixKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RESET_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_FIELD_NUMBER: _ClassVar[int]
     reset: bool
     stored: _containers.RepeatedScalarFieldContainer[bytes]
     removed: _containers.RepeatedScalarFieldContainer[bytes]
     block_size: int
     extra_key: str
-    def __init__(self, reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., block_size: _Optional[int] = ..., extra_key: _Optional[str] = ...) -> None: ...
+    prefix_keys: _containers.ScalarMap[str, str]
+    def __init__(self, reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., block_size: _Optional[int] = ..., extra_key: _Optional[str] = ..., prefix_keys: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PoolBlock(_message.Message):
     __slots__ = ("family", "layout", "slo_class", "block_hash", "payload", "crc32")

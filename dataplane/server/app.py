@@ -46,6 +46,7 @@ def build_app(
     telemetry: Telemetry | None = None,
     slo_targets: dict[str, SLOTarget] | None = None,
     default_slo_class: str | None = None,
+    parents: dict[str, str] | None = None,
 ) -> web.Application:
     """An aiohttp app serving `engine` under the given model names.
 
@@ -61,6 +62,8 @@ def build_app(
         variants: served model name -> ModelVariant name, when one engine (a router) serves several.
         telemetry: a span per request and unsampled SLO counts (`tracing.configure`); None = none.
         slo_targets, default_slo_class: what each class promises, to count a request attained or not.
+        parents: served name of a variant built on another served model (a LoRA adapter) -> that model's
+            name; `/v1/models` lists it as the variant's `parent` (null for a base).
     """
     names = list(served_model_names)
     if not names:
@@ -79,6 +82,7 @@ def build_app(
         telemetry=telemetry,
         slo_targets=slo_targets,
         default_slo_class=default_slo_class,
+        parents=parents,
     )
     app = web.Application(middlewares=[_errors_and_counts], client_max_size=MAX_BODY_BYTES)
     app[STATE_KEY] = state
@@ -131,8 +135,10 @@ async def start_server(app: web.Application, host: str = "127.0.0.1", port: int 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     created = int(time.time())
+    parents = state.parents or {}
     data = [{"id": name, "object": "model", "created": created, "owned_by": "kvfleet",
-             "max_model_len": state.engine.max_model_len} for name in state.served_model_names]
+             "max_model_len": state.engine.max_model_len, "parent": parents.get(name)}
+            for name in state.served_model_names]
     return web.json_response({"object": "list", "data": data})
 
 

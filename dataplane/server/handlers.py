@@ -61,6 +61,7 @@ class ServerState:
     slo_classes: frozenset[str] | None = None  # None: any name is passed on to the engine
     vocab_size: int | None = None
     variants: dict[str, str] | None = None  # served model name -> variant (a router of several); else `variant`
+    parents: dict[str, str] | None = None  # served model name of a LoRA variant -> its base's (/v1/models)
     telemetry: Telemetry | None = None  # spans per request and unsampled SLO counts (kvfleet.dataplane.tracing)
     slo_targets: dict[str, SLOTarget] | None = None  # class name -> TTFT/TPOT targets (attained or not)
     default_slo_class: str | None = None

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kvfleet.dataplane.config import EngineConfig, SLOClassConfig
+from kvfleet.dataplane.config import AdapterConfig, EngineConfig, SLOClassConfig, tokenizer_dir
 
 log = logging.getLogger("kvfleet.serve")
 
@@ -43,6 +43,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache memory in MiB (default: the engine's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a PEFT LoRA adapter directory as model NAME on the base (repeatable)")
+    p.add_argument("--fine-tune", default=None, metavar="DIR",
+                   help="serve a full fine-tune: its HF directory's weights replace --model's (tokenizer: "
+                        "its own if present, else --model's)")
+    p.add_argument("--adapter-memory-mb", type=float, default=256, help="resident LoRA adapters at most (LRU)")
     p.add_argument("--slo-class", action="append", default=[], metavar="NAME:TTFT_MS:TPOT_MS[:PRIORITY]",
                    help="declare an SLO class (repeatable); the first is the default")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -71,9 +77,26 @@ def parse_slo_class(spec: str) -> SLOClassConfig:
     return SLOClassConfig(parts[0], float(parts[1]), float(parts[2]), priority=priority)
 
 
+def parse_lora(spec: str) -> AdapterConfig:
+    """NAME=DIR (a PEFT adapter directory) -> AdapterConfig (its rank and alpha are read from the directory)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"kvfleet serve: --lora {spec!r}: expected NAME=DIR")
+    from kvfleet.dataplane.model.lora import AdapterError, read_adapter_config
+
+    try:
+        declared = read_adapter_config(path)
+    except AdapterError as e:
+        raise SystemExit(f"kvfleet serve: --lora {spec!r}: {e}") from e
+    return AdapterConfig(name, path, declared.rank, declared.alpha)  # checked again by the engine
+
+
 def build_config(args: argparse.Namespace, model_dir: Path, variant: str) -> EngineConfig:
     classes = tuple(parse_slo_class(s) for s in args.slo_class)
     return EngineConfig(
+        fine_tune_dir=args.fine_tune,
+        adapters=tuple(parse_lora(s) for s in args.lora),
+        adapter_memory_bytes=int(args.adapter_memory_mb * 2**20),
         model_dir=str(model_dir),
         variant=variant,
         dtype=args.dtype,
@@ -99,8 +122,8 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     from kvfleet.dataplane.model.tokenizer import Tokenizer
     from kvfleet.dataplane.server.app import build_app, drain, start_server
 
-    log.info("loading %s", config.model_dir)
-    tokenizer = Tokenizer.from_dir(config.model_dir)
+    log.info("loading %s", config.weights_dir)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(config))
     engine = AsyncLLMEngine.from_config(config)
     slo_names = [c.name for c in config.slo_classes] or None
     from kvfleet.dataplane import tracing
@@ -108,15 +131,20 @@ async def run_server(config: EngineConfig, served_model_names: list[str], host: 
     telemetry = tracing.configure(role)
     telemetry.observe_engine(engine.stats)
     targets = {c.name: tracing.SLOTarget(c.ttft_ms, c.tpot_ms) for c in config.slo_classes}
-    app = build_app(engine, tokenizer, served_model_names, variant=config.variant, slo_classes=slo_names,
-                    telemetry=telemetry, slo_targets=targets, default_slo_class=config.default_slo_class)
+    # LoRA variants: listed after the base, each named by its served name, its parent the base's first name
+    adapters = {a.model_name: a.name for a in config.adapters}
+    names = list(served_model_names) + list(adapters)
+    app = build_app(engine, tokenizer, names, variant=config.variant, slo_classes=slo_names,
+                    telemetry=telemetry, slo_targets=targets, default_slo_class=config.default_slo_class,
+                    variants={**{n: config.variant for n in served_model_names}, **adapters} if adapters else None,
+                    parents={n: served_model_names[0] for n in adapters} if served_model_names else None)
     runner, url = await start_server(app, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s as %s at %s (max_model_len %d, device %s)", config.model_dir,
-             ", ".join(served_model_names), url, engine.max_model_len, engine.engine.device)
+    log.info("serving %s as %s at %s (max_model_len %d, device %s)", config.weights_dir,
+             ", ".join(names), url, engine.max_model_len, engine.engine.device)
     print(f"kvfleet serve: listening on {url}", flush=True)
     try:
         await stop.wait()

@@ -347,6 +347,14 @@ class ClassStatus(KubeModel):
     )
 
 
+class WorkloadAdapters(KubeModel):
+    """The LoRA variants one serving workload applies on its weights."""
+
+    workload: str = Field(description="Deployment name.")
+    variant: str = Field(description="The variant whose weights its pods load (its kvfleet.io/variant label).")
+    adapters: list[str] = Field(default_factory=list, description="LoRA ModelVariants its pods also serve.")
+
+
 class InferenceFleetStatus(KubeModel):
     """What the operator observed about the fleet."""
 
@@ -358,6 +366,9 @@ class InferenceFleetStatus(KubeModel):
         default_factory=RolesStatus, description="Desired and ready replicas per role."
     )
     router_endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
+    adapters: list[WorkloadAdapters] = Field(
+        default_factory=list, description="Which LoRA variants each serving workload serves on its base's pods."
+    )
     kv_pressure: float | None = Field(
         default=None, ge=0, le=1, description="Mean KV cache usage of decode pods."
     )

@@ -20,6 +20,7 @@ from kvfleet.operator.api import ModelVariant
 
 from .inputs import FleetInputs
 from .names import child_name, labels, owner_reference
+from .serving import ServingGroup, serving_groups
 
 CONFIG_DIR = "/etc/kvfleet"
 MODELS_DIR = "/models"
@@ -55,8 +56,18 @@ def _cache_policy_config(inputs: FleetInputs) -> dpconfig.CachePolicyConfig:
     return policy
 
 
-def engine_config(inputs: FleetInputs, variant: ModelVariant, role: str) -> dpconfig.EngineConfig:
-    """The EngineConfig one prefill/decode/engine pod of `variant` runs with (validated by the dataplane)."""
+def adapter_config(variant: ModelVariant) -> dpconfig.AdapterConfig:
+    """A LoRA variant as the engine serves it on its group's base weights."""
+    ft = variant.spec.fine_tune
+    assert ft is not None and ft.type == "lora"
+    return dpconfig.AdapterConfig(name=variant.metadata.name, dir=weights_dir(variant, "finetune"),
+                                  rank=ft.lora_rank, alpha=ft.lora_alpha,
+                                  served_name=variant.spec.served_model_name or variant.metadata.name)
+
+
+def engine_config(inputs: FleetInputs, group: ServingGroup, role: str) -> dpconfig.EngineConfig:
+    """The EngineConfig one prefill/decode/engine pod of `group` runs with (validated by the dataplane)."""
+    variant = group.lead
     spec = inputs.engine_roles()[role]
     classes = tuple(
         dpconfig.SLOClassConfig(
@@ -68,9 +79,12 @@ def engine_config(inputs: FleetInputs, variant: ModelVariant, role: str) -> dpco
         )
         for c in inputs.slo_classes
     )
+    host = group.host
     return dpconfig.EngineConfig(
         model_dir=weights_dir(variant),
-        variant=variant.metadata.name,
+        variant=host.metadata.name if host is not None else "",
+        fine_tune_dir=weights_dir(host, "finetune") if host is not None and host.spec.fine_tune else None,
+        adapters=tuple(adapter_config(a) for a in group.adapters),
         dtype=variant.spec.dtype,
         block_size=inputs.cache_policy.block_size_tokens,
         max_num_seqs=spec.max_num_seqs,
@@ -87,23 +101,27 @@ def _dump(data: Any) -> str:
     return json.dumps(data, sort_keys=True, indent=2)
 
 
-def variant_config_data(inputs: FleetInputs, variant: ModelVariant) -> dict[str, str]:
-    """ConfigMap data for one variant: one engine JSON per serving role, the cache policy, the variant."""
+def variant_config_data(inputs: FleetInputs, group: ServingGroup) -> dict[str, str]:
+    """ConfigMap data for one serving group: one engine JSON per serving role, the cache policy, the variant
+    (the host's; `servedModelName` null when the group serves only adapters, listed under `adapters`)."""
+    variant = group.lead
     data: dict[str, str] = {}
     for role in inputs.engine_roles():
-        cfg = engine_config(inputs, variant, role)
+        cfg = engine_config(inputs, group, role)
         # Round-trip through the dataplane's own parser: what we write is what the pod will accept.
         dpconfig.EngineConfig.from_json(cfg.to_json())
         data[role_config_key(role)] = cfg.to_json()
     data[CACHE_POLICY_JSON] = _dump(inputs.cache_policy.to_k8s())
+    host = group.host
     variant_doc: dict[str, Any] = {
         "name": variant.metadata.name,
-        "servedModelName": variant.spec.served_model_name or variant.metadata.name,
+        "servedModelName": (host.spec.served_model_name or host.metadata.name) if host is not None else None,
         "spec": variant.spec.to_k8s(),
         "weightsDir": weights_dir(variant),
+        "adapters": [a.metadata.name for a in group.adapters],
     }
-    if variant.spec.fine_tune is not None:
-        variant_doc["fineTuneDir"] = weights_dir(variant, "finetune")
+    if host is not None and host.spec.fine_tune is not None:
+        variant_doc["fineTuneDir"] = weights_dir(host, "finetune")
     data[VARIANT_JSON] = _dump(variant_doc)
     return data
 
@@ -118,6 +136,7 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
     fleet, ns = inputs.name, inputs.namespace
     spec = inputs.fleet.spec
     roles = list(inputs.engine_roles())
+    group_of = {v.metadata.name: g for g in serving_groups(inputs) for v in g.variants}
     router = {
         "fleet": fleet,
         "namespace": ns,
@@ -135,9 +154,12 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
                 # the router tokenizes: the variant's weights (or the builtin it materialises)
                 "weightsDir": weights_dir(v),
                 "builtin": v.spec.base.builtin,
+                # the pods serving it (a LoRA variant's group is its base's in a colocated fleet)
+                "servedBy": group_of[v.metadata.name].name,
+                "parent": _parent(group_of[v.metadata.name], v),
                 # Pods are discovered from the API by these labels, never by fixed addresses.
                 "roles": {r: {"selector": {"kvfleet.io/fleet": fleet, "kvfleet.io/role": r,
-                                           "kvfleet.io/variant": v.metadata.name},
+                                           "kvfleet.io/variant": group_of[v.metadata.name].name},
                               "grpcPort": GRPC_PORT} for r in roles},
             }
             for v in inputs.variants
@@ -166,6 +188,13 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
             raise dpconfig.ConfigError(f"memory pool: {e}") from e
         data[MEMPOOL_JSON] = _dump(mempool)
     return data
+
+
+def _parent(group: ServingGroup, variant: ModelVariant) -> str | None:
+    """The served name of the model a LoRA variant runs on, when the fleet serves that model too."""
+    if group.host is None or variant is group.host:
+        return None
+    return group.host.spec.served_model_name or group.host.metadata.name
 
 
 def _pool_address(inputs: FleetInputs) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ LABEL_FLEET = "kvfleet.io/fleet"
 LABEL_ROLE = "kvfleet.io/role"
 LABEL_VARIANT = "kvfleet.io/variant"
 ANNOTATION_CONFIG_HASH = "kvfleet.io/config-hash"
+ANNOTATION_ADAPTERS = "kvfleet.io/adapters"  # on an engine workload: the LoRA variants its pods serve (a,b)
 # Planner decisions per workload (JSON {"<variant>/<role>": replicas}); the builders clamp them to min..max.
 ANNOTATION_PLANNED_REPLICAS = "kvfleet.io/planned-replicas"
 

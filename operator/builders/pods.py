@@ -116,16 +116,19 @@ def env(inputs: FleetInputs, role: str, variant: str | None) -> list[dict[str, A
 
 
 def _weights_volumes(
-    variant: ModelVariant, host_path_prefixes: tuple[str, ...]
+    variant: ModelVariant, host_path_prefixes: tuple[str, ...], adapters: tuple[ModelVariant, ...] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The weights a group's pods mount: the lead variant's base (and fine-tune), each adapter's directory."""
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
-    sources = [("base", variant.spec.base)]
+    sources = [("weights-base", variant, "base", variant.spec.base)]
     if variant.spec.fine_tune is not None:
-        sources.append(("finetune", variant.spec.fine_tune.weights))
-    for which, src in sources:
-        vol = f"weights-{which}"
-        mount = {"name": vol, "mountPath": f"{MODELS_DIR}/{variant.metadata.name}/{which}", "readOnly": True}
+        sources.append(("weights-finetune", variant, "finetune", variant.spec.fine_tune.weights))
+    for i, a in enumerate(x for x in adapters if x is not variant):
+        assert a.spec.fine_tune is not None
+        sources.append((f"adapter-{i}", a, "finetune", a.spec.fine_tune.weights))
+    for vol, owner, which, src in sources:
+        mount = {"name": vol, "mountPath": f"{MODELS_DIR}/{owner.metadata.name}/{which}", "readOnly": True}
         if src.host_path:
             # resolve() refuses these with a condition; this is the last line of defence.
             if not under_prefix(src.host_path, host_path_prefixes):
@@ -156,6 +159,7 @@ def pod_template(
     config_file: str | None = None,
     grace_seconds: int = 30,
     role_annotations: dict[str, str] | None = None,
+    adapters: tuple[ModelVariant, ...] = (),
 ) -> dict[str, Any]:
     """The pod template of one role: `python -m kvfleet.dataplane.roles.<role> --config ...`.
 
@@ -179,7 +183,7 @@ def pod_template(
         for key in ("cache-policy.json", "variant.json"):
             mounts.append({"name": "config", "mountPath": f"{CONFIG_DIR}/{key}", "subPath": key,
                            "readOnly": True})
-        wv, wm = _weights_volumes(variant, inputs.settings.host_path_prefixes)
+        wv, wm = _weights_volumes(variant, inputs.settings.host_path_prefixes, adapters)
         volumes += wv
         mounts += wm
     else:

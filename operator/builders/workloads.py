@@ -2,8 +2,9 @@
 
     desired_objects(inputs) -> [ConfigMap, Deployment, ..., Service]
 
-Disaggregated: `<fleet>-<variant>-prefill` and `-decode` Deployments per variant;
-colocated: one `<fleet>-<variant>-engine` Deployment per variant. The router
+Disaggregated: `<fleet>-<variant>-prefill` and `-decode` Deployments per serving group;
+colocated: one `<fleet>-<variant>-engine` Deployment per serving group (`serving.py`: a variant with
+its own weights, plus the LoRA variants that ride on it; annotation `kvfleet.io/adapters` lists them). The router
 (Deployment + Service, the fleet's OpenAI endpoint) and, when the cache policy
 enables it, the memory pool (StatefulSet + headless Service) are shared by the
 fleet. Output is deterministic: the same inputs give equal objects.
@@ -12,8 +13,6 @@ fleet. Output is deterministic: the same inputs give equal objects.
 from __future__ import annotations
 
 from typing import Any
-
-from kvfleet.operator.api import ModelVariant
 
 from .config import (
     CACHE_POLICY_JSON,
@@ -30,8 +29,9 @@ from .config import (
     variant_config_data,
 )
 from .inputs import FleetInputs, desired_replicas
-from .names import child_name, config_hash, labels, owner_reference, selector_labels
+from .names import ANNOTATION_ADAPTERS, child_name, config_hash, labels, owner_reference, selector_labels
 from .pods import pod_template
+from .serving import ServingGroup, serving_groups
 
 
 def _meta(inputs: FleetInputs, name: str, role: str, variant: str | None = None) -> dict[str, Any]:
@@ -60,11 +60,12 @@ def _deployment(inputs: FleetInputs, name: str, role: str, replicas: int, templa
     }
 
 
-def engine_deployment(inputs: FleetInputs, variant: ModelVariant, role: str,
+def engine_deployment(inputs: FleetInputs, group: ServingGroup, role: str,
                       variant_data: dict[str, str]) -> dict[str, Any]:
-    """A prefill, decode or (colocated) engine Deployment for one variant."""
+    """A prefill, decode or (colocated) engine Deployment for one serving group."""
     spec = inputs.engine_roles()[role]
-    vname = variant.metadata.name
+    variant = group.lead
+    vname = group.name
     selector = selector_labels(inputs.name, role, vname)
     mounted = {k: variant_data[k] for k in (role_config_key(role), CACHE_POLICY_JSON, VARIANT_JSON)}
     template = pod_template(
@@ -78,9 +79,13 @@ def engine_deployment(inputs: FleetInputs, variant: ModelVariant, role: str,
         variant=variant,
         grace_seconds=inputs.fleet.spec.autoscaling.drain_seconds + 5,
         role_annotations=spec.pod_annotations,
+        adapters=group.adapters,
     )
     replicas = desired_replicas(spec, inputs.planned.get(f"{vname}/{role}"))
-    return _deployment(inputs, child_name(inputs.name, vname, role), role, replicas, template, selector, vname)
+    dep = _deployment(inputs, child_name(inputs.name, vname, role), role, replicas, template, selector, vname)
+    if group.adapters:  # read back into the fleet's status (which adapters each workload serves)
+        dep["metadata"]["annotations"] = {ANNOTATION_ADAPTERS: ",".join(a.metadata.name for a in group.adapters)}
+    return dep
 
 
 def router_objects(inputs: FleetInputs, fleet_data: dict[str, str]) -> list[dict[str, Any]]:
@@ -179,12 +184,12 @@ def desired_objects(inputs: FleetInputs) -> list[dict[str, Any]]:
     fleet_data = fleet_config_data(inputs)
     objects: list[dict[str, Any]] = [config_map(inputs, child_name(inputs.name, "config"), fleet_data)]
     workloads: list[dict[str, Any]] = []
-    for variant in inputs.variants:
-        vname = variant.metadata.name
-        vdata = variant_config_data(inputs, variant)
+    for group in serving_groups(inputs):
+        vname = group.name
+        vdata = variant_config_data(inputs, group)
         objects.append(config_map(inputs, child_name(inputs.name, vname, "config"), vdata, vname))
         for role in inputs.engine_roles():
-            workloads.append(engine_deployment(inputs, variant, role, vdata))
+            workloads.append(engine_deployment(inputs, group, role, vdata))
     if inputs.pool_enabled:
         workloads += mempool_objects(inputs, fleet_data)
     workloads += router_objects(inputs, fleet_data)

@@ -71,3 +71,35 @@ def test_from_json_errors():
 def test_config_is_torch_free():
     code = "import sys, kvfleet.dataplane.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_adapters_and_fine_tune_round_trip_and_validate_both_ways():
+    from kvfleet.dataplane.config import AdapterConfig, tokenizer_dir
+
+    cfg = _cfg(adapters=(AdapterConfig("support", "/m/support", 16, 32.0, served_name="smollm2-support", preload=True),
+                         AdapterConfig("legal", "/m/legal")), adapter_memory_bytes=1 << 20, max_active_adapters=2)
+    assert EngineConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.adapter("support").model_name == "smollm2-support" and cfg.adapter("legal").model_name == "legal"
+    assert cfg.adapter("base") is None and cfg.weights_dir == "/models/m"
+    ft = _cfg(fine_tune_dir="/models/ft")
+    assert EngineConfig.from_json(ft.to_json()) == ft and ft.weights_dir == "/models/ft"
+    assert tokenizer_dir(ft) == "/models/m"  # no tokenizer.json in the fine-tune: the base's
+    for kw, needle in [
+        (dict(adapters=(AdapterConfig("a", "/x"), AdapterConfig("a", "/y"))), "duplicate names"),
+        (dict(adapters=(AdapterConfig("base", "/x"),)), "base variant"),
+        (dict(adapters=(AdapterConfig("a", "/x"),), fine_tune_dir="/ft"), "full fine-tune"),
+        (dict(adapter_memory_bytes=0), "adapter_memory_bytes"),
+        (dict(max_active_adapters=0), "max_active_adapters"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            _cfg(**kw)
+    with pytest.raises(ConfigError, match="rank must be >= 1"):
+        AdapterConfig("a", "/x", rank=0)
+    data = cfg.to_dict()
+    data["adapters"][0]["lora_dropout"] = 0.1
+    with pytest.raises(ConfigError, match=r"adapters\[0\]: unknown field"):
+        EngineConfig.from_dict(data)
+    data = cfg.to_dict()
+    data["adapters"][1]["rank"] = "16"
+    with pytest.raises(ConfigError, match="rank must be int"):
+        EngineConfig.from_dict(data)

@@ -6,7 +6,7 @@ import copy
 import json
 
 import pytest
-from kvfleet.dataplane.config import EngineConfig
+from kvfleet.dataplane.config import AdapterConfig, EngineConfig
 from kvfleet.operator.builders import desired_objects, desired_replicas, router_endpoint
 from kvfleet.operator.builders.names import ANNOTATION_CONFIG_HASH, child_name
 from op_testlib import chat_fleet, colocated, inputs, objects_by_key
@@ -56,7 +56,8 @@ def test_disaggregated_fleet_has_prefill_decode_per_variant_plus_pool_and_router
 def test_colocated_fleet_has_one_engine_per_variant_and_no_prefill_or_decode():
     objs = by_name(desired_objects(inputs(colocated(chat_fleet()))))
     deployments = sorted(n for k, n in objs if k == "Deployment")
-    assert deployments == ["chat-router", "chat-smollm2-base-engine", "chat-smollm2-support-engine"]
+    # the LoRA variant smollm2-support rides on its base's engine pods (tests/operator/test_serving.py)
+    assert deployments == ["chat-router", "chat-smollm2-base-engine"]
     assert container(objs[("Deployment", "chat-smollm2-base-engine")])["command"][2] == "kvfleet.dataplane.roles.engine"
 
 
@@ -134,12 +135,15 @@ def test_engine_config_is_the_dataplane_config_and_round_trips():
     data = objs[("ConfigMap", "chat-smollm2-support-config")]["data"]
     assert set(data) == {"prefill.engine.json", "decode.engine.json", "cache-policy.json", "variant.json"}
     cfg = EngineConfig.from_json(data["decode.engine.json"])
-    assert cfg.variant == "smollm2-support" and cfg.block_size == 16 and cfg.max_num_seqs == 128
+    # a LoRA variant of a disaggregated fleet: its own pods, the base weights + its adapter
+    assert cfg.variant == "" and cfg.block_size == 16 and cfg.max_num_seqs == 128
+    assert cfg.adapters == (AdapterConfig("smollm2-support", "/models/smollm2-support/finetune", 16, 32.0,
+                                          served_name="smollm2-support"),)
     assert [c.name for c in cfg.slo_classes] == ["interactive", "batch"] and cfg.default_slo_class == "interactive"
     assert EngineConfig.from_json(data["prefill.engine.json"]).max_num_batched_tokens == 4096
     assert json.loads(data["cache-policy.json"])["quantization"]["dtype"] == "int8"
     variant = json.loads(data["variant.json"])
-    assert variant["servedModelName"] == "smollm2-support" and variant["fineTuneDir"] == "/models/smollm2-support/finetune"
+    assert variant["servedModelName"] is None and variant["adapters"] == ["smollm2-support"]
     mounts = {m["mountPath"]: m for m in container(objs[("Deployment", "chat-smollm2-support-decode")])["volumeMounts"]}
     assert mounts["/etc/kvfleet/engine.json"]["subPath"] == "decode.engine.json"
     assert mounts["/models/smollm2-support/finetune"]["subPath"] == "support-v3"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from kvfleet.operator.api.fleet import Autoscaling, RatioBand
 from kvfleet.operator.builders.config import CACHE_POLICY_JSON, VARIANT_JSON, role_config_key
+from kvfleet.operator.builders.serving import ServingGroup
 from kvfleet.operator.builders.workloads import engine_deployment
 from kvfleet.operator.planner import (
     Bounds,
@@ -330,7 +331,7 @@ def test_plan_keys_are_what_the_builders_read():
     assert key in p.replicas
     fin = dataclasses.replace(fin, planned=p.replicas)
     data = {k: "" for k in (role_config_key("decode"), CACHE_POLICY_JSON, VARIANT_JSON)}
-    dep = engine_deployment(fin, variant, "decode", data)
+    dep = engine_deployment(fin, ServingGroup(variant), "decode", data)
     b = bounds["decode"]
     assert dep["spec"]["replicas"] == (b.pinned if b.pinned is not None else min(b.max, p.replicas[key]))
 

@@ -83,7 +83,8 @@ def test_switch_to_colocated_prunes_prefill_and_decode():
         o["metadata"]["uid"] = "child-" + o["metadata"]["name"]
     new = desired_objects(inputs(colocated(chat_fleet())))
     stale = sorted(o["metadata"]["name"] for o in stale_children(new, old, "uid-chat"))
-    assert stale == ["chat-smollm2-base-decode", "chat-smollm2-base-prefill",
+    # colocated, the LoRA variant support rides on the base's engine: its own config and workloads go too
+    assert stale == ["chat-smollm2-base-decode", "chat-smollm2-base-prefill", "chat-smollm2-support-config",
                      "chat-smollm2-support-decode", "chat-smollm2-support-prefill"]
     foreign = [dict(o, metadata={**o["metadata"], "ownerReferences": []}) for o in old]
     assert stale_children(new, foreign, "uid-chat") == []  # never delete what another owner controls

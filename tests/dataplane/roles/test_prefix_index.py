@@ -80,3 +80,12 @@ def test_routing_policy_refuses_nonsense():
     with pytest.raises(ValueError, match="weights"):
         RoutingPolicy.from_dict({"prefixWeight": -1})
     assert RoutingPolicy.from_dict({"mode": "load", "loadWeight": 2}).load_weight == 2.0
+
+
+def test_a_pod_serving_adapters_names_each_variants_key():
+    idx = PrefixIndex()
+    keys = {"v": "v", "support": "support@1f2e"}  # an adapter's KV is keyed by its weights too
+    idx.apply("a", pb.KVEventBatch(reset=True, block_size=BS, prefix_keys=keys,
+                                   stored=hashes(PROMPT, "support@1f2e")))
+    assert idx.leading_blocks("a", idx.prompt_hashes("a", "support", PROMPT)) == 8
+    assert idx.leading_blocks("a", idx.prompt_hashes("a", "v", PROMPT)) == 0  # the base never reads it
