@@ -73,9 +73,13 @@ class DisaggregatedEngine(AsyncEngine):
     """Routes each request over prefill and decode pods found by `discovery`."""
 
     def __init__(self, discovery: PodDiscovery, variants: Iterable[str], policy: RouterPolicy | None = None,
-                 transport: RoleTransport | None = None, routing: RoutingPolicy | None = None) -> None:
+                 transport: RoleTransport | None = None, routing: RoutingPolicy | None = None,
+                 served_by: dict[str, str] | None = None) -> None:
+        """served_by: variant -> the variant label of the pods that serve it (a LoRA variant's base's
+        pods); a variant not named is served by pods labelled with its own name."""
         self.discovery = discovery
-        self.variants = list(variants)
+        self.served_by = dict(served_by or {})
+        self.variants = sorted({self.served_by.get(v, v) for v in variants})  # pod groups to watch
         self.transport = transport or GrpcTransport()
         self.policy = policy or RouterPolicy()
         self.loads: dict[str, PodLoad] = {}  # address -> load
@@ -196,7 +200,7 @@ class DisaggregatedEngine(AsyncEngine):
         msg = pb.PrefillRequest(request=wire.request_to_pb(request),
                                 target=pb.KVTarget(address=decode.address, reservation=request.request_id),
                                 pool=self.pool_shards())
-        eps = {e.address: e for e in self.discovery.endpoints("prefill", request.variant)}
+        eps = {e.address: e for e in self._pods("prefill", request.variant)}
         pick = self.picker.pick([Candidate(e.name, e.address, self._load(e).in_flight + self._load(e).stats.num_waiting,
                                            self._load(e).stats.max_num_seqs) for e in eps.values()],
                                 request.variant, request.prompt_token_ids)
@@ -265,12 +269,16 @@ class DisaggregatedEngine(AsyncEngine):
 
     # -- picking -----------------------------------------------------------------------------
 
+    def _pods(self, role: str, variant: str) -> list[Endpoint]:
+        """The pods of `role` that serve `variant` (its group's: LoRA variants share their base's pods)."""
+        return self.discovery.endpoints(role, self.served_by.get(variant, variant))
+
     def _load(self, ep: Endpoint) -> PodLoad:
         return self.loads.setdefault(ep.address, PodLoad())
 
     def _decode_candidates(self, variant: str) -> list[Endpoint]:
         """Most KV headroom first, then least load."""
-        eps = self.discovery.endpoints("decode", variant)
+        eps = self._pods("decode", variant)
         return sorted(eps, key=lambda e: (-self._load(e).free_blocks, self._load(e).in_flight, e.name))
 
     @contextlib.contextmanager

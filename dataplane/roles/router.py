@@ -79,7 +79,8 @@ async def serve(args: argparse.Namespace) -> None:
                           default_max_model_len=int(cfg.get("maxModelLen") or 2048),
                           max_queued_requests=int(cfg.get("maxQueuedRequests") or 256))
     routing = RoutingPolicy.from_dict({**(cfg.get("routing") or {}), **({"mode": args.routing} if args.routing else {})})
-    engine = DisaggregatedEngine(discovery, [m["variant"] for m in models], policy, routing=routing)
+    engine = DisaggregatedEngine(discovery, [m["variant"] for m in models], policy, routing=routing,
+                                 served_by={m["variant"]: m["servedBy"] for m in models if m.get("servedBy")})
     from kvfleet.dataplane import tracing
 
     telemetry = tracing.configure("router")
@@ -90,7 +91,8 @@ async def serve(args: argparse.Namespace) -> None:
     app = build_app(engine, load_tokenizer(models), [m["model"] for m in models],
                     slo_classes=[c["name"] for c in classes] or None,
                     variants={m["model"]: m["variant"] for m in models}, telemetry=telemetry,
-                    slo_targets=targets, default_slo_class=cfg.get("defaultSloClass"))
+                    slo_targets=targets, default_slo_class=cfg.get("defaultSloClass"),
+                    parents={m["model"]: m["parent"] for m in models if m.get("parent")})
     runner, url = await start_server(app, args.host, cfg.get("port", 8000) if args.port is None else args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -5,11 +5,11 @@
 
 A group is one set of serving workloads (labelled with `group.name`): the host's weights (a base or a
 full fine-tune) plus LoRA adapters applied per request. In a colocated fleet every LoRA variant joins
+In every topology a LoRA variant joins
 the group of the fleet's plain variant with the same base weights, dtype and maxModelLen (the engine
 batches base and adapters in one step; a LoRA variant without maxModelLen takes its host's); without such
-a variant, LoRA variants of one base form a group of their own, serving only the adapters. A disaggregated fleet gives each LoRA variant its own group
-for now: the router picks prefill/decode pods by the request's variant label, so sharing pods needs the
-router to map a LoRA variant to its group's pods first (`LORA_SHARES_PODS`).
+a variant, LoRA variants of one base form a group of their own, serving only the adapters. The router
+finds a variant's prefill/decode pods by its group's label (`router.json` `servedBy`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from kvfleet.operator.api import ModelVariant
 
 from .inputs import FleetInputs
-
-# topology -> whether LoRA variants share their base's pods there
-LORA_SHARES_PODS = {"colocated": True, "disaggregated": False}
 
 
 @dataclass(frozen=True)
@@ -62,13 +59,12 @@ def _fits(lora: ModelVariant, group: ServingGroup) -> bool:
 
 def serving_groups(inputs: FleetInputs) -> list[ServingGroup]:
     """The fleet's serving groups, in the order of its variants (deterministic)."""
-    share = LORA_SHARES_PODS[inputs.fleet.spec.topology.mode]
     groups = [ServingGroup(v) for v in inputs.variants if not is_lora(v)]
     for v in inputs.variants:
         if not is_lora(v):
             continue
         # the first plain variant's group (no fine-tune of its own), else an adapters-only group
-        at = next((i for i, g in enumerate(groups) if share and _fits(v, g)
+        at = next((i for i, g in enumerate(groups) if _fits(v, g)
                    and (g.host is None or g.host.spec.fine_tune is None)), None)
         if at is None:
             groups.append(ServingGroup(None, (v,)))

@@ -90,11 +90,16 @@ def test_lora_variants_without_their_base_in_the_fleet_form_an_adapters_only_gro
     assert json.loads(data["variant.json"])["servedModelName"] is None  # the base is not served
 
 
-def test_disaggregated_lora_variant_keeps_its_own_prefill_and_decode_serving_its_adapter():
+def test_disaggregated_lora_variant_rides_on_its_base_prefill_and_decode_pods():
     objs = by_name(desired_objects(inputs()))  # the example: disaggregated, base + LoRA support
-    assert ("Deployment", "chat-smollm2-support-decode") in objs
-    cfg = EngineConfig.from_json(objs[("ConfigMap", "chat-smollm2-support-config")]["data"]["decode.engine.json"])
-    assert [a.name for a in cfg.adapters] == ["smollm2-support"]
+    assert ("Deployment", "chat-smollm2-support-decode") not in objs
+    for role in ("prefill", "decode"):
+        assert ("Deployment", f"chat-smollm2-base-{role}") in objs
+        cfg = EngineConfig.from_json(objs[("ConfigMap", "chat-smollm2-base-config")]["data"][f"{role}.engine.json"])
+        assert [a.name for a in cfg.adapters] == ["smollm2-support"]
+    router = json.loads(objs[("ConfigMap", "chat-config")]["data"]["router.json"])
+    support = next(m for m in router["models"] if m["variant"] == "smollm2-support")
+    assert support["servedBy"] == "smollm2-base" and support["parent"] == "smollm2"
 
 
 def test_unservable_variants_are_refused_with_a_reason():
