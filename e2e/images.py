@@ -4,20 +4,27 @@
     with Registry() as reg:             # Debian's docker-registry (distribution 2.8) on a free 127.0.0.1 port
         ref = reg.push("localhost/kvfleet-engine:dev", "kvfleet-engine:dev")   # -> 127.0.0.1:PORT/kvfleet-engine:dev
 
-The registry's blobs live under ``$KVFLEET_CACHE/registry`` and outlive it, so a warm push only sends
-what changed (the engine image is ~3 GB of zstd layers: about a minute cold).
+The registry's blobs live under ``$KVFLEET_CACHE/registry`` and outlive it, and it listens on the same port
+each time when it can: podman remembers which compressed blob it made of a layer per registry host:port,
+so a warm push then neither compresses nor sends anything (seconds), while a push to a registry it does not
+know recompresses every layer (the engine image: ~3 GB of zstd, about 100 s on 2 cores).
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from e2e import imagemode, procs
 from e2e.cluster import REPO
+from e2e.nodes import GPU_TOLERATION
 
 IMAGES = ("operator", "engine")
 
@@ -46,8 +53,23 @@ class Registry:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or imagemode.cache_dir() / "registry"
-        self.port = procs.free_port()
+        self.port = self._stable_port()
         self.popen: subprocess.Popen[bytes] | None = None
+
+    def _stable_port(self) -> int:
+        """The port this cache's registry used last time if it is free now, else a new free one (remembered)."""
+        remembered = self.root.parent / "registry.port"
+        try:
+            port = int(remembered.read_text())
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Go's listener: TIME_WAIT is fine
+                sock.bind(("127.0.0.1", port))
+            return port
+        except (OSError, ValueError):
+            port = procs.free_port()
+            remembered.parent.mkdir(parents=True, exist_ok=True)
+            remembered.write_text(str(port))
+            return port
 
     @property
     def host(self) -> str:
@@ -93,3 +115,34 @@ class Registry:
     def drop_local(self, ref: str) -> None:
         """Forget the local name ``ref`` so that whoever runs it must pull it from the registry."""
         imagemode.podman("rmi", ref, check=False)
+
+
+def chart_values(registry: str, tag: str, namespaces: list[str]) -> dict[str, Any]:
+    """Helm values: both images from `registry`, the operator pod on a simulated node, run by the pod runner."""
+    return {
+        "image": {"repository": f"{registry}/kvfleet-operator", "tag": tag},
+        "engineImage": {"repository": f"{registry}/kvfleet-engine"},
+        "operator": {"watchNamespaces": namespaces, "resyncSeconds": 10},
+        "podAnnotations": {"kvfleet.io/run-locally": "true"},
+        "tolerations": [GPU_TOLERATION],
+        # pods cannot resolve Service names here (no cluster DNS): no OTLP Service to export to
+        "otlp": {"service": False},
+    }
+
+
+def colocated_fleet_docs(name: str) -> list[dict[str, Any]]:
+    """The example variant (SmolLM2-135M, builtin), SLO classes and cache policies, and a colocated fleet of
+    one engine pod that the pod runner runs."""
+    docs = [d for f in ("01-modelvariants.yaml", "02-sloclasses.yaml", "03-cachepolicy.yaml")
+            for d in yaml.safe_load_all((REPO / "examples" / f).read_text()) if d]
+    docs = [d for d in docs if d["metadata"]["name"] != "smollm2-support"]  # needs an adapters PVC
+    gpu = {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}}
+    docs.append({"apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet", "metadata": {"name": name},
+                 "spec": {"variants": [{"name": "smollm2-base"}], "cachePolicy": "long-context",
+                          "sloClasses": ["interactive"], "defaultSloClass": "interactive",
+                          "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
+                          "topology": {"mode": "colocated", "engine": {
+                              "minReplicas": 1, "maxReplicas": 1, "maxNumSeqs": 4, "resources": gpu,
+                              "placement": {"tolerations": [GPU_TOLERATION]},
+                              "podAnnotations": {"kvfleet.io/run-locally": "true"}}}}})
+    return docs

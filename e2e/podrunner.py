@@ -244,7 +244,8 @@ class PodRunner:
         with open(local.log, "a") as out:
             out.write(f"[podrunner] starting image {container['image']} on {pod['status']['podIP']}: {cmd!r}\n")
         local.popen = procs.spawn(cmd, local.log, env=imagemode.podman_env(), cwd=local.dir, tie_to_parent=True)
-        PodMonitor(self._core, pod, local.popen, env, str(local.dir), local.stopping).start()
+        PodMonitor(self._core, pod, local.popen, imagemode.podman_env(), str(local.dir), local.stopping,
+                   exec_prefix=("podman", "exec", local.container)).start()
 
     def _stop_pod(self, uid: str) -> None:
         local = self.pods.pop(uid, None)

@@ -25,8 +25,7 @@ import yaml
 from e2e import imagemode
 from e2e.cluster import REPO
 from e2e.harness import answers, serving_pod_ips, wait_for
-from e2e.images import Registry, ensure_images, local_ref, why_no_podman
-from e2e.nodes import GPU_TOLERATION
+from e2e.images import Registry, chart_values, colocated_fleet_docs, ensure_images, local_ref, why_no_podman
 from e2e.procs import free_port
 
 pytestmark = [pytest.mark.images, pytest.mark.slow]
@@ -102,24 +101,6 @@ def registry(images) -> Iterator[Registry]:
         yield reg
 
 
-def fleet_docs() -> list[dict]:
-    """The example variant, SLO classes and cache policy, and a colocated fleet of SmolLM2 whose engine pod
-    the pod runner runs (from the engine image)."""
-    docs = [d for name in ("01-modelvariants.yaml", "02-sloclasses.yaml", "03-cachepolicy.yaml")
-            for d in yaml.safe_load_all((REPO / "examples" / name).read_text()) if d]
-    docs = [d for d in docs if d["metadata"]["name"] != "smollm2-support"]  # needs an adapters PVC
-    gpu = {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}}
-    docs.append({"apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet", "metadata": {"name": "colo"},
-                 "spec": {"variants": [{"name": "smollm2-base"}], "cachePolicy": "long-context",
-                          "sloClasses": ["interactive"], "defaultSloClass": "interactive",
-                          "router": {"placement": {"tolerations": [GPU_TOLERATION]}},
-                          "topology": {"mode": "colocated", "engine": {
-                              "minReplicas": 1, "maxReplicas": 1, "maxNumSeqs": 4, "resources": gpu,
-                              "placement": {"tolerations": [GPU_TOLERATION]},
-                              "podAnnotations": {"kvfleet.io/run-locally": "true"}}}}})
-    return docs
-
-
 @pytest.mark.k8s
 def test_helm_installs_the_operator_image_from_a_registry_and_its_fleet_serves(cluster, podrunner, registry,
                                                                                 namespace, tmp_path: Path):
@@ -132,14 +113,7 @@ def test_helm_installs_the_operator_image_from_a_registry_and_its_fleet_serves(c
     print(f"pushed both images to {registry.host} in {time.monotonic() - t0:.1f}s")
     release, system_ns = f"kvf-{namespace[2:]}", f"{namespace}-sys"
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({
-        "image": {"repository": f"{registry.host}/kvfleet-operator", "tag": tag},
-        "engineImage": {"repository": f"{registry.host}/kvfleet-engine"},
-        "operator": {"watchNamespaces": [namespace], "resyncSeconds": 10},
-        "podAnnotations": {"kvfleet.io/run-locally": "true"},
-        "tolerations": [GPU_TOLERATION],
-        "otlp": {"service": False},
-    }))
+    values.write_text(yaml.safe_dump(chart_values(registry.host, tag, [namespace])))
     podrunner.images = True  # pods of images in local storage or on a loopback registry run with podman
     try:
         cluster.helm("install", release, str(REPO / "charts" / "kvfleet"), "-n", system_ns, "--create-namespace",
@@ -157,7 +131,7 @@ def test_helm_installs_the_operator_image_from_a_registry_and_its_fleet_serves(c
         local = wait_for("the runner's container of the operator pod",
                          lambda: podrunner.find(system_ns, pod["metadata"]["name"]), timeout=30)
         assert local.container, "the operator pod ran as a process, not from its image"
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(fleet_docs()))
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(colocated_fleet_docs("colo")))
         wait_for("fleet colo Available", lambda: any(
             c["type"] == "Available" and c["status"] == "True" for c in json.loads(cluster.kubectl(
                 "get", "fleet", "colo", "-n", namespace, "-o", "json").stdout).get("status", {}).get("conditions", [])),
