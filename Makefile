@@ -47,7 +47,7 @@ lint: venv ## ruff on everything, mypy on the API package
 
 test: venv binaries collector image ## everything CI runs: lint, unit, engine, real control plane, operator, real collector, images
 	$(MAKE) lint
-	$(VENV)/bin/pytest
+	KVFLEET_IMAGES_FRESH=1 $(VENV)/bin/pytest
 
 test-fast: venv ## unit tests only (no cluster, no real model)
 	$(VENV)/bin/pytest -m 'not k8s and not slow'
@@ -94,7 +94,7 @@ image: ## build localhost/kvfleet-operator and kvfleet-engine:$(IMAGE_TAG) with 
 	e2e/build-images.sh $(IMAGE_TAG)
 
 image-test: venv binaries image ## the images: smoke tests, then Helm from a loopback registry with pods run from the images
-	$(VENV)/bin/pytest e2e/tests/test_images.py tests/operator/test_image_contract.py
+	KVFLEET_IMAGES_FRESH=1 $(VENV)/bin/pytest e2e/tests/test_images.py e2e/tests/test_imagemode_units.py tests/operator/test_image_contract.py
 
 bench-operator: venv binaries ## 100 fleets on 1,000 simulated GPU nodes: create->Available, reconcile p50/p99, RSS; writes bench/results/operator_scale.*
 	$(PY) -m bench.operator_scale
@@ -123,7 +123,7 @@ bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet 
 	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)
 
 demo-images: venv binaries image ## the images path: publish both to a loopback registry, helm install the operator from it (a pod), serve a fleet from the engine image
-	$(PY) -m e2e.demo_images
+	KVFLEET_IMAGES_FRESH=1 $(PY) -m e2e.demo_images
 
 demo: venv binaries ## the main job: real model + local control plane + operator (chart RBAC) + sample fleets + requests + a scale-up
 	$(PY) -m e2e.demo

@@ -56,6 +56,7 @@ def run(demo: Demo, registry: Registry, workdir: Path) -> None:
             return serving_pod_ips(demo.get("pods", "-n", SYSTEM_NS)["items"], port=8080, path="/healthz")
 
         wait_for("the operator pod answering /healthz", operator_ip, 180)
+        demo.kubectl("wait", "--for=condition=Ready", "pod", "--all", "-n", SYSTEM_NS, "--timeout=60s")
         demo.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide", show=True)
         print("$ podman ps\n" + imagemode.podman("ps", "--format", "{{.Names}}  {{.Image}}  {{.Command}}").stdout.strip())
 
