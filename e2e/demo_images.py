@@ -33,11 +33,11 @@ NAMESPACE, SYSTEM_NS, RELEASE, FLEET = "kvfleet-demo", "kvfleet-system", "kvflee
 
 def run(demo: Demo, registry: Registry, workdir: Path) -> None:
     c = demo.cluster
-    tag = f"demo-{int(time.time())}"
+    tag = "demo"
     step(f"push the images to the loopback registry {registry.host}")
     t0 = time.monotonic()
-    for image in ("operator", "engine"):
-        print(registry.push(local_ref(image), f"kvfleet-{image}:{tag}"))
+    refs = [registry.push(local_ref(image), f"kvfleet-{image}:{tag}") for image in ("operator", "engine")]
+    print("\n".join(refs))
     print(f"(pushed in {time.monotonic() - t0:.1f}s; layers the registry already has are skipped)")
 
     step("simulated GPU nodes (KWOK): 2 nodes x 8 nvidia.com/gpu")
@@ -74,6 +74,8 @@ def run(demo: Demo, registry: Registry, workdir: Path) -> None:
         print(json.dumps({c["type"]: c["status"] for c in status.get("conditions", [])}))
         demo.kubectl("delete", "fleet", FLEET, "-n", NAMESPACE, "--wait=true", show=True)
         demo.tool("helm", "uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", show=True)
+    for ref in refs:
+        registry.drop_local(ref)  # the names the runner pulled; the layers stay with the local images
 
 
 def main(argv: list[str] | None = None) -> int:

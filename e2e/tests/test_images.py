@@ -33,11 +33,20 @@ OPERATOR, ENGINE = local_ref("operator"), local_ref("engine")
 HARDENED = ["--read-only", "--read-only-tmpfs=false", "--cap-drop=all", "--security-opt=no-new-privileges"]
 
 
-@pytest.fixture(scope="session")
-def images() -> None:
+def _images(*names: str) -> None:
     if reason := why_no_podman():
         pytest.skip(reason)
-    ensure_images("dev")
+    ensure_images("dev", names)
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> None:
+    _images("operator")
+
+
+@pytest.fixture(scope="session")
+def images() -> None:
+    _images("operator", "engine")
 
 
 def dockerfile_label(target: str, key: str) -> str:
@@ -50,7 +59,7 @@ def run(*args: str, timeout: float = 120) -> str:
     return imagemode.podman("run", "--rm", "--network=host", *args, timeout=timeout).stdout
 
 
-def test_operator_image_is_small_non_root_read_only_and_without_torch(images):
+def test_operator_image_is_small_non_root_read_only_and_without_torch(operator_image):
     config = imagemode.image_config(OPERATOR)
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["kvfleet"]
@@ -106,7 +115,7 @@ def test_helm_installs_the_operator_image_from_a_registry_and_its_fleet_serves(c
                                                                                 namespace, tmp_path: Path):
     if cluster.local is None:
         pytest.skip("image mode needs the local control plane (pod IPs on loopback)")
-    tag = f"t{int(time.time())}"
+    tag = "e2e"  # reused: the registry drops the previous run's layers at its next start
     t0 = time.monotonic()
     operator_ref = registry.push(OPERATOR, f"kvfleet-operator:{tag}")
     engine_ref = registry.push(ENGINE, f"kvfleet-engine:{tag}")
