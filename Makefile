@@ -45,9 +45,9 @@ lint: venv ## ruff on everything, mypy on the API package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy operator/api
 
-test: venv binaries collector ## everything CI runs: lint, unit, engine, real control plane, operator, real collector
+test: venv binaries collector image ## everything CI runs: lint, unit, engine, real control plane, operator, real collector, images
 	$(MAKE) lint
-	$(VENV)/bin/pytest
+	KVFLEET_IMAGES_FRESH=1 $(VENV)/bin/pytest
 
 test-fast: venv ## unit tests only (no cluster, no real model)
 	$(VENV)/bin/pytest -m 'not k8s and not slow'
@@ -85,7 +85,7 @@ bench-cluster: venv binaries ## time 1,000 GPU nodes and 1,000 GPU pods on the l
 # ---- operator and Helm chart (operator/, charts/kvfleet/) ---------------------------------
 HELM_BIN = $$($(PY) -c 'from e2e.cluster import find_bin_dir; print(find_bin_dir())')/helm
 
-.PHONY: operator test-operator chart-lint image bench-operator
+.PHONY: operator test-operator chart-lint image image-test bench-operator demo-images
 
 operator: venv ## run the operator locally against the current kubeconfig (cluster-wide, standalone)
 	$(PY) -m kvfleet.operator --all-namespaces
@@ -97,8 +97,12 @@ chart-lint: venv binaries ## helm lint --strict and render the chart with its de
 	$(HELM_BIN) lint --strict charts/kvfleet
 	$(HELM_BIN) template kvfleet charts/kvfleet -n kvfleet-system > /dev/null
 
-image: ## build the kvfleet image (operator + dataplane roles; needs Docker)
-	docker build -t kvfleet:dev .
+IMAGE_TAG ?= dev
+image: ## build localhost/kvfleet-operator and kvfleet-engine:$(IMAGE_TAG) with podman (installed via apt if missing; cached in $(KVFLEET_CACHE))
+	e2e/build-images.sh $(IMAGE_TAG)
+
+image-test: venv binaries image ## the images: smoke tests, then Helm from a loopback registry with pods run from the images
+	KVFLEET_IMAGES_FRESH=1 $(VENV)/bin/pytest e2e/tests/test_images.py e2e/tests/test_imagemode_units.py tests/operator/test_image_contract.py
 
 bench-operator: venv binaries ## 100 fleets on 1,000 simulated GPU nodes: create->Available, reconcile p50/p99, RSS; writes bench/results/operator_scale.*
 	$(PY) -m bench.operator_scale
@@ -128,6 +132,9 @@ bench-prefix: venv ## shared-prefix workload on router + 2 prefill + 2 decode: r
 
 bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet serve latency at 1/4/16; writes bench/results/engine.* (VLLM_PYTHON=venv/bin/python adds vLLM)
 	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)
+
+demo-images: venv binaries image ## the images path: publish both to a loopback registry, helm install the operator from it (a pod), serve a fleet from the engine image
+	KVFLEET_IMAGES_FRESH=1 $(PY) -m e2e.demo_images
 
 demo: venv binaries ## the main job: real model + local control plane + operator (chart RBAC) + sample fleets + requests + a scale-up
 	$(PY) -m e2e.demo

@@ -26,7 +26,11 @@ What it emulates:
     process that exits on its own is reported as a terminated container
     (``e2e/podstatus.py``).
 
-What it does not emulate: images (the command must exist on this machine; a container
+Image mode (``images=True`` or ``KVFLEET_PODRUNNER_IMAGES=1``): a pod whose image is in local podman
+storage, or on a loopback registry, runs from that image with podman instead (``e2e/imagemode.py``:
+host network, volumes, env, ServiceAccount, securityContext mapped); other pods still run as processes.
+
+What process mode does not emulate: images (the command must exist on this machine; a container
 without ``command`` is not run), other containers of the pod, init containers, other
 volume types, liveness/startup probes, resource limits, restarts (an exited process
 stays exited; its exit code is logged and reported),
@@ -58,7 +62,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from e2e import procs
+from e2e import imagemode, procs
 from e2e.nodes import api_client
 from e2e.podstatus import PodMonitor
 
@@ -97,15 +101,18 @@ class LocalPod:
     popen: subprocess.Popen[bytes] | None
     grace_s: float
     stopping: threading.Event = field(default_factory=threading.Event)
+    container: str | None = None  # the podman container's name in image mode
 
 
 class PodRunner:
     """Watches pods and keeps one local process per opted-in, IP-assigned, live pod."""
 
-    def __init__(self, kubeconfig: Path | str, workdir: Path | str, namespace: str | None = None) -> None:
+    def __init__(self, kubeconfig: Path | str, workdir: Path | str, namespace: str | None = None,
+                 images: bool | None = None) -> None:
         self.kubeconfig = Path(kubeconfig)
         self.workdir = Path(workdir)
         self.namespace = namespace
+        self.images = os.environ.get(imagemode.ENV_FLAG) == "1" if images is None else images
         self.pods: dict[str, LocalPod] = {}
         self._api = api_client(self.kubeconfig)
         self._core = client.CoreV1Api(self._api)
@@ -120,6 +127,8 @@ class PodRunner:
     def start(self) -> PodRunner:
         """Watch in a background thread; returns self."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.images:
+            imagemode.remove_labelled(str(self.workdir.resolve()))  # what a killed runner left behind
         self._thread = threading.Thread(target=self._loop, name="podrunner", daemon=True)
         self._thread.start()
         return self
@@ -200,6 +209,9 @@ class PodRunner:
         self.pods[meta["uid"]] = local
         try:
             mounts = self._materialize_volumes(pod, container, pod_dir)
+            if self.images and imagemode.ensure_image(container.get("image", "")):
+                self._start_container(pod, container, local, mounts)
+                return
             env = self._environment(pod, container, pod_dir, mounts)
             argv = [self._rewrite(expand(a, env), mounts) for a in container.get("command") or []]
             argv += [self._rewrite(expand(a, env), mounts) for a in container.get("args") or []]
@@ -215,12 +227,34 @@ class PodRunner:
             with open(log, "a") as out:
                 out.write(f"[podrunner] cannot run pod: {exc!r}\n")
 
+    def _start_container(self, pod: dict[str, Any], container: dict[str, Any], local: LocalPod,
+                         mounts: dict[str, Path]) -> None:
+        """Image mode: ``podman run`` the container (attached, so the Popen is the container's lifetime)."""
+        env = self._environment(pod, container, local.dir, {}, image=True)
+        argv = ([expand(a, env) for a in container.get("command") or []],
+                [expand(a, env) for a in container.get("args") or []])
+        volume_mounts = [(mounts[vm["mountPath"]], vm["mountPath"], bool(vm.get("readOnly")))
+                         for vm in container.get("volumeMounts") or []]
+        local.container = f"kvfleet-{pod['metadata']['namespace']}-{pod['metadata']['name']}"[:60] + \
+            f"-{local.uid[:8]}"
+        port = int(self._server["server"].rsplit(":", 1)[1])
+        cmd = imagemode.run_argv(pod, container, name=local.container, env=env, argv=argv, mounts=volume_mounts,
+                                 env_file=local.dir / "env", server=("127.0.0.1", port),
+                                 label=str(self.workdir.resolve()))
+        with open(local.log, "a") as out:
+            out.write(f"[podrunner] starting image {container['image']} on {pod['status']['podIP']}: {cmd!r}\n")
+        local.popen = procs.spawn(cmd, local.log, env=imagemode.podman_env(), cwd=local.dir, tie_to_parent=True)
+        PodMonitor(self._core, pod, local.popen, imagemode.podman_env(), str(local.dir), local.stopping,
+                   exec_prefix=("podman", "exec", local.container)).start()
+
     def _stop_pod(self, uid: str) -> None:
         local = self.pods.pop(uid, None)
         if local is None or local.popen is None:
             return
         local.stopping.set()
         procs.terminate(local.popen.pid, grace_s=local.grace_s, popen=local.popen)
+        if local.container:
+            imagemode.remove(local.container)
         with open(local.log, "a") as out:
             out.write(f"[podrunner] stopped, exit code {local.popen.poll()}\n")
 
@@ -272,6 +306,8 @@ class PodRunner:
             vol, target = volumes.get(vm["name"], {}), pod_dir / "volumes" / vm["name"]
             if not target.exists():
                 target.mkdir(parents=True)
+                if "emptyDir" in vol:
+                    target.chmod(0o777)  # as a kubelet makes it: writable by the pod's (non-root) user
                 if "configMap" in vol or "secret" in vol:
                     kind = "configMap" if "configMap" in vol else "secret"
                     src = vol[kind]
@@ -294,14 +330,19 @@ class PodRunner:
         return mounts
 
     def _environment(self, pod: dict[str, Any], container: dict[str, Any], pod_dir: Path,
-                     mounts: dict[str, Path]) -> dict[str, str]:
+                     mounts: dict[str, Path], image: bool = False) -> dict[str, str]:
+        """The container's environment. A process gets the runner's own as its base, a KUBECONFIG and
+        local paths for mountPaths; a container (``image``) only what the pod declares (the image has the rest)."""
         ns = pod["metadata"]["namespace"]
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env = {} if image else dict(os.environ)
+        if not image:
+            env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
             env.pop(var, None)
-        env.update(POD_IP=pod["status"]["podIP"], KVFLEET_POD_DIR=str(pod_dir))
-        if pod["spec"].get("automountServiceAccountToken") is not False:
+        env.update(POD_IP=pod["status"]["podIP"])
+        if not image:
+            env["KVFLEET_POD_DIR"] = str(pod_dir)
+        if not image and pod["spec"].get("automountServiceAccountToken") is not False:
             kubeconfig = pod_dir / "kubeconfig"
             kubeconfig.write_text(json.dumps({
                 "apiVersion": "v1", "kind": "Config", "current-context": "pod",

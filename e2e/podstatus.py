@@ -30,8 +30,11 @@ def _port(container: dict[str, Any], port: int | str) -> int:
 
 
 def probe_once(probe: dict[str, Any], container: dict[str, Any], pod_ip: str, env: dict[str, str],
-               cwd: str) -> bool:
-    """Run one readiness check against the local process; True if it passes."""
+               cwd: str, exec_prefix: tuple[str, ...] = ()) -> bool:
+    """Run one readiness check against the local process; True if it passes.
+
+    ``exec_prefix`` runs an exec probe inside the container (image mode: ``podman exec NAME``).
+    """
     timeout = float(probe.get("timeoutSeconds", 1))
     try:
         if "httpGet" in probe:
@@ -46,7 +49,8 @@ def probe_once(probe: dict[str, Any], container: dict[str, Any], pod_ip: str, en
             with socket.create_connection((sock.get("host") or pod_ip, _port(container, sock["port"])), timeout):
                 return True
         if "exec" in probe:
-            done = subprocess.run(probe["exec"]["command"], env=env, cwd=cwd, capture_output=True, timeout=timeout)
+            done = subprocess.run([*exec_prefix, *probe["exec"]["command"]], env=env, cwd=cwd, capture_output=True,
+                                  timeout=timeout)
             return done.returncode == 0
     except (OSError, urllib.error.URLError, subprocess.TimeoutExpired, KeyError, ValueError):
         return False
@@ -61,9 +65,10 @@ class PodMonitor(threading.Thread):
     """Watches one local process: applies its readiness probe, then reports its exit."""
 
     def __init__(self, core: client.CoreV1Api, pod: dict[str, Any], popen: subprocess.Popen[bytes],
-                 env: dict[str, str], cwd: str, stopping: threading.Event) -> None:
+                 env: dict[str, str], cwd: str, stopping: threading.Event, exec_prefix: tuple[str, ...] = ()) -> None:
         super().__init__(name=f"monitor-{pod['metadata']['name']}", daemon=True)
         self.core, self.pod, self.popen, self.env, self.cwd, self.stopping = core, pod, popen, env, cwd, stopping
+        self.exec_prefix = exec_prefix
 
     def _patch(self, ready: bool, reason: str, container_state: dict[str, Any] | None = None) -> None:
         meta, container = self.pod["metadata"], self.pod["spec"]["containers"][0]
@@ -89,7 +94,7 @@ class PodMonitor(threading.Thread):
             time.sleep(float(probe.get("initialDelaySeconds", 0)))
             period = min(float(probe.get("periodSeconds", 10)), 1.0)  # faster than a kubelet: tests wait less
             while not self.stopping.is_set() and self.popen.poll() is None:
-                if probe_once(probe, container, pod_ip, self.env, self.cwd):
+                if probe_once(probe, container, pod_ip, self.env, self.cwd, self.exec_prefix):
                     self._patch(True, "")
                     break
                 self.stopping.wait(period)

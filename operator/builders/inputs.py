@@ -9,7 +9,7 @@ from typing import Any
 from kvfleet.operator.api import CachePolicySpec, InferenceFleet, ModelVariant, SLOClass
 from kvfleet.operator.api.fleet import RoleSpec
 
-DEFAULT_IMAGE = "ghcr.io/kvfleet/kvfleet:0.1.0"
+DEFAULT_IMAGE = "ghcr.io/kvfleet/kvfleet-engine:0.1.0"  # the dataplane image (Dockerfile target `engine`)
 
 
 @dataclass(frozen=True)

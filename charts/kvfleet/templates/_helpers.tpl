@@ -33,6 +33,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{- define "kvfleet.engineImage" -}}
+{{- if .Values.operator.dataplaneImage -}}
+{{- .Values.operator.dataplaneImage -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.engineImage.repository (.Values.engineImage.tag | default .Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "kvfleet.otlpEndpoint" -}}
 {{- printf "http://%s-otlp.%s.svc:%d" (include "kvfleet.fullname" .) .Release.Namespace (int .Values.otlp.port) -}}
 {{- end -}}
