@@ -15,7 +15,10 @@ What it emulates:
     secret, downwardAPI namespace, serviceAccountToken) volumes: their files are written
     to ``<workdir>/<pod>/volumes/<volume>`` and every occurrence of the ``mountPath`` in
     command, args, env values and ``workingDir`` is rewritten to that local path
-    (``subPath`` is honoured);
+    (``subPath`` is honoured); ``hostPath`` volumes and ``persistentVolumeClaim`` volumes bound
+    to a ``hostPath`` PersistentVolume mount that host directory itself. A process has no mount
+    namespace, so mountPaths inside the written configMap/secret files are rewritten too (a
+    config naming ``/models/x`` reads the local directory mounted there);
   * API access: ``KUBECONFIG`` points at a per-pod kubeconfig holding a token for the
     pod's ServiceAccount (TokenRequest bound to the pod), so RBAC applies as in a real
     pod. ``KUBERNETES_SERVICE_HOST`` is not set: clients must fall back from in-cluster
@@ -302,9 +305,16 @@ class PodRunner:
         ns = pod["metadata"]["namespace"]
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         mounts: dict[str, Path] = {}
+        written: list[Path] = []  # configMap/secret volumes: their files' mountPaths are rewritten below
         for vm in container.get("volumeMounts") or []:
             vol, target = volumes.get(vm["name"], {}), pod_dir / "volumes" / vm["name"]
+            host = self._host_dir(ns, vol)
+            if host is not None:
+                mounts[vm["mountPath"]] = host / vm["subPath"] if vm.get("subPath") else host
+                continue
             if not target.exists():
+                if "configMap" in vol or "secret" in vol or "projected" in vol:
+                    written.append(target)  # fresh: rewrite once (a second pass could rewrite a local path)
                 target.mkdir(parents=True)
                 if "emptyDir" in vol:
                     target.chmod(0o777)  # as a kubelet makes it: writable by the pod's (non-root) user
@@ -327,7 +337,27 @@ class PodRunner:
                         if "fieldRef" in item:
                             (target / item["path"]).write_text(field_ref(pod, item["fieldRef"]["fieldPath"]))
             mounts[vm["mountPath"]] = target / vm["subPath"] if vm.get("subPath") else target
+        for target in written:
+            for f in (p for p in target.rglob("*") if p.is_file()):
+                text = f.read_text(errors="replace")
+                if (new := self._rewrite(text, mounts)) != text:
+                    f.write_text(new)
         return mounts
+
+    def _host_dir(self, namespace: str, vol: dict[str, Any]) -> Path | None:
+        """The host directory behind a hostPath volume or a PVC bound to a hostPath PV (None: another kind)."""
+        if "hostPath" in vol:
+            return Path(vol["hostPath"]["path"])
+        claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+        if not claim:
+            return None
+        pvc = self._core.read_namespaced_persistent_volume_claim(claim, namespace)
+        if not pvc.spec.volume_name:
+            raise RuntimeError(f"PVC {namespace}/{claim} is not bound (the pod would wait for it)")
+        pv = self._core.read_persistent_volume(pvc.spec.volume_name)
+        if pv.spec.host_path is None:
+            raise RuntimeError(f"PV {pv.metadata.name} is not a hostPath volume: this runner cannot mount it")
+        return Path(pv.spec.host_path.path)
 
     def _environment(self, pod: dict[str, Any], container: dict[str, Any], pod_dir: Path,
                      mounts: dict[str, Path], image: bool = False) -> dict[str, str]:

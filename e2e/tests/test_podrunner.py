@@ -145,3 +145,43 @@ def test_readiness_probe_gates_the_ready_condition(cluster, podrunner, namespace
         time.sleep(0.2)
     ip = cluster.core.read_namespaced_pod("slow", namespace).status.pod_ip
     assert http_get(f"http://{ip}:8080/", timeout_s=2)
+
+
+def test_a_pvc_on_a_hostpath_pv_mounts_the_host_directory_and_configs_see_it(cluster, podrunner, namespace, tmp_path):
+    """The LoRA example's shape: a PVC (bound to a hostPath PV) mounted with a subPath, and a ConfigMap file
+    naming the mountPath; the process reads the host file through the path its config names."""
+    (tmp_path / "support-v3").mkdir()
+    (tmp_path / "support-v3" / "adapter.txt").write_text("adapter bytes\n")
+    pv = f"pv-{namespace}"
+    cluster.core.create_persistent_volume({
+        "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "hostPath": {"path": str(tmp_path)}, "claimRef": {"namespace": namespace, "name": "adapters"}}})
+    try:
+        cluster.core.create_namespaced_persistent_volume_claim(namespace, {
+            "metadata": {"name": "adapters"},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
+                     "resources": {"requests": {"storage": "1Gi"}}}})
+        # a config file naming the mount: the process serves the file that path points at
+        cluster.core.create_namespaced_config_map(namespace, {"metadata": {"name": "site"},
+                                                              "data": {"where.txt": "/models/support/adapter.txt\n"}})
+        pod = web_pod("pvc")
+        c = pod["spec"]["containers"][0]
+        c["command"] = ["python3", "-c", "import http.server, os, pathlib, socketserver\n"
+                        "src = pathlib.Path(pathlib.Path('/srv/site/where.txt').read_text().strip())\n"
+                        "class H(http.server.BaseHTTPRequestHandler):\n"
+                        "    def do_GET(self):\n"
+                        "        self.send_response(200); self.end_headers(); self.wfile.write(src.read_bytes())\n"
+                        "socketserver.TCPServer((os.environ['POD_IP'], 8080), H).serve_forever()\n"]
+        c["args"] = []
+        c["volumeMounts"].append({"name": "adapters", "mountPath": "/models/support", "subPath": "support-v3",
+                                  "readOnly": True})
+        pod["spec"]["volumes"].append({"name": "adapters", "persistentVolumeClaim": {"claimName": "adapters"}})
+        cluster.core.create_namespaced_pod(namespace, pod)
+        deadline = time.monotonic() + 30
+        while not (ip := cluster.core.read_namespaced_pod("pvc", namespace).status.pod_ip):
+            assert time.monotonic() < deadline, "no pod IP"
+            time.sleep(0.2)
+        assert http_get(f"http://{ip}:8080/") == b"adapter bytes\n"
+    finally:
+        cluster.core.delete_persistent_volume(pv)
