@@ -83,7 +83,7 @@ class LLMEngine:
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
-                                   hit_align_blocks=kvspec.hit_align_blocks)
+                                   hit_align_blocks=kvspec.hit_align_blocks, usable_hit=kv.usable_hit)
         self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
         self.eos_token_ids = frozenset(getattr(mc, "eos_token_ids", ()) or ())
         self.runner.eos_token_ids = self.eos_token_ids

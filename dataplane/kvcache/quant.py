@@ -143,30 +143,34 @@ class Codec:
 
     # -- encode / decode ----------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> Encoded:
-        """x [n, H, D] (n == group_size for token-grouped codecs) -> Encoded.
+    def encode(self, x: torch.Tensor, stats_from: torch.Tensor | None = None) -> Encoded:
+        """x [n, H, D] (n <= group_size for token-grouped codecs) -> Encoded.
 
         A leading batch axis encodes many groups at once: x [G, n, H, D] -> codes [G, n, H, Dc],
         stats [G, *stat_shape] (the paged cache encodes every group completed in a step together).
+        stats_from: same shape as x; scales/zeros come from it, codes from x (clamped to its range):
+        the paged cache leaves full-precision sink rows out of their group's scale yet stores them.
         """
         lead, (n, h, d) = x.shape[:-3], x.shape[-3:]
         if not self.is_quantized:
             return Encoded(x.to(self.storage_dtype), None, None)
         xf = x.float()
+        sf = xf if stats_from is None else stats_from.float()
         if self.granularity == "per-token":
             g = xf.view(*lead, n, h, d // self.group_size, self.group_size)  # [.., n, H, D/g, g]
+            gs = sf.view(*lead, n, h, d // self.group_size, self.group_size)
             dims: tuple[int, ...] = (-1,)
         else:
-            g = xf
+            g, gs = xf, sf
             dims = {"per-channel": (-3,), "per-head": (-3, -1), "per-tensor": (-3, -2, -1)}[self.granularity]
         shape = (*lead, *self._stat_shape(n))
         if self.dtype == "fp8":
-            amax = g.abs().amax(dim=dims, keepdim=True)
+            amax = gs.abs().amax(dim=dims, keepdim=True)
             scale = (amax / FP8_MAX).clamp_min(_MIN_SCALE).to(STAT_DTYPE)
             codes = (g / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             return Encoded(codes.reshape(*lead, n, h, d), scale.reshape(shape), None)
-        lo = g.amin(dim=dims, keepdim=True)
-        hi = g.amax(dim=dims, keepdim=True)
+        lo = gs.amin(dim=dims, keepdim=True)
+        hi = gs.amax(dim=dims, keepdim=True)
         scale = ((hi - lo) / self.qmax).clamp_min(_MIN_SCALE).to(STAT_DTYPE)
         zero = lo.to(STAT_DTYPE)
         q = ((g - zero.float()) / scale.float()).round_().clamp_(0, self.qmax).to(torch.uint8)
@@ -229,10 +233,10 @@ class QuantBuffer:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def append(self, x: torch.Tensor) -> None:
-        """Encode and append x [n, H, D]; token-grouped codecs take exactly one group."""
+        """Encode and append x [n, H, D]; token-grouped codecs take one group (a partial one after sinks)."""
         c = self.codec
-        if c.token_grouped and x.shape[0] != c.group_size:
-            raise ValueError(f"token-grouped codec takes groups of {c.group_size} tokens, got {x.shape[0]}")
+        if c.token_grouped and not 0 < x.shape[0] <= c.group_size:
+            raise ValueError(f"token-grouped codec takes groups of up to {c.group_size} tokens, got {x.shape[0]}")
         enc = c.encode(x)
         cat = (lambda a, b: b if a is None else torch.cat([a, b]))  # noqa: E731
         self.codes = cat(self.codes, enc.codes)

@@ -63,7 +63,9 @@ class Quantization(KubeModel):
         ge=0,
         le=1024,
         description="First tokens (attention sinks) kept in full precision; they are left out of their "
-        "group's scale. Tokens a request takes from the prefix cache are read as stored.",
+        "group's scale. A request that takes them from the prefix cache gets their full-precision rows "
+        "too (saved per cached prompt, as many prompts as running sequences); when they are gone the hit "
+        "is not taken.",
     )
 
     __rules__ = (
