@@ -135,7 +135,7 @@ class PagedQuantKV(KVStorage):
         nb, bs, h, d = self.num_blocks, self.block_size, c.num_heads, c.head_dim
         if not c.is_quantized:
             return [torch.zeros(nb, bs, h, d, dtype=c.storage_dtype, device=device)]
-        dc = d // 2 if c.dtype == "int4" else d
+        dc = c.code_dim
         codes = torch.zeros(nb, bs, h, dc, dtype=torch.uint8, device=device)
         if c.token_grouped:
             _, hs, ds = c._stat_shape(1)
@@ -152,7 +152,7 @@ class PagedQuantKV(KVStorage):
             if not c.is_quantized:
                 total += int(c.bytes_per_token() * block_size)
                 continue
-            elem_codes = c.head_dim // 2 if c.dtype == "int4" else c.head_dim
+            elem_codes = c.code_dim
             n_stats = 1 if c.dtype == "fp8" else 2
             stat_elem = torch.empty((), dtype=STAT_DTYPE).element_size()
             if c.token_grouped:

@@ -69,7 +69,7 @@ class QuantSpec:
         if self.residual_tokens < 0 or self.sink_tokens < 0 or self.group_size < 1:
             raise ValueError("quantization: residualTokens/sinkTokens must be >= 0 and groupSize >= 1")
         if self.keys_pre_rope and self.dtype in ("none", "fp16", "bf16"):
-            raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4)")
+            raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4, int3, int2)")
 
     def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype,
                evicting: bool = False) -> tuple[Codec, Codec]:
