@@ -28,7 +28,7 @@ from kvfleet.dataplane.kvcache.policy import PolicySpec
 from kvfleet.dataplane.kvcache.quant import Codec
 from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
 
-Q_CHUNK = 256  # queries per attention block (bounds the [Hq, Q, N] score tensors)
+Q_CHUNK = 128  # queries per attention block (bounds the [Hq, Q, N] score tensors)
 
 
 @dataclass
@@ -175,42 +175,55 @@ class TeacherForced(AttentionBackend):
     # -- attention -------------------------------------------------------------------
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per block of queries: one matmul over keys that are 16-bit rows or codec rows for the whole
+        block, and both (selected per query) over the band where the tail boundary moves inside it."""
         p = self.prompt
         n0, t = p.k[layer].shape[0], q.shape[0]
         k_all, v_all = torch.cat([p.k[layer], k]), torch.cat([p.v[layer], v])
-        n, hq, d = k_all.shape[0], q.shape[1], q.shape[2]
+        hq, d = q.shape[1], q.shape[2]
         hkv = k.shape[1]
         gq = hq // hkv
         ks, vs, kq, vq = self._views(k_all, v_all)
         if len(self.keep) <= layer:
             self.keep.append(self._compress(layer))
         keep = self.keep[layer]
-        j = torch.arange(n)
         out = torch.empty_like(q)
         scale = 1.0 / math.sqrt(d)
-        kst, kqt = ks.permute(1, 2, 0), kq.permute(1, 2, 0)  # [Hkv, D, N]
-        vst, vqt = vs.permute(1, 0, 2), vq.permute(1, 0, 2)  # [Hkv, N, D]
         for c0 in range(0, t, Q_CHUNK):
             c1 = min(t, c0 + Q_CHUNK)
-            tpos = torch.arange(n0 + c0, n0 + c1)  # query positions
-            qh = q[c0:c1].float().view(c1 - c0, hkv, gq, d).permute(1, 2, 0, 3)  # [Hkv, G, C, D]
-            s = qh @ kst[:, None]  # [Hkv, G, C, N]
-            vis = j[None, :] < tpos[:, None]  # stored rows (own row added below)
+            n = n0 + c1  # keys any query of the block may see
+            tpos = torch.arange(n0 + c0, n0 + c1)
+            j = torch.arange(n)
+            qh = q[c0:c1].float().view(c1 - c0, hkv, gq, d).permute(1, 2, 0, 3) * scale  # [Hkv, G, C, D]
+            kh, vh = ks[:n].clone(), vs[:n].clone()  # 16-bit rows; codec rows below the tail
+            lo = hi = self.sinks
             if self.quantized:
-                ts = torch.tensor([tail_start(int(x), self.sinks, self.resid, self.chunk) for x in tpos])
-                body = (j[None, :] >= self.sinks) & (j[None, :] < ts[:, None])  # [C, N]
-                s = torch.where(body, qh @ kqt[:, None], s)
-            mask = vis[None].expand(hkv, -1, -1)
+                ts = torch.clamp(torch.div(torch.clamp(tpos - self.resid, min=0), self.chunk,
+                                           rounding_mode="floor") * self.chunk,
+                                 min=torch.clamp(tpos, max=self.sinks))  # tail_start per query
+                lo, hi = max(self.sinks, int(ts.min())), max(self.sinks, int(ts.max()))
+                kh[self.sinks:lo], vh[self.sinks:lo] = kq[self.sinks:lo], vq[self.sinks:lo]
+            s = qh @ kh.permute(1, 2, 0)[:, None]  # [Hkv, G, C, n]
+            ar = torch.arange(c1 - c0)
+            own_k = k_all[tpos].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, C, D]: its own row, exact
+            s[:, :, ar, tpos] = (qh * own_k).sum(-1)
+            band = None
+            if hi > lo:
+                body = j[None, lo:hi] < ts[:, None]  # [C, band]: codec rows for these queries
+                sq = qh @ kq[lo:hi].permute(1, 2, 0)[:, None]
+                s[..., lo:hi] = torch.where(body, sq, s[..., lo:hi])
+                band = body
+            bias = torch.zeros(c1 - c0, n).masked_fill_(j[None, :] > tpos[:, None], float("-inf"))
             if keep is not None:
-                mask = mask & torch.cat([keep, torch.ones(hkv, t, dtype=torch.bool)], 1)[:, None, :]
-            s = s.masked_fill(~mask[:, None], float("-inf"))
-            own = (qh * k[c0:c1].float().permute(1, 0, 2)[:, None]).sum(-1, keepdim=True)  # [Hkv, G, C, 1]
-            probs = torch.cat([s, own], -1).mul(scale).softmax(-1)
-            pr, p_own = probs[..., :n], probs[..., n:]
-            o = pr @ vst[:, None]
-            if self.quantized:
-                o = o + (pr * body) @ (vqt - vst)[:, None]
-            o = o + p_own * v[c0:c1].float().permute(1, 0, 2)[:, None]
+                drop = torch.zeros(hkv, n, dtype=torch.bool)
+                drop[:, :n0] = ~keep
+                s = s.masked_fill(drop[:, None, None, :], float("-inf"))
+            probs = (s + bias).softmax(-1)
+            o = probs @ vh.permute(1, 0, 2)[:, None]
+            if band is not None:
+                o = o + (probs[..., lo:hi] * band) @ (vq[lo:hi] - vs[lo:hi]).permute(1, 0, 2)[:, None]
+            own_v = (v_all[tpos].float() - vs[tpos].float()).permute(1, 0, 2)[:, None]  # [Hkv, 1, C, D]
+            o = o + probs[:, :, ar, tpos][..., None] * own_v
             out[c0:c1] = o.permute(2, 0, 1, 3).reshape(c1 - c0, hq, d).to(q.dtype)
         return out
 

@@ -108,3 +108,35 @@ class _Dense:
     def attend(self, layer, q, k, v):
         from kvfleet.dataplane.model.attention import causal_attention
         return causal_attention(q, k, v, q_offset=0)
+
+
+def test_eval_cache_teacher_forced_end_to_end_and_resume(tmp_path, capsys):
+    import json
+
+    from kvfleet.tools import eval_cache
+
+    d = write_tiny_llama(tmp_path / "tiny")
+    pol = tmp_path / "p.yaml"
+    pol.write_text("metadata: {name: int2-kivi}\nspec:\n  quantization: {dtype: int2, groupSize: 8, residualTokens: 8, "
+                   "sinkTokens: 4}\n---\nmetadata: {name: int4-keydiff}\nspec:\n  quantization: {dtype: int4, "
+                   "groupSize: 8}\n  eviction: {policy: keydiff, budgetRatio: 0.5, windowTokens: 8}\n")
+    args = ["--model", str(d), "--policy", str(pol), "--out", str(tmp_path / "out"), "--ppl-seqs", "64:2,128:1",
+            "--passkey-lengths", "96", "--passkey-trials", "2", "--multifact-haystacks", "1",
+            "--multifact-length", "160", "--bytes-at", "64"]
+    assert eval_cache.main(args) == 0
+    err = capsys.readouterr().err
+    assert "[eval-cache 1/" in err and "min left" in err
+    report = json.loads((tmp_path / "out" / "eval-cache.json").read_text())
+    rows = {r["policy"]: r for r in report["results"]}
+    assert list(rows) == ["baseline", "int2-kivi", "int4-keydiff"]
+    assert rows["baseline"]["ppl_delta_pct"]["all"][0] == 0.0 and rows["baseline"]["within_bar"]
+    assert rows["int2-kivi"]["scored_tokens"] == 2 * (31 + 31 + 63)  # two texts, second halves minus the first
+    lo, hi = rows["int2-kivi"]["ppl_delta_pct"]["all"][1:]
+    assert lo <= rows["int2-kivi"]["ppl_delta_pct"]["all"][0] <= hi
+    assert rows["int4-keydiff"]["prompt_kept"] == pytest.approx(0.5, abs=0.1)
+    assert rows["int4-keydiff"]["engine_bytes_per_token"] is not None
+    assert set(rows["int2-kivi"]["accuracy"]) == {"passkey@96", "multifact@160"}
+    assert rows["int2-kivi"]["accuracy"]["multifact@160"][3] == 5
+    # a rerun finds everything in the cache
+    assert eval_cache.main(args) == 0
+    assert " ran;" not in capsys.readouterr().err
