@@ -89,9 +89,7 @@ def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], f
                 assert entry is not None, "usable_hit admitted a hit whose sinks are not stashed"
                 restore[0].append(lane.base + np.arange(s_tok))
                 restore[1].append(cache.lanes.stash_base + entry * s_tok + np.arange(s_tok))
-                cache.restored.add(seq.seq_id)
             elif start < s_tok <= end:  # it computes its sinks: save them for later hits
-                cache.restored.discard(seq.seq_id)
                 entry = cache.stash_entry(int(tables[i][last_sink]), create=True)
                 save[0].append(cache.lanes.stash_base + entry * s_tok + np.arange(s_tok))
                 save[1].append(lane.base + np.arange(s_tok))
@@ -123,7 +121,8 @@ def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], f
         sinks = np.arange(min(s_tok, start))
         tail = np.arange(tail_start(start, s_tok, resid, chunk), start)
         pos = np.concatenate([sinks, tail])
-        keep = (pos >= seq.num_hit_blocks * bs) | ((pos < s_tok) & (seq.seq_id in cache.restored))
+        # (sinks always: a hit that covers them copied them into the lane, see `usable_hit`)
+        keep = (pos >= seq.num_hit_blocks * bs) | (pos < s_tok)
         pos = pos[keep]
         dst = np.where(pos < s_tok, pos, pos - ev)
         if pre_rope:

@@ -106,9 +106,8 @@ class PagedQuantKV(KVStorage):
                                             kc.head_dim, kc.fp_dtype, device)
             self.lane_table = LaneTable(num_lanes)
         # prefix-cache hits and full-precision sinks: block id of a prompt's last sink block -> stash
-        # entry (LRU over num_lanes entries); sequences whose lane got its sinks from the stash
+        # entry (LRU over num_lanes entries)
         self.stash: OrderedDict[int, int] = OrderedDict()
-        self.restored: set[str] = set()
         self.k = [self._alloc(kc, device) for _ in range(num_layers)]
         self.v = [self._alloc(vc, device) for _ in range(num_layers)]
 
@@ -213,10 +212,6 @@ class PagedQuantKV(KVStorage):
         entry = len(self.stash) if len(self.stash) < self.lanes.num_lanes else self.stash.popitem(last=False)[1]
         self.stash[block] = entry
         return entry
-
-    def release(self, seq_id: str) -> None:
-        super().release(seq_id)
-        self.restored.discard(seq_id)
 
     def _stash_copy(self, layer: int, copy: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         if copy is not None and self.lanes is not None:

@@ -140,3 +140,27 @@ def test_eval_cache_teacher_forced_end_to_end_and_resume(tmp_path, capsys):
     # a rerun finds everything in the cache
     assert eval_cache.main(args) == 0
     assert " ran;" not in capsys.readouterr().err
+
+
+def test_kv_bytes_evaluator_and_engine_agree_up_to_lanes_and_block_copies(tiny):
+    """Both count scales: the engine adds its lane (sinks, residual ring, sink stash) and, when a key
+    group spans two blocks, one copy of the group's scales per block."""
+    from kvfleet.dataplane.config import CachePolicyConfig
+    from kvfleet.dataplane.kvcache.build import kv_storage_spec
+
+    from kvfleet.tools.eval_quality import kv_bytes
+
+    _, cfg = tiny
+    n = 512
+    base_eval, base_eng, _ = kv_bytes(PolicySpec(), cfg, n)
+    assert base_eval == base_eng == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    spec = POLICIES["int2-kivi"]
+    ev, eng, why = kv_bytes(spec, cfg, n)
+    assert why == "" and ev < base_eval / 2
+    cp = CachePolicyConfig("int2", "int2", group_size=8, residual_tokens=8, quant_sink_tokens=4)
+    ks = kv_storage_spec(cp, cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16)
+    assert eng == (n // 16 * ks.bytes_per_block + ks.lane_bytes) / n
+    assert 1.0 <= eng / ev < 1.3
+    _, none, refused = kv_bytes(PolicySpec(QuantSpec("int4", "per-channel", group_size=8),
+                                           EvictionSpec("keydiff", budget_ratio=0.5)), cfg, n)
+    assert none is None and refused
