@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="no new computation: report what is cached")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared box)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", default=None, help="input kinds to run, e.g. passkey,multifact (a helper process)")
+    ap.add_argument("--reverse", action="store_true", help="last input first (a helper working from the end)")
+    ap.add_argument("--wall-s", type=float, default=float("nan"), help="--report-only: the runs' wall time")
+    ap.add_argument("--load-start", type=float, default=float("nan"), help="--report-only: load at the start")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(a.threads)
@@ -172,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = ModelConfig.from_dir(resolve_model("smollm2"))
         report = eq.summarize(policies, s, cache, cfg)
-        report["machine"] = json.loads((a.out / f"{stem}.json").read_text())["machine"]
-        old = json.loads((a.out / f"{stem}.json").read_text())
-        report.update({k: old[k] for k in ("date", "load_start", "wall_s") if k in old})
+        from kvfleet.tools.eval_cache import machine_info
+
+        report["machine"] = machine_info()
+        report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_start=a.load_start,
+                      wall_s=a.wall_s)
     else:
-        report = eq.evaluate(resolve_model("smollm2"), policies, s, cache)
+        report = eq.evaluate(resolve_model("smollm2"), policies, s, cache, reverse=a.reverse,
+                             kinds=a.only.split(",") if a.only else None)
         report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_start=load0,
                       wall_s=time.time() - t0)
     report["model"] = "SmolLM2-135M-Instruct (GGUF -> float32)"

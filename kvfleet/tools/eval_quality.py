@@ -106,15 +106,23 @@ def tasks_bible() -> str:
 
 
 def run(model: Any, tok: Any, policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCache,
-        quiet: bool = False) -> None:
-    """Fill `cache` with every (input, policy) result not yet there."""
+        quiet: bool = False, kinds: Sequence[str] | None = None, reverse: bool = False) -> None:
+    """Fill `cache` with every (input, policy) result not yet there.
+
+    kinds: only inputs whose id starts with one of these (ppl, passkey/2048, ...); reverse: last first. The cache file
+    is re-read before each input, so a second process working from the other end skips what the
+    first has done."""
     def rope(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return model.rotary.cos_sin(pos, torch.float32)
 
-    units = _units(tok, s)
+    units = [u for u in _units(tok, s) if kinds is None or any(u[1].startswith(k) for k in kinds)]
+    if reverse:
+        units.reverse()
     bar = Progress(len(units), quiet)
     shared: dict[Any, Prompt] = {}  # passkey fillers per length / multifact haystacks: prefilled once
     for kind, uid, payload in units:
+        if cache.path is not None and cache.path.exists():
+            cache.done.update(ResultCache(cache.path).done)
         todo = [p for p in policies if cache.get(uid, p) is None]
         if not todo:
             bar.step(uid, False)
@@ -247,8 +255,8 @@ def table(report: dict[str, Any]) -> str:
                  fmt_ci(d.get("all"))]
         cells += [f"{d[k][0]:+.2f} [{d[k][1]:+.2f}, {d[k][2]:+.2f}]" if k in d else "n/a"
                   for k in [*s["texts"], *lens]]
-        cells += [f"{r['accuracy'][c][0]:.2f} [{r['accuracy'][c][1]:.2f}, {r['accuracy'][c][2]:.2f}]"
-                  if c in r["accuracy"] else "n/a" for c in acc_cols]
+        cells += [f"{r['accuracy'][c][0]:.2f} [{r['accuracy'][c][1]:.2f}, {r['accuracy'][c][2]:.2f}] "
+                  f"n={r['accuracy'][c][3]}" if c in r["accuracy"] else "n/a" for c in acc_cols]
         cells.append("yes" if r["within_bar"] else "no")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -287,7 +295,7 @@ def settings_from(a: Any) -> dict[str, Any]:
 
 
 def evaluate(model_dir: Path, policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCache,
-             quiet: bool = False) -> dict[str, Any]:
+             quiet: bool = False, **run_kw: Any) -> dict[str, Any]:
     """Run (or resume) every input under every policy; the report (`summarize`) with machine facts."""
     from kvfleet.dataplane.model.loader import load_model
     from kvfleet.dataplane.model.tokenizer import Tokenizer
@@ -298,7 +306,7 @@ def evaluate(model_dir: Path, policies: Sequence[PolicySpec], s: dict[str, Any],
     for p in policies:
         p.validate_for(cfg.num_key_value_heads, cfg.head_dim)
     t0 = time.monotonic()
-    run(model, tok, policies, s, cache, quiet)
+    run(model, tok, policies, s, cache, quiet, **run_kw)
     report = summarize(policies, s, cache, cfg)
     report["machine"] = {**machine_info(), "wall_s_this_run": time.monotonic() - t0}
     return report
