@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
+MARK_A, MARK_B = "<!-- analysis -->", "<!-- /analysis -->"
 
 
 def grid(quick: bool) -> list:
@@ -49,6 +50,9 @@ def grid(quick: bool) -> list:
         q = codecs[cname] if cname == "bf16" else replace(codecs[cname], key_granularity="per-channel",
                                                           value_granularity="per-token")
         policies.append(PolicySpec(q, e, name=f"{cname} + snapkv@{int(keep * 100)}%"))
+    # PyramidKV at the same memory: per-layer budgets (more below, less above; same mean), perplexity only
+    flat = policies[-2]
+    policies.append(PolicySpec(flat.quant, replace(flat.eviction, pyramid=True), name=f"{flat.name} pyramid"))
     if quick:
         policies = [p for p in policies if p.name in ("int2+R", "int4+R + snapkv@40%")]
     return policies
@@ -96,10 +100,15 @@ def goal(report: dict) -> str:
 
 
 def write_md(report: dict, path: Path) -> None:
+    import re
+
     from kvfleet.tools.eval_quality import table
 
     s, m = report["settings"], report["machine"]
     n_tok = min(r["scored_tokens"] for r in report["results"])
+    prev = path.read_text() if path.exists() else ""
+    kept = re.search(re.escape(MARK_A) + r"(.*?)" + re.escape(MARK_B), prev, re.S)
+    analysis = kept.group(1).strip() if kept else "_(written after looking at the tables)_"
     path.write_text(f"""# KV cache policies on SmolLM2-135M: quality with confidence, and 8x at 2%?
 
 `make bench-kv` (bench/kv_policies.py), {report['date']}, on {m['cpus']} shared CPU cores
@@ -140,6 +149,12 @@ decoded tokens are all kept; `x` is the prompt's compression.
 ## Goal: 8x at <= +2%
 
 {goal(report)}
+
+## Reading
+
+{MARK_A}
+{analysis}
+{MARK_B}
 """)
 
 
