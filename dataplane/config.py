@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZATION_MODES = ("none", "fp16", "bf16", "fp8", "int8", "int4")  # kvcache/quant.py KV_DTYPES
+QUANTIZATION_MODES = ("none", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2")  # kvcache/quant.py KV_DTYPES
 EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")  # kvcache/eviction.py
 GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
 

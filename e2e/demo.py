@@ -4,7 +4,9 @@
 2. the Helm chart installed; the operator runs as a local process with the chart's ServiceAccount token,
    so the chart's RBAC is exactly what it has;
 3. the examples applied (two variants, two SLO classes, two cache policies, a disaggregated fleet) and
-   their pods scheduled onto the GPU nodes;
+   their pods scheduled onto the GPU nodes; then the example `chat` fleet served for real: a trained LoRA
+   adapter on its PVC, its pods run locally, and the base and the adapter answer through its router
+   from one set of base prefill/decode pods (`e2e/demo_chat.py`);
 4. a disaggregated fleet of the real SmolLM2-135M-Instruct: its router, prefill and decode pods run as
    local processes on their pod IPs (the pod runner); the `openai` SDK talks to the router, which finds
    its pods from the API, and the int8 KV crosses from prefill to decode as stored;
@@ -32,6 +34,7 @@ import grpc
 import yaml
 
 from e2e.cluster import REPO, LocalCluster, find_bin_dir
+from e2e.demo_chat import serve_example_chat
 from e2e.harness import serving_pod_ips, token_kubeconfig, wait_for
 from e2e.nodes import GPU_TOLERATION, create_gpu_nodes, wait_nodes_ready
 from e2e.podrunner import PodRunner
@@ -229,6 +232,7 @@ def run_with_operator(demo: Demo, workdir: Path) -> None:
     print(proc.stderr.strip())
 
     with PodRunner(demo.cluster.kubeconfig, workdir / "pods", namespace=NAMESPACE):
+        serve_example_chat(demo, step, wait_for, serving_pod_ips, NAMESPACE)
         serve_disaggregated(demo)
 
     step(f"a colocated fleet serving the real SmolLM2-135M-Instruct ({DEMO_FLEET}) with the `long-context` "

@@ -87,7 +87,7 @@ class LLMEngine:
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
-                                   hit_align_blocks=kvspec.hit_align_blocks,
+                                   hit_align_blocks=kvspec.hit_align_blocks, usable_hit=kv.usable_hit,
                                    max_adapters=config.max_active_adapters if config.adapters else None)
         self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
         # LoRA variants served on these base weights (checked now, loaded on first use)

@@ -72,6 +72,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         hit_align_blocks: int = 1,
         max_adapters: int | None = None,
+        usable_hit: Callable[[list[int]], int] | None = None,
     ) -> None:
         """hit_align_blocks: prefix hits are taken in multiples of this many blocks (a quantized
         cache whose scale groups span blocks must never share half a group)."""
@@ -82,6 +83,7 @@ class Scheduler:
         self.max_adapters = max_adapters  # distinct LoRA adapters among running sequences at most
         self.clock = clock
         self.hit_align_blocks = hit_align_blocks
+        self.usable_hit = usable_hit  # the KV storage's say (full-precision sinks need their stash)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._aborted: list[str] = []
@@ -305,7 +307,8 @@ class Scheduler:
         extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_tokens, bs, seq.extra_key)
         # NOTE: never hit the last token: it must be recomputed to get logits.
         hits = self.bm.match_prefix(seq.block_hashes, (seq.num_tokens - 1) // bs)
-        return hits[:len(hits) - len(hits) % self.hit_align_blocks]
+        hits = hits[:len(hits) - len(hits) % self.hit_align_blocks]
+        return hits[:self.usable_hit(hits)] if self.usable_hit is not None else hits
 
     def commit(self, out: SchedulerOutput) -> None:
         """The runner computed the step: advance sequences and cache their newly full blocks."""

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
     from .paged_quant import PagedQuantKV
 
 
-def tail_tokens(non_sink: int, residual: int, chunk: int) -> int:
-    """Full-precision tail length after `non_sink` tokens (`PolicyAttention`'s `LayerKV.append` rule)."""
-    return non_sink if non_sink < residual + chunk else residual + (non_sink - residual) % chunk
+def tail_start(seen: int, sinks: int, residual: int, chunk: int) -> int:
+    """First position of the full-precision tail after `seen` tokens (`LayerKV.append`'s rule): token
+    groups are aligned to absolute positions (multiples of `chunk`, as paged blocks are), and a group
+    is encoded once `residual` tokens follow it; sink rows are never part of the body."""
+    return max(min(sinks, seen), (max(seen - residual, 0) // chunk) * chunk)
 
 
 class _Lane:
@@ -72,11 +74,25 @@ def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], f
     pre_rope = cache.keys_pre_rope
     dec_pos: list[np.ndarray] = []
     pf_pos: list[torch.Tensor | None] = []
+    restore: list[np.ndarray] = [[], []]  # type: ignore[list-item]
+    save: list[np.ndarray] = [[], []]  # type: ignore[list-item]
+    last_sink = (s_tok - 1) // bs
     for i, it in enumerate(items):
         seq = it.seq
         start, n = it.start, it.num_new_tokens
         end, ev = start + n, seq.num_evicted
         lane = _Lane(cache, lanes[i])
+        if s_tok and cache.lanes is not None:
+            hit = seq.num_hit_blocks * bs
+            if hit >= s_tok and start == hit:  # its sinks come from the prefix cache: copy them from the stash
+                entry = cache.stash_entry(int(tables[i][last_sink]), create=False)
+                assert entry is not None, "usable_hit admitted a hit whose sinks are not stashed"
+                restore[0].append(lane.base + np.arange(s_tok))
+                restore[1].append(cache.lanes.stash_base + entry * s_tok + np.arange(s_tok))
+            elif start < s_tok <= end:  # it computes its sinks: save them for later hits
+                entry = cache.stash_entry(int(tables[i][last_sink]), create=True)
+                save[0].append(cache.lanes.stash_base + entry * s_tok + np.arange(s_tok))
+                save[1].append(lane.base + np.arange(s_tok))
         new = np.arange(start, end)
         rows = np.full(n, lane.scratch, dtype=np.int64)
         live = (new < s_tok) | ((new >= end - ring) if ring else np.zeros(n, dtype=bool))
@@ -103,9 +119,10 @@ def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], f
         # rows PolicyAttention holds in full precision before this step (its tokens attend the
         # past as stored, then their own K/V), minus prefix-cache rows (no lane copy)
         sinks = np.arange(min(s_tok, start))
-        tail = np.arange(start - tail_tokens(start - min(s_tok, start), resid, chunk), start)
+        tail = np.arange(tail_start(start, s_tok, resid, chunk), start)
         pos = np.concatenate([sinks, tail])
-        keep = pos >= seq.num_hit_blocks * bs
+        # (sinks always: a hit that covers them copied them into the lane, see `usable_hit`)
+        keep = (pos >= seq.num_hit_blocks * bs) | (pos < s_tok)
         pos = pos[keep]
         dst = np.where(pos < s_tok, pos, pos - ev)
         if pre_rope:
@@ -124,6 +141,10 @@ def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], f
             pf_pos.append(_dev(slot_pos, device) if pre_rope else None)
     step = PolicyStep(positions=positions, lane_rows=_dev(np.concatenate(lane_rows), device),
                       prefill_overlays=pf_overlays, prefill_positions=pf_pos)
+    if restore[0]:
+        step.sink_restore = (_dev(np.concatenate(restore[0]), device), _dev(np.concatenate(restore[1]), device))
+    if save[0]:
+        step.sink_save = (_dev(np.concatenate(save[0]), device), _dev(np.concatenate(save[1]), device))
     if g_src:
         step.group_src = _dev(np.stack(g_src), device)
         step.group_valid = torch.from_numpy(np.stack(g_valid)).to(device)

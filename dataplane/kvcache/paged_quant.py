@@ -24,6 +24,7 @@ at their logical positions on read. Which rows to write and overlay each step is
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -51,14 +52,17 @@ class FullPrecisionLanes:
     """Per running sequence ("lane"): `sink_tokens` rows, then a ring of `ring_tokens` rows, per layer.
 
     Row of logical position p in lane l: l * width + p for a sink, l * width + sink + p % ring for
-    the rest; the last row is scratch for tokens that need no copy. k/v [rows, Hkv, D].
+    the rest. Then `num_lanes` stash entries of `sink_tokens` rows each: the sinks of prompts whose
+    blocks are in the prefix cache (a hit copies them into its lane, see `PagedQuantKV.usable_hit`);
+    the last row is scratch for tokens that need no copy. k/v [rows, Hkv, D].
     """
 
     def __init__(self, num_layers: int, num_lanes: int, sink_tokens: int, ring_tokens: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.num_lanes, self.sink, self.ring = num_lanes, sink_tokens, ring_tokens
         self.width = sink_tokens + ring_tokens
-        self.scratch = num_lanes * self.width
+        self.stash_base = num_lanes * self.width
+        self.scratch = self.stash_base + num_lanes * sink_tokens
         shape = (self.scratch + 1, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -67,7 +71,8 @@ class FullPrecisionLanes:
     def bytes_needed(num_layers: int, num_lanes: int, sink_tokens: int, ring_tokens: int, num_kv_heads: int,
                      head_dim: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * (num_lanes * (sink_tokens + ring_tokens) + 1) * num_kv_heads * head_dim * elem
+        rows = num_lanes * (2 * sink_tokens + ring_tokens) + 1
+        return 2 * num_layers * rows * num_kv_heads * head_dim * elem
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -100,6 +105,9 @@ class PagedQuantKV(KVStorage):
             self.lanes = FullPrecisionLanes(num_layers, num_lanes, sink_tokens, self.ring_tokens, kc.num_heads,
                                             kc.head_dim, kc.fp_dtype, device)
             self.lane_table = LaneTable(num_lanes)
+        # prefix-cache hits and full-precision sinks: block id of a prompt's last sink block -> stash
+        # entry (LRU over num_lanes entries)
+        self.stash: OrderedDict[int, int] = OrderedDict()
         self.k = [self._alloc(kc, device) for _ in range(num_layers)]
         self.v = [self._alloc(vc, device) for _ in range(num_layers)]
 
@@ -126,7 +134,7 @@ class PagedQuantKV(KVStorage):
         nb, bs, h, d = self.num_blocks, self.block_size, c.num_heads, c.head_dim
         if not c.is_quantized:
             return [torch.zeros(nb, bs, h, d, dtype=c.storage_dtype, device=device)]
-        dc = d // 2 if c.dtype == "int4" else d
+        dc = c.code_dim
         codes = torch.zeros(nb, bs, h, dc, dtype=torch.uint8, device=device)
         if c.token_grouped:
             _, hs, ds = c._stat_shape(1)
@@ -143,7 +151,7 @@ class PagedQuantKV(KVStorage):
             if not c.is_quantized:
                 total += int(c.bytes_per_token() * block_size)
                 continue
-            elem_codes = c.head_dim // 2 if c.dtype == "int4" else c.head_dim
+            elem_codes = c.code_dim
             n_stats = 1 if c.dtype == "fp8" else 2
             stat_elem = torch.empty((), dtype=STAT_DTYPE).element_size()
             if c.token_grouped:
@@ -177,6 +185,40 @@ class PagedQuantKV(KVStorage):
         return policy_step(self, items, lanes, first_rows, tables, positions, num_decodes, decode_len,
                            gathered, device)
 
+    # -- prefix-cache hits over full-precision sinks ------------------------------------
+
+    def usable_hit(self, hits: list[int]) -> int:
+        """How many of the prefix-cache `hits` (block ids) a new sequence may take.
+
+        Sinks are read from the lane at full precision; a hit carries no lane, so a hit that covers
+        the sinks is taken only when their rows are in the stash (saved when its prompt computed
+        them); a hit that ends inside the sinks is not taken."""
+        if not hits or self.lanes is None or not self.sink_tokens:
+            return len(hits)
+        last = (self.sink_tokens - 1) // self.block_size
+        if len(hits) <= last or hits[last] not in self.stash:
+            return 0
+        self.stash.move_to_end(hits[last])
+        return len(hits)
+
+    def stash_entry(self, block: int, create: bool) -> int | None:
+        """The stash entry of a last-sink block (LRU; `create` takes the oldest entry when full)."""
+        got = self.stash.get(block)
+        if got is not None or not create:
+            if got is not None:
+                self.stash.move_to_end(block)
+            return got
+        assert self.lanes is not None
+        entry = len(self.stash) if len(self.stash) < self.lanes.num_lanes else self.stash.popitem(last=False)[1]
+        self.stash[block] = entry
+        return entry
+
+    def _stash_copy(self, layer: int, copy: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        if copy is not None and self.lanes is not None:
+            dst, src = copy
+            self.lanes.k[layer][dst] = self.lanes.k[layer][src]
+            self.lanes.v[layer][dst] = self.lanes.v[layer][src]
+
     # -- write -------------------------------------------------------------------
 
     @staticmethod
@@ -193,9 +235,11 @@ class PagedQuantKV(KVStorage):
     def _write_groups(self, c: Codec, parts: list[torch.Tensor], x: torch.Tensor, step: PolicyStep) -> None:
         """Token-grouped codec: x [G, g, H, D] complete groups -> codes into their slots, stats into rows."""
         assert step.group_valid is not None and step.group_slots is not None and step.group_stat_rows is not None
-        # a sink row (kept in full precision anyway) takes the value of the group's last row
-        x = torch.where(step.group_valid[:, :, None, None], x, x[:, -1:])
-        enc = c.encode(x)  # codes [G, g, H, Dc], stats [G, 1, Hs, Ds]
+        # sink rows (read from their lane) are left out of the group's scale, but their codes are
+        # stored too: a request that takes them from the prefix cache reads them as stored. A group of
+        # sinks only is scaled by its own rows.
+        valid = step.group_valid | ~step.group_valid.any(1, keepdim=True)
+        enc = c.encode(x, stats_from=torch.where(valid[:, :, None, None], x, x[:, -1:]))
         codes = self._as_bytes(enc.codes)
         parts[0].view(-1, *parts[0].shape[2:]).index_copy_(0, step.group_slots.reshape(-1),
                                                            codes.reshape(-1, *codes.shape[2:]))
@@ -217,6 +261,7 @@ class PagedQuantKV(KVStorage):
 
         Returns the keys as stored (pre-RoPE when `keys_pre_rope`) for `write_lanes`, which the
         caller runs after this step's reads (the ring still holds the rows they overlay)."""
+        self._stash_copy(layer, step.sink_restore)  # a prefix hit's sinks into its lane, before the reads
         if self.keys_pre_rope:
             assert self.rope is not None
             cos, sin = self.rope(step.positions)
@@ -236,6 +281,7 @@ class PagedQuantKV(KVStorage):
         if self.lanes is not None:
             self.lanes.k[layer].index_copy_(0, step.lane_rows, k.to(self.lanes.k[layer].dtype))
             self.lanes.v[layer].index_copy_(0, step.lane_rows, v.to(self.lanes.v[layer].dtype))
+            self._stash_copy(layer, step.sink_save)  # sinks completed this step, for later prefix hits
 
     def _lane(self, layer: int, kind: str) -> torch.Tensor | None:
         if self.lanes is None:

@@ -7,8 +7,9 @@ each layer's KV as
 
     sinks (full precision) | body (codec, evictable) | tail (full precision residual)
 
-Keys/values enter the tail; once the tail exceeds `residual_tokens` by a whole
-token group, that group is encoded into the body (KIVI). Eviction drops body
+Keys/values enter the tail; once `residual_tokens` follow a token group, that group is
+encoded into the body (KIVI). Groups end at multiples of the group size (absolute positions, as
+paged blocks do), so the first group after sinks that are not a multiple of it is partial. Eviction drops body
 rows per kv head; sinks and tail are never evicted (they are protected along
 with the eviction policy's own sinks and window). Attention of the tokens of
 the current forward runs over [dequantized stored KV, their own fp K/V].
@@ -39,6 +40,7 @@ import torch
 
 from ..model.attention import AttentionBackend, causal_attention
 from .eviction import EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
+from .paged_layout import tail_start
 from .quant import KV_DTYPES, Codec, QuantBuffer, default_granularity
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class QuantSpec:
         if self.residual_tokens < 0 or self.sink_tokens < 0 or self.group_size < 1:
             raise ValueError("quantization: residualTokens/sinkTokens must be >= 0 and groupSize >= 1")
         if self.keys_pre_rope and self.dtype in ("none", "fp16", "bf16"):
-            raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4)")
+            raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4, int3, int2)")
 
     def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype,
                evicting: bool = False) -> tuple[Codec, Codec]:
@@ -219,14 +221,23 @@ class LayerKV:
         self.tail_k = torch.cat([self.tail_k, k[take:]])
         self.tail_v = torch.cat([self.tail_v, v[take:]])
         self.pos = torch.cat([self.pos, pos[:, None].expand(-1, self.pos.shape[1])])
-        over = self.n_tail - self.residual
-        if over >= self.chunk:
-            n = over - over % self.chunk
-            for s in range(0, n, self.chunk if self.chunk > 1 else n):
-                e = s + (self.chunk if self.chunk > 1 else n)
+        if self.n_tail == 0:
+            return
+        p0 = int(self.pos[len(self) - self.n_tail, 0])  # the tail is never evicted: positions run on
+        n = tail_start(p0 + self.n_tail, self.sinks, self.residual, self.chunk) - p0
+        if n <= 0:
+            return
+        if self.chunk == 1:
+            self.body_k.append(self.tail_k[:n])
+            self.body_v.append(self.tail_v[:n])
+        else:  # groups end at multiples of chunk (the first one after the sinks may be partial)
+            s = 0
+            while s < n:
+                e = min(n, s + self.chunk - (p0 + s) % self.chunk)
                 self.body_k.append(self.tail_k[s:e])
                 self.body_v.append(self.tail_v[s:e])
-            self.tail_k, self.tail_v = self.tail_k[n:], self.tail_v[n:]
+                s = e
+        self.tail_k, self.tail_v = self.tail_k[n:], self.tail_v[n:]
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored K, V [N, H, D] in the fp dtype (body dequantized)."""

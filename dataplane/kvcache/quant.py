@@ -9,8 +9,9 @@ share one scale:
     per-head     one scale per head per group of `group_size` tokens
     per-tensor   one scale per group of `group_size` tokens
 
-fp8 (e4m3, symmetric) takes per-tensor or per-head; int8/int4 (asymmetric,
-min/max) take per-channel or per-token; int4 packs two codes per uint8. The
+fp8 (e4m3, symmetric) takes per-tensor or per-head; int8/int4/int3/int2 (asymmetric,
+min/max) take per-channel or per-token; int4 packs two codes per uint8, int3 eight codes in three
+bytes, int2 four codes per byte (KIVI's 2-bit). The
 cast codecs `none` (the model dtype), `fp16` and `bf16` store no scales.
 NOTE: fp8 scales are dynamic per group of tokens, not one static calibrated
 scale as in vLLM; the scale costs 2 bytes per head per group.
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-KV_DTYPES = ("none", "fp16", "bf16", "fp8", "int8", "int4")
+KV_DTYPES = ("none", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2")
+INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 STAT_DTYPE = torch.float16  # scales and zero points
@@ -76,7 +78,7 @@ class Codec:
         if self.dtype == "fp8" and self.granularity == "per-channel":
             # NOTE: per-token fp8 (one scale per token per group of channels) is what paged blocks use
             raise ValueError(f"fp8 supports per-tensor, per-head or per-token scales, not {self.granularity}")
-        if self.dtype in ("int8", "int4") and self.granularity not in ("per-channel", "per-token"):
+        if self.dtype in INT_BITS and self.granularity not in ("per-channel", "per-token"):
             raise ValueError(f"{self.dtype} supports per-channel or per-token scales, not {self.granularity}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
@@ -88,12 +90,15 @@ class Codec:
         if self.dtype == "int4" and (self.head_dim % 2 or self.group_size % 2):
             raise ValueError(f"int4 packs two codes per byte: head_dim {self.head_dim} and "
                              f"group_size {self.group_size} must be even")
+        if self.dtype in ("int3", "int2") and self.head_dim % 8:
+            raise ValueError(f"{self.dtype} packs eight codes into {INT_BITS[self.dtype]} bytes: head_dim "
+                             f"{self.head_dim} must be a multiple of 8")
 
     # -- properties -------------------------------------------------------
 
     @property
     def is_quantized(self) -> bool:
-        return self.dtype in ("fp8", "int8", "int4")
+        return self.dtype == "fp8" or self.dtype in INT_BITS
 
     @property
     def token_grouped(self) -> bool:
@@ -109,13 +114,18 @@ class Codec:
     def storage_dtype(self) -> torch.dtype:
         if self.dtype == "fp8":
             return torch.float8_e4m3fn
-        if self.dtype in ("int8", "int4"):
+        if self.dtype in INT_BITS:
             return torch.uint8
         return _CAST.get(self.dtype, self.fp_dtype)
 
     @property
     def qmax(self) -> int:
-        return 255 if self.dtype == "int8" else 15
+        return (1 << INT_BITS[self.dtype]) - 1
+
+    @property
+    def code_dim(self) -> int:
+        """Bytes (storage elements) one head of one token's codes takes."""
+        return self.head_dim * INT_BITS[self.dtype] // 8 if self.dtype in INT_BITS else self.head_dim
 
     def _stat_shape(self, n: int) -> tuple[int, int, int]:
         h, d = self.num_heads, self.head_dim
@@ -130,7 +140,7 @@ class Codec:
         """Steady-state bytes one token costs in this codec (payload + scales/zeros + group counts)."""
         h, d = self.num_heads, self.head_dim
         elem = torch.empty(0, dtype=self.storage_dtype).element_size()
-        payload = h * d * elem / (2 if self.dtype == "int4" else 1)
+        payload = h * self.code_dim * elem
         if not self.is_quantized:
             return float(payload)
         n_stats = 1 if self.dtype == "fp8" else 2
@@ -143,36 +153,42 @@ class Codec:
 
     # -- encode / decode ----------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> Encoded:
-        """x [n, H, D] (n == group_size for token-grouped codecs) -> Encoded.
+    def encode(self, x: torch.Tensor, stats_from: torch.Tensor | None = None) -> Encoded:
+        """x [n, H, D] (n <= group_size for token-grouped codecs) -> Encoded.
 
         A leading batch axis encodes many groups at once: x [G, n, H, D] -> codes [G, n, H, Dc],
         stats [G, *stat_shape] (the paged cache encodes every group completed in a step together).
+        stats_from: same shape as x; scales/zeros come from it, codes from x (clamped to its range):
+        the paged cache leaves full-precision sink rows out of their group's scale yet stores them.
         """
         lead, (n, h, d) = x.shape[:-3], x.shape[-3:]
         if not self.is_quantized:
             return Encoded(x.to(self.storage_dtype), None, None)
         xf = x.float()
+        sf = xf if stats_from is None else stats_from.float()
         if self.granularity == "per-token":
             g = xf.view(*lead, n, h, d // self.group_size, self.group_size)  # [.., n, H, D/g, g]
+            gs = sf.view(*lead, n, h, d // self.group_size, self.group_size)
             dims: tuple[int, ...] = (-1,)
         else:
-            g = xf
+            g, gs = xf, sf
             dims = {"per-channel": (-3,), "per-head": (-3, -1), "per-tensor": (-3, -2, -1)}[self.granularity]
         shape = (*lead, *self._stat_shape(n))
         if self.dtype == "fp8":
-            amax = g.abs().amax(dim=dims, keepdim=True)
+            amax = gs.abs().amax(dim=dims, keepdim=True)
             scale = (amax / FP8_MAX).clamp_min(_MIN_SCALE).to(STAT_DTYPE)
             codes = (g / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             return Encoded(codes.reshape(*lead, n, h, d), scale.reshape(shape), None)
-        lo = g.amin(dim=dims, keepdim=True)
-        hi = g.amax(dim=dims, keepdim=True)
+        lo = gs.amin(dim=dims, keepdim=True)
+        hi = gs.amax(dim=dims, keepdim=True)
         scale = ((hi - lo) / self.qmax).clamp_min(_MIN_SCALE).to(STAT_DTYPE)
         zero = lo.to(STAT_DTYPE)
         q = ((g - zero.float()) / scale.float()).round_().clamp_(0, self.qmax).to(torch.uint8)
         q = q.reshape(*lead, n, h, d)
         if self.dtype == "int4":
             q = q[..., 0::2] | (q[..., 1::2] << 4)  # [.., n, H, D/2]
+        elif self.dtype in ("int3", "int2"):
+            q = _pack(q, INT_BITS[self.dtype])
         return Encoded(q, scale.reshape(shape), zero.reshape(shape))
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor | None,
@@ -184,6 +200,8 @@ class Codec:
         if self.dtype == "int4":
             lo, hi = codes & 0x0F, codes >> 4
             codes = torch.stack([lo, hi], dim=-1).flatten(-2)  # [N, H, D]
+        elif self.dtype in ("int3", "int2"):
+            codes = _unpack(codes, INT_BITS[self.dtype])
         x = codes.float() * scale.float()
         if zero is not None:
             x = x + zero.float()
@@ -200,6 +218,23 @@ class Codec:
             scale = self._expand_row_stat(scale)
             zero = None if zero is None else self._expand_row_stat(zero)
         return self.dequantize(enc.codes, scale, zero)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [..., D] (< 2**bits, D % 8 == 0) -> [..., D * bits / 8] uint8: eight codes per `bits` bytes."""
+    w = q.to(torch.int32).unflatten(-1, (-1, 8)) << (torch.arange(8, device=q.device, dtype=torch.int32) * bits)
+    word = w.sum(-1, keepdim=True)  # [..., D/8, 1] (disjoint bits: the sum is an or)
+    shifts = torch.arange(bits, device=q.device, dtype=torch.int32) * 8
+    return ((word >> shifts) & 0xFF).to(torch.uint8).flatten(-2)
+
+
+def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `_pack`: [..., D * bits / 8] uint8 -> [..., D] uint8."""
+    b = codes.to(torch.int32).unflatten(-1, (-1, bits)) << (torch.arange(bits, device=codes.device,
+                                                                          dtype=torch.int32) * 8)
+    word = b.sum(-1, keepdim=True)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int32) * bits
+    return ((word >> shifts) & ((1 << bits) - 1)).to(torch.uint8).flatten(-2)
 
 
 class QuantBuffer:
@@ -229,10 +264,10 @@ class QuantBuffer:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def append(self, x: torch.Tensor) -> None:
-        """Encode and append x [n, H, D]; token-grouped codecs take exactly one group."""
+        """Encode and append x [n, H, D]; token-grouped codecs take one group (a partial one after sinks)."""
         c = self.codec
-        if c.token_grouped and x.shape[0] != c.group_size:
-            raise ValueError(f"token-grouped codec takes groups of {c.group_size} tokens, got {x.shape[0]}")
+        if c.token_grouped and not 0 < x.shape[0] <= c.group_size:
+            raise ValueError(f"token-grouped codec takes groups of up to {c.group_size} tokens, got {x.shape[0]}")
         enc = c.encode(x)
         cat = (lambda a, b: b if a is None else torch.cat([a, b]))  # noqa: E731
         self.codes = cat(self.codes, enc.codes)

@@ -46,6 +46,8 @@ class PolicyStep:
     decode_positions: torch.Tensor | None = None  # [Bd, L] logical position of each gathered slot (pre-RoPE)
     prefill_overlays: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     prefill_positions: list[torch.Tensor | None] = field(default_factory=list)  # [ctx] per chunk (pre-RoPE)
+    sink_restore: tuple[torch.Tensor, torch.Tensor] | None = None  # (lane rows, stash rows): hits' sinks
+    sink_save: tuple[torch.Tensor, torch.Tensor] | None = None  # (stash rows, lane rows): sinks just computed
 
 
 class LaneTable:
@@ -137,6 +139,10 @@ class KVStorage(ABC):
         decode_len: slots each decode gathers; gathered: per prefill chunk, whether it reads cached context.
         """
         return None
+
+    def usable_hit(self, hits: list[int]) -> int:
+        """How many of a new sequence's prefix-cache hits (block ids, in order) it may take."""
+        return len(hits)
 
     def lane(self, seq: KVSequence) -> int:
         """The lane `seq` holds (taken on first use)."""

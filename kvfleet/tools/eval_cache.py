@@ -1,6 +1,10 @@
 """`kvfleet eval-cache`: do KV cache policies cost quality, and do they compose?
 
-    kvfleet eval-cache --model DIR|smollm2|tiny --policy FILE... [--out DIR]
+    kvfleet eval-cache --model DIR|smollm2|tiny --policy FILE... [--out DIR]            # teacher-forced
+    kvfleet eval-cache --stepwise --model DIR|smollm2|tiny --policy FILE... [--out DIR] # this module
+
+The default mode is `eval_quality` (many scored tokens, paired bootstrap intervals, passkey and
+multi-fact retrieval, resumable); `--stepwise` is the original evaluator described here.
 
 Each policy file is YAML/JSON holding CachePolicy resources (or bare specs);
 every document is one policy. A full-precision baseline (no quantization, no
@@ -360,11 +364,19 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--stepwise", action="store_true",
+                    help="the stepwise evaluator (continuous eviction, greedy decode; options above) instead "
+                    "of the teacher-forced one (options below)")
+    from kvfleet.tools import eval_quality
+
+    eval_quality.add_args(ap)
     a = ap.parse_args(list(argv) if argv is not None else None)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     try:
         policies = [PolicySpec(name="baseline")] + load_policies(a.policy)
+        if not a.stepwise:
+            return eval_quality.main(a, policies, resolve_model(a.model))
         runner = Runner(resolve_model(a.model), a.dtype, a.fp_store_dtype)
         report = evaluate(runner, policies, [int(x) for x in a.lengths.split(",")], a.passkey_samples,
                           a.ppl_context, a.ppl_score, a.ppl_samples, a.max_new_tokens, a.seed)

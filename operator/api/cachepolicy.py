@@ -8,7 +8,7 @@ from pydantic import Field
 
 from .common import NAME_RULE, KubeModel, ReferencedStatus, Resource, Rule
 
-KVDType = Literal["none", "fp8", "int8", "int4"]
+KVDType = Literal["none", "fp8", "int8", "int4", "int3", "int2"]
 Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
 
 
@@ -22,12 +22,20 @@ class Quantization(KubeModel):
 
     dtype: KVDType = Field(
         default="none",
-        description="Stored KV element type: none (model dtype), fp8 (e4m3), int8, int4 (two per byte).",
+        description="Stored KV element type: none (model dtype), fp8 (e4m3), int8, int4 (two per byte), int3 "
+        "(eight per three bytes), int2 (four per byte; KIVI-2). int3/int2 need a head dimension that is a "
+        "multiple of 8 (the engine refuses others). Measured on SmolLM2-135M (bench/results/kv_policies.md: "
+        "16,364 scored tokens of Bible and Python text at 1k-4k context, perplexity change vs a 16-bit cache "
+        "with 95% intervals; keys per-channel and values per-token in groups of 32, sinkTokens 4, "
+        "residualTokens 32): int8 1.76x -0.00% [-0.02, +0.01]; int4 3.13x +0.18% [+0.02, +0.33], the most "
+        "compression within +2%; int3 3.89x +1.92% [+1.54, +2.30]; int2 5.12x +18.2% [+16.8, +19.7] "
+        "(keysPreRope +17.5%). None reaches 8x within +2%: SnapKV prompt compression to 40% on int4 (7.6x) "
+        "costs +3.9% [+2.7, +5.5].",
     )
     key_granularity: Granularity | None = Field(
         default=None,
         description="Scale granularity for keys. fp8: per-tensor, per-head (default; one scale per head per "
-        "group of groupSize tokens) or per-token; int8/int4: per-channel (default; one scale per channel per "
+        "group of groupSize tokens) or per-token; int8/int4/int3/int2: per-channel (default; one scale per channel per "
         "group of groupSize tokens, KIVI) or per-token (one scale per token per groupSize channels). With an "
         "eviction policy the default is per-token, and only per-token is allowed (eviction compacts single "
         "tokens, which scales shared by a group of tokens cannot follow).",
@@ -35,7 +43,7 @@ class Quantization(KubeModel):
     value_granularity: Granularity | None = Field(
         default=None,
         description="Scale granularity for values. fp8: per-tensor, per-head (default) or per-token; "
-        "int8/int4: per-token (default; one scale per token per group of groupSize channels) or per-channel. "
+        "int8/int4/int3/int2: per-token (default; one scale per token per group of groupSize channels) or per-channel. "
         "With an eviction policy: per-token only (the default then).",
     )
     group_size: int = Field(
@@ -63,7 +71,9 @@ class Quantization(KubeModel):
         ge=0,
         le=1024,
         description="First tokens (attention sinks) kept in full precision; they are left out of their "
-        "group's scale. Tokens a request takes from the prefix cache are read as stored.",
+        "group's scale. A request that takes them from the prefix cache gets their full-precision rows "
+        "too (saved per cached prompt, as many prompts as running sequences); when they are gone the hit "
+        "is not taken.",
     )
 
     __rules__ = (
@@ -75,12 +85,13 @@ class Quantization(KubeModel):
             field_path=".dtype",
         ),
         Rule(
-            cel="!(self.dtype in ['int8', 'int4']) || ((!has(self.keyGranularity) || self.keyGranularity in "
+            cel="!(self.dtype in ['int8', 'int4', 'int3', 'int2']) || ((!has(self.keyGranularity) || "
+            "self.keyGranularity in "
             "['per-channel', 'per-token']) && (!has(self.valueGranularity) || self.valueGranularity in "
             "['per-channel', 'per-token']))",
-            message="int8/int4 support per-channel or per-token granularity only",
+            message="int8/int4/int3/int2 support per-channel or per-token granularity only",
             check=lambda s: (
-                s.dtype not in ("int8", "int4")
+                s.dtype not in ("int8", "int4", "int3", "int2")
                 or all(
                     g in (None, "per-channel", "per-token") for g in (s.key_granularity, s.value_granularity)
                 )
@@ -88,9 +99,9 @@ class Quantization(KubeModel):
             field_path=".dtype",
         ),
         Rule(
-            cel="self.dtype != 'int4' || self.groupSize % 2 == 0",
-            message="int4 packs two values per byte: groupSize must be even",
-            check=lambda s: s.dtype != "int4" or s.group_size % 2 == 0,
+            cel="!(self.dtype in ['int4', 'int3', 'int2']) || self.groupSize % 2 == 0",
+            message="int4/int3/int2 pack several values per byte: groupSize must be even",
+            check=lambda s: s.dtype not in ("int4", "int3", "int2") or s.group_size % 2 == 0,
             field_path=".groupSize",
         ),
         Rule(

@@ -32,7 +32,7 @@ spec:
   quantization: {dtype: int8, groupSize: 8, keysPreRope: true}
 """
 
-ARGS = ["--lengths", "48,96", "--passkey-samples", "1", "--ppl-context", "48", "--ppl-score", "6",
+ARGS = ["--stepwise", "--lengths", "48,96", "--passkey-samples", "1", "--ppl-context", "48", "--ppl-score", "6",
         "--ppl-samples", "1", "--max-new-tokens", "3"]
 
 

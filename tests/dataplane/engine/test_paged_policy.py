@@ -30,6 +30,8 @@ CASES = {
                                   quant_sink_tokens=1, keys_pre_rope=True),
     "int8-kivi-pre-rope-no-residual": _q("int8", group_size=4, keys_pre_rope=True),
     "fp8-per-head": _q("fp8", group_size=4, residual_tokens=2),
+    "int2-kivi": _q("int2", key_granularity="per-channel", group_size=4, residual_tokens=4, quant_sink_tokens=2),
+    "int3-kivi-pre-rope": _q("int3", group_size=8, residual_tokens=3, quant_sink_tokens=1, keys_pre_rope=True),
     "int4-evicting": _q("int4", group_size=8, residual_tokens=4, quant_sink_tokens=2, eviction="streaming-llm",
                         eviction_budget_tokens=20, eviction_window_tokens=8, eviction_sink_tokens=4),
 }

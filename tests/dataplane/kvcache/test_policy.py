@@ -82,11 +82,11 @@ def test_streaming_policy_keeps_the_same_tokens_as_a_dense_cache_of_sinks_and_wi
 
 
 def test_bytes_accounting_equals_allocated_tensors() -> None:
-    spec = _policy("int4", residual=4, qsinks=2)
+    spec = _policy("int4", residual=4, qsinks=8)  # groups end at multiples of 8: after the sinks, whole
     attn = PolicyAttention(spec, L, H, D)
-    _run(attn, _steps(2 + 4 + 3 * 8, 0))  # sinks + residual + 3 full groups
+    _run(attn, _steps(8 + 3 * 8 + 4, 0))  # sinks + 3 full groups + residual
     st = attn.layers[0]
-    fp = 2 * (2 + 4) * H * D * 4  # K and V, sinks + residual, float32
+    fp = 2 * (8 + 4) * H * D * 4  # K and V, sinks + residual, float32
     assert st.nbytes() == fp + 3 * 8 * (attn.kc.bytes_per_token() + attn.vc.bytes_per_token())
     assert attn.nbytes() == L * st.nbytes()
     assert attn.codec_bytes_per_token() == L * (attn.kc.bytes_per_token() + attn.vc.bytes_per_token())

@@ -8,7 +8,8 @@ from kvfleet.dataplane.kvcache.quant import Codec, QuantBuffer
 
 H, D, G = 3, 64, 32
 CASES = [("fp8", "per-head"), ("fp8", "per-tensor"), ("int8", "per-channel"), ("int8", "per-token"),
-         ("int4", "per-channel"), ("int4", "per-token"), ("fp16", "per-token"), ("bf16", "per-token"),
+         ("int4", "per-channel"), ("int4", "per-token"), ("int3", "per-channel"), ("int3", "per-token"),
+         ("int2", "per-channel"), ("int2", "per-token"), ("fp16", "per-token"), ("bf16", "per-token"),
          ("none", "per-token")]
 
 
@@ -46,7 +47,7 @@ def test_round_trip_error_bound(dtype: str, gran: str) -> None:
         amax = x.abs().amax() if gran == "per-tensor" else x.abs().amax(dim=(0, 2), keepdim=True)
         assert (err <= x.abs() * 2.0 ** -4 + amax / 448 * 2.0 ** -6 + 1e-6).all()
         return
-    qmax = 255 if dtype == "int8" else 15
+    qmax = (1 << {"int8": 8, "int4": 4, "int3": 3, "int2": 2}[dtype]) - 1
     if gran == "per-token":
         xs = x.view(x.shape[0], H, D // G, G)
         rng = xs.amax(-1, keepdim=True) - xs.amin(-1, keepdim=True)
@@ -65,6 +66,19 @@ def test_error_shrinks_with_bits_and_per_channel_keys_beat_per_token_on_outlier_
     assert e[("int8", "per-channel")] < e[("int4", "per-channel")]
     assert e[("int8", "per-token")] < e[("int4", "per-token")]
     assert e[("int4", "per-channel")] < e[("int4", "per-token")]  # KIVI's reason for per-channel keys
+    e2 = {b: (_fill(Codec(b, "per-channel", G, H, D), x).decode() - x).pow(2).mean().item() for b in ("int3", "int2")}
+    assert e[("int4", "per-channel")] < e2["int3"] < e2["int2"]
+
+
+@pytest.mark.parametrize("dtype,per_byte", [("int3", 8 / 3), ("int2", 4)])
+def test_low_bit_codes_pack_exactly(dtype: str, per_byte: float) -> None:
+    from kvfleet.dataplane.kvcache.quant import _pack, _unpack
+
+    bits = {"int3": 3, "int2": 2}[dtype]
+    q = torch.randint(0, 1 << bits, (5, H, D), dtype=torch.uint8)
+    packed = _pack(q, bits)
+    assert packed.shape == (5, H, round(D / per_byte)) and packed.dtype == torch.uint8
+    assert torch.equal(_unpack(packed, bits), q)
 
 
 @pytest.mark.parametrize("dtype,gran", CASES)
@@ -127,6 +141,8 @@ def test_invalid_codecs_are_rejected_with_clear_messages() -> None:
     with pytest.raises(ValueError, match="two codes per byte"):
         Codec("int4", "per-channel", 7, H, D)
     with pytest.raises(ValueError, match="kv dtype"):
-        Codec("int2", "per-token", G, H, D)
-    with pytest.raises(ValueError, match="groups of 32 tokens"):
-        QuantBuffer(Codec("int8", "per-channel", G, H, D)).append(_x(5))
+        Codec("int1", "per-token", G, H, D)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Codec("int3", "per-channel", G, H, 12)
+    with pytest.raises(ValueError, match="groups of up to 32 tokens"):
+        QuantBuffer(Codec("int8", "per-channel", G, H, D)).append(_x(33))

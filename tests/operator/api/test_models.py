@@ -90,6 +90,11 @@ def test_camel_case_on_the_wire_snake_case_in_python():
         ({"dtype": "int8", "keyGranularity": "per-tensor"}, False),
         ({"dtype": "none", "residualTokens": 8}, False),
         ({"dtype": "int8", "residualTokens": 8, "sinkTokens": 4}, True),
+        ({"dtype": "int2", "groupSize": 32, "residualTokens": 32, "sinkTokens": 4}, True),
+        ({"dtype": "int3", "keysPreRope": True}, True),
+        ({"dtype": "int2", "keyGranularity": "per-head"}, False),
+        ({"dtype": "int3", "groupSize": 33}, False),
+        ({"dtype": "int1"}, False),
     ],
 )
 def test_quantization_rules(quantization, ok):
