@@ -134,11 +134,10 @@ def split_fleet() -> list[dict[str, Any]]:
     decode = {"minReplicas": 1, "maxReplicas": 2, "maxNumSeqs": 16, **gpu}
     policy = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "CachePolicy",
               "metadata": {"name": "int8-split", "namespace": NAMESPACE},
-              # NOTE: per-token keys. With per-channel (KIVI) keys and sinkTokens not a multiple of groupSize, a
-              # prefix-cache hit reads the sink rows as stored, quantized with a scale that excluded them: SmolLM2's
-              # output collapses (colocated too; see the session note). Per-token scales have no such coupling.
-              "spec": {"blockSizeTokens": 16, "quantization": {"dtype": "int8", "keyGranularity": "per-token",
-                                                               "groupSize": 16, "residualTokens": 32, "sinkTokens": 4},
+              # NOTE: no sink tokens: a prefix with full-precision sinks needs their rows, which stay in the pod
+              # that computed them (the pool does not carry them yet), so such a policy keeps its prefixes local.
+              "spec": {"blockSizeTokens": 16, "quantization": {"dtype": "int8", "keyGranularity": "per-channel",
+                                                               "groupSize": 16, "residualTokens": 32},
                        "pool": {"enabled": True, "capacityBytes": 1 << 30}}}
     fleet = {"apiVersion": "kvfleet.io/v1alpha1", "kind": "InferenceFleet",
              "metadata": {"name": SPLIT_FLEET, "namespace": NAMESPACE},

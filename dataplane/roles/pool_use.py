@@ -57,8 +57,15 @@ class PoolAccess:
         self.family = family
         self.timeout_s = timeout_s
         self.max_pending_puts = max_pending_puts
-        # an evicting policy keeps no reusable prefix (its slots stop holding the chain's tokens)
-        self.enabled = engine.engine.evictor is None
+        # an evicting policy keeps no reusable prefix (its slots stop holding the chain's tokens); a policy
+        # with full-precision sinks takes a hit only with the sinks' rows, which stay local (kvcache stash)
+        kv = engine.engine.worker.kv
+        self.disabled_because = ("the CachePolicy evicts tokens" if engine.engine.evictor is not None else
+                                 "the CachePolicy keeps full-precision sink tokens, which the pool does not carry yet"
+                                 if getattr(kv, "sink_tokens", 0) and getattr(kv, "lanes", None) is not None else "")
+        self.enabled = not self.disabled_because
+        if self.disabled_because:
+            log.warning("memory pool not used: %s", self.disabled_because)
         self.layout = engine.engine.kv_layout
         self._pending: set[asyncio.Task[None]] = set()
         self.blocks_fetched = self.bytes_fetched = self.blocks_offered = 0

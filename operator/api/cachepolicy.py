@@ -300,6 +300,14 @@ class CachePolicySpec(KubeModel):
             ),
             field_path=".prefixCache.scope",
         ),
+        Rule(
+            cel="!self.pool.enabled || (self.eviction.policy == 'none' && self.quantization.sinkTokens == 0)",
+            message="the memory pool shares prefixes as stored blocks: it cannot be combined with an eviction policy "
+            "(evicted KV no longer holds its tokens) or with quantization.sinkTokens (the sinks' full-precision rows "
+            "stay in the pod that computed them)",
+            check=lambda s: not s.pool.enabled or (s.eviction.policy == "none" and s.quantization.sink_tokens == 0),
+            field_path=".pool.enabled",
+        ),
     )
 
 

@@ -257,6 +257,7 @@ def test_a_policy_the_serving_engine_cannot_apply_fails_the_build_with_the_field
     objects[("CachePolicy", "int8-shared")]["spec"]["eviction"] = eviction
     objects[("CachePolicy", "int8-shared")]["spec"]["prefixCache"] = {"scope": "variant"}
     objects[("CachePolicy", "int8-shared")]["spec"]["quantization"]["keyGranularity"] = "per-token"  # eviction
+    objects[("CachePolicy", "int8-shared")]["spec"]["pool"] = {"enabled": False}  # the pool refuses eviction
     with pytest.raises(ConfigError, match=r"cache_policy\.(eviction|pyramid)"):
         desired_objects(inputs(colocated(chat_fleet()), objects=objects))
     eviction = {**eviction, "policy": "streaming-llm", "pyramid": False}
