@@ -130,8 +130,8 @@ bench-disagg: venv ## colocated vs router+prefill+decode on long prompts (TTFT/T
 bench-prefix: venv ## shared-prefix workload on router + 2 prefill + 2 decode: round-robin vs load vs prefix routing, with and without the memory pool; writes bench/results/prefix_routing.* (~15 min)
 	$(PY) -m bench.prefix_routing
 
-bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers throughput, kvfleet serve latency at 1/4/16; writes bench/results/engine.* (VLLM_PYTHON=venv/bin/python adds vLLM)
-	$(PY) bench/engine.py $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON),)
+bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers vs vLLM throughput, kvfleet serve vs vllm serve latency at 1/4/16; builds vLLM's CPU venv once under $KVFLEET_CACHE (bench/vllm_env.py); writes bench/results/engine.* (VLLM=off skips vLLM)
+	PYTHONSAFEPATH=1 $(PY) -m bench.engine $(if $(VLLM),--vllm $(VLLM),)
 
 demo-images: venv binaries image ## the images path: publish both to a loopback registry, helm install the operator from it (a pod), serve a fleet from the engine image
 	KVFLEET_IMAGES_FRESH=1 $(PY) -m e2e.demo_images

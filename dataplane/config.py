@@ -242,6 +242,7 @@ class EngineConfig:
     # padded copy per step set (AdapterManager.stack_bytes), up to max_active_adapters x the largest, on top
     adapter_memory_bytes: int = 256 << 20
     max_active_adapters: int = 8  # distinct adapters among running sequences at most (the scheduler's cap)
+    cpu_packed_linear: bool = True  # CPU only: linear weights prepacked for oneDNN (model/packed_linear.py)
 
     def __post_init__(self) -> None:
         _check(bool(self.model_dir), "model_dir must be non-empty")

@@ -47,6 +47,7 @@ from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
 from kvfleet.dataplane.kvcache.keys import prefix_extra_key
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
+from kvfleet.dataplane.model.packed_linear import pack_linears
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,6 +73,8 @@ class LLMEngine:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(device)
+        if config.cpu_packed_linear and self.device.type == "cpu":
+            pack_linears(model)  # oneDNN-prepacked weights: the linears are most of a CPU step
         mc = model_config
         bs = config.block_size
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
