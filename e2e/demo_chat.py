@@ -70,8 +70,7 @@ def serve_example_chat(demo: Any, step: Callable[[str], None], wait_for: Callabl
     if answers["smollm2"] == answers["smollm2-support"]:
         raise RuntimeError("the LoRA variant answered exactly as the base: its adapter was not applied")
     demo.kubectl("get", "fleet", "chat", "-n", namespace, "-o",
-                 "custom-columns=NAME:.metadata.name,AVAILABLE:.status.conditions[?(@.type=='Available')].status,"
-                 "ADAPTERS:.status.adapters", show=True)
+                 "custom-columns=NAME:.metadata.name,ADAPTERS:.status.adapters", show=True)
     step("the chat fleet's pods go back to KWOK-only (frees the CPU for what follows)")
     demo.kubectl("patch", "fleet", "chat", "-n", namespace, "--type=json", "-p",
                  '[{"op":"remove","path":"/spec/podAnnotations"}]', show=True)
