@@ -20,16 +20,14 @@ def container(obj):
     return obj["spec"]["template"]["spec"]["containers"][0]
 
 
-def test_disaggregated_fleet_has_prefill_decode_per_variant_plus_pool_and_router():
+def test_disaggregated_fleet_has_prefill_decode_per_serving_group_plus_pool_and_router():
     objs = by_name(desired_objects(inputs()))
+    # the LoRA variant smollm2-support rides on its base's prefill/decode pods: one group, one set of workloads
     assert set(objs) == {
         ("ConfigMap", "chat-config"),
         ("ConfigMap", "chat-smollm2-base-config"),
-        ("ConfigMap", "chat-smollm2-support-config"),
         ("Deployment", "chat-smollm2-base-prefill"),
         ("Deployment", "chat-smollm2-base-decode"),
-        ("Deployment", "chat-smollm2-support-prefill"),
-        ("Deployment", "chat-smollm2-support-decode"),
         ("StatefulSet", "chat-mempool"),
         ("Service", "chat-mempool"),
         ("Deployment", "chat-router"),
@@ -51,6 +49,33 @@ def test_disaggregated_fleet_has_prefill_decode_per_variant_plus_pool_and_router
         "python", "-m", "kvfleet.dataplane.roles.decode", "--config", "/etc/kvfleet/engine.json"]
     assert objs[("Service", "chat-mempool")]["spec"]["clusterIP"] == "None"
     assert objs[("StatefulSet", "chat-mempool")]["spec"]["serviceName"] == "chat-mempool"
+
+
+def test_two_plain_variants_get_two_sets_of_prefill_and_decode():
+    objects = objects_by_key()
+    other = copy.deepcopy(objects[("ModelVariant", "smollm2-base")])
+    other["metadata"]["name"] = "smollm2-other"
+    other["spec"]["servedModelName"] = "smollm2-other"
+    objects[("ModelVariant", "smollm2-other")] = other
+    fleet = chat_fleet()
+    fleet["spec"]["variants"].append({"name": "smollm2-other"})
+    objs = by_name(desired_objects(inputs(fleet, objects)))
+    # the LoRA variant joins the first plain variant's group; the second plain variant has pods of its own
+    assert sorted(n for k, n in objs if k == "Deployment") == [
+        "chat-router", "chat-smollm2-base-decode", "chat-smollm2-base-prefill",
+        "chat-smollm2-other-decode", "chat-smollm2-other-prefill"]
+    for group, adapters in (("smollm2-base", ["smollm2-support"]), ("smollm2-other", [])):
+        data = objs[("ConfigMap", f"chat-{group}-config")]["data"]
+        for role in ("prefill", "decode"):
+            assert container(objs[("Deployment", f"chat-{group}-{role}")])["command"][2] == \
+                f"kvfleet.dataplane.roles.{role}"
+            cfg = EngineConfig.from_json(data[f"{role}.engine.json"])
+            assert cfg.variant == group and [a.name for a in cfg.adapters] == adapters
+    router = json.loads(objs[("ConfigMap", "chat-config")]["data"]["router.json"])
+    assert [(m["variant"], m["servedBy"], m["roles"]["decode"]["selector"]["kvfleet.io/variant"])
+            for m in router["models"]] == [("smollm2-base", "smollm2-base", "smollm2-base"),
+                                           ("smollm2-support", "smollm2-base", "smollm2-base"),
+                                           ("smollm2-other", "smollm2-other", "smollm2-other")]
 
 
 def test_colocated_fleet_has_one_engine_per_variant_and_no_prefill_or_decode():
@@ -83,9 +108,16 @@ def test_labels_selectors_and_owner_reference():
             sel = obj["spec"]["selector"]["matchLabels"]
             assert sel.items() <= obj["spec"]["template"]["metadata"]["labels"].items()
             assert sel["kvfleet.io/role"] == labels["kvfleet.io/role"] == labels["app.kubernetes.io/component"]
-    decode = by_name(desired_objects(inputs()))[("Deployment", "chat-smollm2-support-decode")]
-    assert decode["spec"]["selector"]["matchLabels"] == {
-        "kvfleet.io/fleet": "chat", "kvfleet.io/role": "decode", "kvfleet.io/variant": "smollm2-support"}
+    objs = by_name(desired_objects(inputs()))
+    router = json.loads(objs[("ConfigMap", "chat-config")]["data"]["router.json"])
+    for role in ("prefill", "decode"):
+        # the group's pods carry the group's (the base variant's) name, and the router finds the LoRA
+        # variant's pods by exactly that selector
+        dep = objs[("Deployment", f"chat-smollm2-base-{role}")]
+        assert dep["spec"]["selector"]["matchLabels"] == {
+            "kvfleet.io/fleet": "chat", "kvfleet.io/role": role, "kvfleet.io/variant": "smollm2-base"}
+        for model in router["models"]:
+            assert model["roles"][role]["selector"] == dep["spec"]["selector"]["matchLabels"], model["variant"]
 
 
 def test_gpu_requests_limits_tolerations_and_node_selector_from_the_spec():
@@ -132,23 +164,28 @@ def test_otel_env_points_at_the_operator_receiver_and_the_users_collector():
 
 def test_engine_config_is_the_dataplane_config_and_round_trips():
     objs = by_name(desired_objects(inputs()))
-    data = objs[("ConfigMap", "chat-smollm2-support-config")]["data"]
+    data = objs[("ConfigMap", "chat-smollm2-base-config")]["data"]
     assert set(data) == {"prefill.engine.json", "decode.engine.json", "cache-policy.json", "variant.json"}
     cfg = EngineConfig.from_json(data["decode.engine.json"])
-    # a LoRA variant of a disaggregated fleet: its own pods, the base weights + its adapter
-    assert cfg.variant == "" and cfg.block_size == 16 and cfg.max_num_seqs == 128
-    assert cfg.adapters == (AdapterConfig("smollm2-support", "/models/smollm2-support/finetune", 16, 32.0,
-                                          served_name="smollm2-support"),)
+    # the base group of a disaggregated fleet: the base served by name + the LoRA variant's adapter
+    support = AdapterConfig("smollm2-support", "/models/smollm2-support/finetune", 16, 32.0,
+                            served_name="smollm2-support")
+    assert cfg.variant == "smollm2-base" and cfg.block_size == 16 and cfg.max_num_seqs == 128
+    assert cfg.fine_tune_dir is None and cfg.adapters == (support,)
     assert [c.name for c in cfg.slo_classes] == ["interactive", "batch"] and cfg.default_slo_class == "interactive"
-    assert EngineConfig.from_json(data["prefill.engine.json"]).max_num_batched_tokens == 4096
+    prefill = EngineConfig.from_json(data["prefill.engine.json"])
+    assert prefill.max_num_batched_tokens == 4096 and prefill.adapters == (support,)  # prefill applies it too
+    assert EngineConfig.from_json(cfg.to_json()) == cfg and EngineConfig.from_json(prefill.to_json()) == prefill
     assert json.loads(data["cache-policy.json"])["quantization"]["dtype"] == "int8"
     variant = json.loads(data["variant.json"])
-    assert variant["servedModelName"] is None and variant["adapters"] == ["smollm2-support"]
-    mounts = {m["mountPath"]: m for m in container(objs[("Deployment", "chat-smollm2-support-decode")])["volumeMounts"]}
-    assert mounts["/etc/kvfleet/engine.json"]["subPath"] == "decode.engine.json"
-    assert mounts["/models/smollm2-support/finetune"]["subPath"] == "support-v3"
+    assert variant["servedModelName"] == "smollm2" and variant["adapters"] == ["smollm2-support"]
+    for role in ("prefill", "decode"):
+        mounts = {m["mountPath"]: m for m in container(objs[("Deployment", f"chat-smollm2-base-{role}")])["volumeMounts"]}
+        assert mounts["/etc/kvfleet/engine.json"]["subPath"] == f"{role}.engine.json"
+        assert mounts["/models/smollm2-support/finetune"]["subPath"] == "support-v3"
     router = json.loads(objs[("ConfigMap", "chat-config")]["data"]["router.json"])
-    assert [m["model"] for m in router["models"]] == ["smollm2", "smollm2-support"]
+    assert [(m["model"], m["servedBy"], m["parent"]) for m in router["models"]] == [
+        ("smollm2", "smollm2-base", None), ("smollm2-support", "smollm2-base", "smollm2")]
     assert router["mempool"]["service"] == "chat-mempool.ml.svc"
 
 
@@ -164,7 +201,8 @@ def test_config_hash_changes_when_the_policy_changes_and_only_then():
     changed = copy.deepcopy(objects)
     changed[("CachePolicy", "int8-shared")]["spec"]["blockSizeTokens"] = 32
     after = _hashes(inputs(objects=changed))
-    for name in ("chat-smollm2-base-prefill", "chat-smollm2-base-decode", "chat-smollm2-support-decode"):
+    assert set(before) == {"chat-smollm2-base-prefill", "chat-smollm2-base-decode", "chat-mempool", "chat-router"}
+    for name in ("chat-smollm2-base-prefill", "chat-smollm2-base-decode"):  # the LoRA variant's pods too
         assert before[name] != after[name]
     assert before["chat-router"] == after["chat-router"]  # the router config did not change
 
@@ -188,11 +226,17 @@ def test_replicas_within_bounds_and_a_pinned_count_wins(spec, planned, want):
 
 def test_planner_annotation_is_clamped_into_the_bounds():
     fleet = chat_fleet()
+    # keys name the serving group (the pods' variant label); smollm2-support has no workloads of its own,
+    # so a key naming it scales nothing
     fleet["metadata"]["annotations"] = {"kvfleet.io/planned-replicas": json.dumps(
-        {"smollm2-base/decode": 6, "smollm2-support/decode": 99})}
+        {"smollm2-base/decode": 6, "smollm2-base/prefill": 99, "smollm2-support/decode": 1})}
     objs = by_name(desired_objects(inputs(fleet)))
     assert objs[("Deployment", "chat-smollm2-base-decode")]["spec"]["replicas"] == 6
-    assert objs[("Deployment", "chat-smollm2-support-decode")]["spec"]["replicas"] == 8
+    assert objs[("Deployment", "chat-smollm2-base-prefill")]["spec"]["replicas"] == 4  # maxReplicas
+    fleet["metadata"]["annotations"] = {"kvfleet.io/planned-replicas": json.dumps({"smollm2-base/decode": 99})}
+    objs = by_name(desired_objects(inputs(fleet)))
+    assert objs[("Deployment", "chat-smollm2-base-decode")]["spec"]["replicas"] == 8  # maxReplicas
+    assert objs[("Deployment", "chat-smollm2-base-prefill")]["spec"]["replicas"] == 1  # minReplicas, unplanned
 
 
 def test_long_names_are_shortened_stably():

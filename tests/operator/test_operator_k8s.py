@@ -14,11 +14,10 @@ from kvfleet.dataplane.config import EngineConfig
 
 pytestmark = pytest.mark.k8s
 
+# the LoRA variant smollm2-support rides on smollm2-base's prefill/decode pods: one set of workloads
 DISAGGREGATED = {
     ("ConfigMap", "chat-config"), ("ConfigMap", "chat-smollm2-base-config"),
-    ("ConfigMap", "chat-smollm2-support-config"),
     ("Deployment", "chat-smollm2-base-prefill"), ("Deployment", "chat-smollm2-base-decode"),
-    ("Deployment", "chat-smollm2-support-prefill"), ("Deployment", "chat-smollm2-support-decode"),
     ("StatefulSet", "chat-mempool"), ("Service", "chat-mempool"),
     ("Deployment", "chat-router"), ("Service", "chat-router"),
     ("ServiceAccount", "chat-router"), ("Role", "chat-router"), ("RoleBinding", "chat-router"),
@@ -59,30 +58,49 @@ def test_create_fleet_children_pods_and_status(operator_env):
     kids = children(env.kube, env.namespace, "chat")
     assert set(kids) == DISAGGREGATED
     status = f["status"]
-    assert status["roles"] == {"decode": {"desired": 4, "ready": 4}, "mempool": {"desired": 1, "ready": 1},
-                               "prefill": {"desired": 2, "ready": 2}, "router": {"desired": 1, "ready": 1}}
+    assert status["roles"] == {"decode": {"desired": 2, "ready": 2}, "mempool": {"desired": 1, "ready": 1},
+                               "prefill": {"desired": 1, "ready": 1}, "router": {"desired": 1, "ready": 1}}
     assert status["routerEndpoint"] == f"http://chat-router.{env.namespace}.svc:8000/v1"
     assert all(c["observedGeneration"] == f["metadata"]["generation"] for c in status["conditions"])
     assert condition(f, "Degraded")["status"] == "False"
     # the pods really run on the simulated GPU nodes, each holding one GPU
     decode = running_pods(env, "kvfleet.io/role=decode")
-    assert len(decode) == 4
+    assert len(decode) == 2
     for pod in decode:
         assert pod.spec.node_name.startswith("gpu-node-")
         c = pod.spec.containers[0]
         assert c.resources.limits["nvidia.com/gpu"] == "1" and c.resources.requests["nvidia.com/gpu"] == "1"
         assert c.security_context.read_only_root_filesystem and c.security_context.capabilities.drop == ["ALL"]
     prefill = running_pods(env, "kvfleet.io/role=prefill")
+    assert len(prefill) == 1
     assert {p.spec.node_selector["nvidia.com/gpu.product"] for p in prefill} == {"NVIDIA-H100-80GB-HBM3"}
-    cfg = EngineConfig.from_json(kids[("ConfigMap", "chat-smollm2-base-config")]["data"]["decode.engine.json"])
-    assert cfg.variant == "smollm2-base" and cfg.cache_policy.key_quantization == "int8"
+    # the shared pods carry the group's label, mount the LoRA variant's adapter, and are what the router's
+    # selectors for both variants match
+    router = json.loads(kids[("ConfigMap", "chat-config")]["data"]["router.json"])
+    assert [(m["variant"], m["servedBy"]) for m in router["models"]] == [
+        ("smollm2-base", "smollm2-base"), ("smollm2-support", "smollm2-base")]
+    for role, pods in (("decode", decode), ("prefill", prefill)):
+        assert {p.metadata.labels["kvfleet.io/variant"] for p in pods} == {"smollm2-base"}
+        for pod in pods:
+            claims = {v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
+            assert claims == {"adapters"}
+        for model in router["models"]:
+            selector = ",".join(f"{k}={v}" for k, v in model["roles"][role]["selector"].items())
+            assert {p.metadata.name for p in running_pods(env, selector)} == {p.metadata.name for p in pods}
+        cfg = EngineConfig.from_json(kids[("ConfigMap", "chat-smollm2-base-config")]["data"][f"{role}.engine.json"])
+        assert cfg.variant == "smollm2-base" and cfg.cache_policy.key_quantization == "int8"
+        assert [a.name for a in cfg.adapters] == ["smollm2-support"]
     # the references list the fleet that uses them
     for kind, name in (("ModelVariant", "smollm2-base"), ("CachePolicy", "int8-shared"), ("SLOClass", "batch")):
         wait_for(f"{kind} {name} usedByFleets", lambda k=kind, n=name: (env.kube.get(k, env.namespace, n).get(
             "status") or {}).get("usedByFleets") == ["chat"])
     assert (env.kube.get("CachePolicy", env.namespace, "long-context").get("status") or {}).get("usedByFleets") == []
     # kopf kept its bookkeeping in annotations, not in status
-    assert set(status) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses"}
+    assert set(status) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses", "adapters"}
+    # ... and says which workloads serve the LoRA variant: the base group's, both roles
+    assert status["adapters"] == [
+        {"workload": f"chat-smollm2-base-{role}", "variant": "smollm2-base", "adapters": ["smollm2-support"]}
+        for role in ("decode", "prefill")]
     # no traffic yet: each class is listed with nothing measured (never a made-up figure)
     assert [(c["name"], c["requests"]) for c in status["sloClasses"]] == [("interactive", 0), ("batch", 0)]
     assert "kvfleet.io/last-handled-configuration" in f["metadata"]["annotations"]
@@ -109,7 +127,7 @@ def test_cache_policy_change_rolls_the_pods(operator_env):
     wait_for("the ConfigMap and the pod-template hash to change", rolled)
     f = wait_for("the rollout to finish", lambda: available(env), timeout=120)
     new_pods = running_pods(env, "kvfleet.io/role=decode")
-    assert len(new_pods) == 4 and not old_pods & {p.metadata.name for p in new_pods}
+    assert len(new_pods) == 2 and not old_pods & {p.metadata.name for p in new_pods}
     dep = env.kube.get("Deployment", env.namespace, "chat-smollm2-base-decode")
     assert {p.metadata.annotations["kvfleet.io/config-hash"] for p in new_pods} >= {_hash(dep)}
     assert _hash(env.kube.get("Deployment", env.namespace, "chat-router")) == _hash(before[("Deployment", "chat-router")])
@@ -120,7 +138,8 @@ def test_topology_switch_bounds_drift_and_manual_scale(operator_env):
     env = operator_env
     create_chat(env)
     ns, kubectl = env.namespace, env.cluster.kubectl
-    # disaggregated -> colocated: prefill/decode Deployments go, engine Deployments come
+    # disaggregated -> colocated: prefill/decode Deployments go, the engine Deployment comes (the LoRA variant
+    # rides on it, as it rode on prefill/decode)
     engine = {"minReplicas": 1, "maxReplicas": 3, "resources": {"requests": {"nvidia.com/gpu": 1}},
               "placement": {"tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists",
                                              "effect": "NoSchedule"}]}}
@@ -129,9 +148,9 @@ def test_topology_switch_bounds_drift_and_manual_scale(operator_env):
 
     def colocated():
         deps = sorted(n for k, n in children(env.kube, ns, "chat") if k == "Deployment")
-        return deps == ["chat-router", "chat-smollm2-base-engine", "chat-smollm2-support-engine"]
+        return deps == ["chat-router", "chat-smollm2-base-engine"]
 
-    wait_for("prefill/decode replaced by engine Deployments", colocated)
+    wait_for("prefill/decode replaced by the engine Deployment", colocated)
     f = wait_for("the colocated fleet to become Available", lambda: available(env), timeout=120)
     assert set(f["status"]["roles"]) == {"engine", "mempool", "router"}
     assert events(env, "ChildrenRemoved")
@@ -151,11 +170,11 @@ def test_topology_switch_bounds_drift_and_manual_scale(operator_env):
     wait_for("the hand-edited image to be reverted", lambda: env.kube.get("Deployment", ns, "chat-smollm2-base-engine")
              ["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:latest")
     # kubectl scale is reverted, with an Event on the fleet saying why
-    kubectl("scale", "deployment", "chat-smollm2-support-engine", "-n", ns, "--replicas=5")
+    kubectl("scale", "deployment", "chat-smollm2-base-engine", "-n", ns, "--replicas=5")
     wait_for("the manual scale to be reverted", lambda: env.kube.get(
-        "Deployment", ns, "chat-smollm2-support-engine")["spec"]["replicas"] == 2)
+        "Deployment", ns, "chat-smollm2-base-engine")["spec"]["replicas"] == 2)
     (ev,) = wait_for("a ManualScaleReverted event", lambda: events(env, "ManualScaleReverted"))
-    assert "chat-smollm2-support-engine" in ev["message"] and "minReplicas..maxReplicas (2..3)" in ev["message"]
+    assert "chat-smollm2-base-engine" in ev["message"] and "minReplicas..maxReplicas (2..3)" in ev["message"]
     assert ev["type"] == "Warning"
     wait_for("the fleet to settle", lambda: available(env), timeout=120)
 

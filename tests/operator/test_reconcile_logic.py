@@ -83,11 +83,24 @@ def test_switch_to_colocated_prunes_prefill_and_decode():
         o["metadata"]["uid"] = "child-" + o["metadata"]["name"]
     new = desired_objects(inputs(colocated(chat_fleet())))
     stale = sorted(o["metadata"]["name"] for o in stale_children(new, old, "uid-chat"))
-    # colocated, the LoRA variant support rides on the base's engine: its own config and workloads go too
-    assert stale == ["chat-smollm2-base-decode", "chat-smollm2-base-prefill", "chat-smollm2-support-config",
-                     "chat-smollm2-support-decode", "chat-smollm2-support-prefill"]
+    # the LoRA variant support rides on the base's pods in both topologies: only the base group's prefill and
+    # decode go; its ConfigMap stays (now holding engine.json)
+    assert stale == ["chat-smollm2-base-decode", "chat-smollm2-base-prefill"]
     foreign = [dict(o, metadata={**o["metadata"], "ownerReferences": []}) for o in old]
     assert stale_children(new, foreign, "uid-chat") == []  # never delete what another owner controls
+
+
+def test_lora_variants_own_disaggregated_workloads_from_before_sharing_are_pruned():
+    """An operator upgrade: the support variant's own prefill/decode/config (the old rule) are no longer desired."""
+    desired = desired_objects(inputs())
+    observed = [dict(o, metadata={**o["metadata"], "uid": "child-" + o["metadata"]["name"]}) for o in desired]
+    for o in desired:
+        name = o["metadata"]["name"]
+        if name.startswith("chat-smollm2-base-"):
+            observed.append(dict(o, metadata={**o["metadata"], "name": name.replace("-base-", "-support-"),
+                                              "uid": "old-" + name}))
+    stale = sorted(o["metadata"]["name"] for o in stale_children(desired, observed, "uid-chat"))
+    assert stale == ["chat-smollm2-support-config", "chat-smollm2-support-decode", "chat-smollm2-support-prefill"]
 
 
 def _with_manager(obj, replicas, manager):
