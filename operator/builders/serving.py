@@ -4,9 +4,7 @@
     unservable(variants)   -> ["ModelVariant 'x': ..."]   (resolve() refuses the fleet with these)
 
 A group is one set of serving workloads (labelled with `group.name`): the host's weights (a base or a
-full fine-tune) plus LoRA adapters applied per request. In a colocated fleet every LoRA variant joins
-In every topology a LoRA variant joins
-the group of the fleet's plain variant with the same base weights, dtype and maxModelLen (the engine
+full fine-tune) plus LoRA adapters applied per request. In every topology a LoRA variant joins the group of the fleet's plain variant with the same base weights, dtype and maxModelLen (the engine
 batches base and adapters in one step; a LoRA variant without maxModelLen takes its host's); without such
 a variant, LoRA variants of one base form a group of their own, serving only the adapters. The router
 finds a variant's prefill/decode pods by its group's label (`router.json` `servedBy`).
