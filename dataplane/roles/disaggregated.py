@@ -202,7 +202,9 @@ class DisaggregatedEngine(AsyncEngine):
                                 pool=self.pool_shards())
         eps = {e.address: e for e in self._pods("prefill", request.variant)}
         pick = self.picker.pick([Candidate(e.name, e.address, self._load(e).in_flight + self._load(e).stats.num_waiting,
-                                           self._load(e).stats.max_num_seqs) for e in eps.values()],
+                                           self._load(e).stats.max_num_seqs,
+                                           request.variant in self._load(e).stats.adapters_resident)
+                                 for e in eps.values()],
                                 request.variant, request.prompt_token_ids)
         tracing.annotate(**{"kvfleet.prefix_matched_blocks": pick.matched_blocks,
                             "kvfleet.prompt_blocks": pick.prompt_blocks})
@@ -277,9 +279,10 @@ class DisaggregatedEngine(AsyncEngine):
         return self.loads.setdefault(ep.address, PodLoad())
 
     def _decode_candidates(self, variant: str) -> list[Endpoint]:
-        """Most KV headroom first, then least load."""
+        """Pods that already hold the variant's LoRA adapter first, then most KV headroom, then least load."""
         eps = self._pods("decode", variant)
-        return sorted(eps, key=lambda e: (-self._load(e).free_blocks, self._load(e).in_flight, e.name))
+        return sorted(eps, key=lambda e: (variant not in self._load(e).stats.adapters_resident,
+                                          -self._load(e).free_blocks, self._load(e).in_flight, e.name))
 
     @contextlib.contextmanager
     def _busy(self, ep: Endpoint):  # type: ignore[no-untyped-def]

@@ -7,7 +7,9 @@ and each candidate pod is scored
 
     score = prefix_weight * (leading prompt blocks it holds / prompt blocks) - load_weight * load
 
-with `load` = (requests in flight from this router + waiting in the pod) / the pod's seats. A pod at
+with `load` = (requests in flight from this router + waiting in the pod) / the pod's seats, plus
+`ADAPTER_WEIGHT` when the request's LoRA adapter is already resident there (a tie-break among equally
+loaded pods in `load` mode). A pod at
 or past its seats is *saturated*: its prefix term counts for nothing, so a hot prefix spills to
 another pod instead of queueing behind itself. A stale index costs a cache miss, never a wrong
 answer: the pod computes what it does not hold.
@@ -25,6 +27,7 @@ from kvfleet.dataplane.kvcache.blocks import extend_block_hashes
 from kvfleet.dataplane.kvcache.keys import hash_to_bytes
 
 ROUTING_MODES = ("round-robin", "load", "prefix")
+ADAPTER_WEIGHT = 0.25  # prefix mode: a resident adapter is worth a quarter of a whole prompt's prefix
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class Candidate:
     address: str
     load: int  # requests in flight from this router + waiting in the pod
     seats: int  # the pod's max_num_seqs (0 = unknown)
+    has_adapter: bool = False  # the request's LoRA adapter is resident there (no load on the first request)
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class PrefillPicker:
         if not cands:
             return Pick([], 0, 0)
         mode = self.policy.mode
-        by_load = sorted(cands, key=lambda c: (c.load, c.name))
+        by_load = sorted(cands, key=lambda c: (c.load, not c.has_adapter, c.name))
         if mode == "round-robin":
             i = next(self._turn) % len(cands)
             order = sorted(cands, key=lambda c: c.name)
@@ -173,8 +177,8 @@ class PrefillPicker:
             held = self.index.leading_blocks(c.address, hashes) / len(hashes) if hashes else 0.0
             load = c.load / c.seats if c.seats else float(c.load)
             saturated = bool(c.seats) and c.load >= c.seats
-            scores[c.address] = (0.0 if saturated else self.policy.prefix_weight * held) \
-                - self.policy.load_weight * load
+            scores[c.address] = (0.0 if saturated else self.policy.prefix_weight * held
+                                  + ADAPTER_WEIGHT * c.has_adapter) - self.policy.load_weight * load
         order = sorted(by_load, key=lambda c: -scores[c.address])  # stable: ties go to the least loaded
         return self._count(order, variant, token_ids)
 

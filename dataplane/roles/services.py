@@ -44,7 +44,9 @@ def role_stats(role: str, engine: AsyncLLMEngine, pool: PoolAccess | None, **ext
     s = engine.stats()
     if pool is not None:
         extra.update(pool.stats())
-    return pb.RoleStats(role=role, prompt_tokens_computed=engine.engine.prompt_tokens_computed, num_running=s.num_running, num_waiting=s.num_waiting,
+    adapters = engine.engine.adapters
+    return pb.RoleStats(role=role, prompt_tokens_computed=engine.engine.prompt_tokens_computed,
+                        adapters_resident=list(adapters.resident) if adapters is not None else [], num_running=s.num_running, num_waiting=s.num_waiting,
                         kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used,
                         prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
                         prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, max_model_len=engine.max_model_len,

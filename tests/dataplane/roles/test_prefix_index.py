@@ -89,3 +89,12 @@ def test_a_pod_serving_adapters_names_each_variants_key():
                                    stored=hashes(PROMPT, "support@1f2e")))
     assert idx.leading_blocks("a", idx.prompt_hashes("a", "support", PROMPT)) == 8
     assert idx.leading_blocks("a", idx.prompt_hashes("a", "v", PROMPT)) == 0  # the base never reads it
+
+
+def test_a_pod_holding_the_requests_adapter_is_preferred_at_equal_load():
+    cold, warm = Candidate("a", "a", 0, 4), Candidate("b", "b", 0, 4, has_adapter=True)
+    for mode in ("prefix", "load"):
+        picker = PrefillPicker(RoutingPolicy(mode=mode))
+        assert picker.pick([cold, warm], "support", PROMPT).order[0].name == "b"
+        busy = Candidate("b", "b", 3, 4, has_adapter=True)
+        assert picker.pick([cold, busy], "support", PROMPT).order[0].name == "a"  # not at any load

@@ -25,6 +25,16 @@ def test_decode_pick_prefers_headroom_then_load_and_drops_pods_that_left():
     assert [e.name for e in eng._decode_candidates("v")] == ["a"]  # gone from discovery: no new work at once
 
 
+def test_decode_pick_prefers_pods_holding_the_adapter():
+    a, b = Endpoint("a", "h:1", "decode", "base"), Endpoint("b", "h:2", "decode", "base")
+    eng = DisaggregatedEngine(StaticDiscovery([a, b]), ["base", "support"], served_by={"support": "base"})
+    eng._load(a).stats = pb.RoleStats(kv_blocks_total=100, kv_blocks_used=10)
+    eng._load(b).stats = pb.RoleStats(kv_blocks_total=100, kv_blocks_used=50, adapters_resident=["support"])
+    assert [e.name for e in eng._decode_candidates("support")] == ["b", "a"]  # the adapter is loaded on b
+    assert [e.name for e in eng._decode_candidates("base")] == ["a", "b"]  # the base: headroom decides
+    assert eng.variants == ["base"]  # one pod group serves both
+
+
 def test_prefill_pick_by_load_prefers_least_loaded():
     p1, p2 = Endpoint("p1", "h:1", "prefill", "v"), Endpoint("p2", "h:2", "prefill", "v")
     disc = StaticDiscovery([p1, p2])
