@@ -18,7 +18,7 @@ from kvfleet.operator.api.validate import InvalidResource, parse
 
 from .builders import FleetInputs, OperatorSettings
 from .builders.names import ANNOTATION_PLANNED_REPLICAS
-from .builders.serving import unservable
+from .builders.serving import is_lora, unservable
 
 # (kind, name) -> the object's body in the fleet's namespace, or None when it does not exist.
 Lookup = Callable[[str, str], Mapping[str, Any] | None]
@@ -122,6 +122,10 @@ def resolve(fleet_body: Mapping[str, Any], lookup: Lookup, settings: OperatorSet
         if not under_prefix(path, settings.host_path_prefixes)
     ]
     unserved = unservable(tuple(v for v in variants if isinstance(v, ModelVariant)))
+    unserved += [f"variants[{i}].preload: ModelVariant {ref.name!r} is not a LoRA adapter (only adapters are "
+                 "loaded on demand; its own weights load at start anyway)"
+                 for i, (ref, v) in enumerate(zip(fleet.spec.variants, variants, strict=True))
+                 if ref.preload and isinstance(v, ModelVariant) and not is_lora(v)]
     if unserved:
         return Unresolved("UnservableVariant", "; ".join(unserved) + ". Nothing of this fleet is rendered until "
                           "it is fixed; already running children are kept as they were.")

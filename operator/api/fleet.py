@@ -208,6 +208,8 @@ class VariantRef(KubeModel):
     """A ModelVariant served by the fleet."""
 
     name: Name = Field(description="ModelVariant name in the fleet's namespace.")
+    preload: bool = Field(default=False, description="LoRA variants only: load the adapter when the pods start "
+                          "instead of on its first request (a variant with its own weights is refused).")
 
 
 def _lo(role: str) -> str:

@@ -56,19 +56,22 @@ def _cache_policy_config(inputs: FleetInputs) -> dpconfig.CachePolicyConfig:
     return policy
 
 
-def adapter_config(variant: ModelVariant) -> dpconfig.AdapterConfig:
-    """A LoRA variant as the engine serves it on its group's base weights."""
+def adapter_config(variant: ModelVariant, preload: bool = False) -> dpconfig.AdapterConfig:
+    """A LoRA variant as the engine serves it on its group's base weights (`preload`: the fleet's
+    `variants[].preload`)."""
     ft = variant.spec.fine_tune
     assert ft is not None and ft.type == "lora"
     return dpconfig.AdapterConfig(name=variant.metadata.name, dir=weights_dir(variant, "finetune"),
                                   rank=ft.lora_rank, alpha=ft.lora_alpha,
-                                  served_name=variant.spec.served_model_name or variant.metadata.name)
+                                  served_name=variant.spec.served_model_name or variant.metadata.name,
+                                  preload=preload)
 
 
 def engine_config(inputs: FleetInputs, group: ServingGroup, role: str) -> dpconfig.EngineConfig:
     """The EngineConfig one prefill/decode/engine pod of `group` runs with (validated by the dataplane)."""
     variant = group.lead
     spec = inputs.engine_roles()[role]
+    preloads = {ref.name: ref.preload for ref in inputs.fleet.spec.variants}
     classes = tuple(
         dpconfig.SLOClassConfig(
             name=c.metadata.name,
@@ -84,7 +87,7 @@ def engine_config(inputs: FleetInputs, group: ServingGroup, role: str) -> dpconf
         model_dir=weights_dir(variant),
         variant=host.metadata.name if host is not None else "",
         fine_tune_dir=weights_dir(host, "finetune") if host is not None and host.spec.fine_tune else None,
-        adapters=tuple(adapter_config(a) for a in group.adapters),
+        adapters=tuple(adapter_config(a, preloads.get(a.metadata.name, False)) for a in group.adapters),
         dtype=variant.spec.dtype,
         block_size=inputs.cache_policy.block_size_tokens,
         max_num_seqs=spec.max_num_seqs,

@@ -121,3 +121,16 @@ def test_status_lists_the_adapters_each_workload_serves():
                           workloads=[workload_state(d) for d in deployments], endpoint=None)
     assert status["adapters"] == [{"workload": "chat-smollm2-base-engine", "variant": "smollm2-base",
                                    "adapters": ["smollm2-support", "smollm2-legal"]}]
+
+
+def test_preload_reaches_the_adapter_config_and_is_refused_on_a_variant_with_its_own_weights():
+    fleet, objects = _fleet(_lora("smollm2-legal", "legal-v1"))
+    for ref in fleet["spec"]["variants"]:
+        ref["preload"] = ref["name"] == "smollm2-legal"
+    objs = by_name(desired_objects(inputs(fleet, objects)))
+    cfg = EngineConfig.from_json(objs[("ConfigMap", "chat-smollm2-base-config")]["data"]["engine.json"])
+    assert {a.name: a.preload for a in cfg.adapters} == {"smollm2-support": False, "smollm2-legal": True}
+    fleet["spec"]["variants"][0]["preload"] = True  # smollm2-base: its own weights
+    got = resolve(fleet, lambda k, n, o=objects: o.get((k, n)), OperatorSettings())
+    assert isinstance(got, Unresolved) and got.reason == "UnservableVariant"
+    assert "variants[0].preload" in got.message and "smollm2-base" in got.message
