@@ -417,17 +417,22 @@ def main(argv: list[str] | None = None) -> int:
         run(Demo(cluster), workdir)
         ok = True
     finally:
-        if not ok:
-            for log in sorted((workdir / "pods").glob("*/*.log")):
-                print(f"--- {log.parent.name}/{log.name} (last lines) ---")
-                print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-        if args.keep:
-            print(f"\ncluster kept: export KUBECONFIG={cluster.kubeconfig}\n"
-                  f"stop it with: python -m e2e.cluster down --name {cluster.name}")
-        else:
-            cluster.stop()
+        finish(cluster, workdir, ok, args.keep)
     step("demo finished" if ok else "demo FAILED")
     return 0 if ok else 1
+
+
+def finish(cluster: LocalCluster, workdir: Path, ok: bool, keep: bool) -> None:
+    """After a demo: the pods' last log lines when it failed, then the cluster stopped (or kept)."""
+    if not ok:
+        for log in sorted((workdir / "pods").glob("*/*.log")):
+            print(f"--- {log.parent.name}/{log.name} (last lines) ---")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+    if keep:
+        print(f"\ncluster kept: export KUBECONFIG={cluster.kubeconfig}\n"
+              f"stop it with: python -m e2e.cluster down --name {cluster.name}")
+    else:
+        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import yaml
 
 from e2e import imagemode
 from e2e.cluster import REPO, LocalCluster, find_bin_dir
-from e2e.demo import Demo, chat, step
+from e2e.demo import Demo, chat, finish, step
 from e2e.harness import serving_pod_ips, wait_for
 from e2e.images import Registry, chart_values, colocated_fleet_docs, ensure_images, local_ref
 from e2e.nodes import create_gpu_nodes, wait_nodes_ready
@@ -95,14 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             run(Demo(cluster), registry, workdir)
         ok = True
     finally:
-        if not ok:
-            for log in sorted((workdir / "pods").glob("*/*.log")):
-                print(f"--- {log.parent.name}/{log.name} (last lines) ---")
-                print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-        if args.keep:
-            print(f"\ncluster kept: export KUBECONFIG={cluster.kubeconfig}")
-        else:
-            cluster.stop()
+        finish(cluster, workdir, ok, args.keep)
     step("demo finished" if ok else "demo FAILED")
     return 0 if ok else 1
 
