@@ -117,16 +117,20 @@ def disaggregated(tmp: Path, config: Path, model_dir: str) -> list[Proc]:
 
     pre, dec = role("prefill").start(), role("decode").start()
     pre.wait_ready(), dec.wait_ready()
+    return [router(tmp, model_dir, [f"--endpoint=prefill={MODEL}@{pre.address}",
+                                    f"--endpoint=decode={MODEL}@{dec.address}"]), pre, dec]
+
+
+def router(tmp: Path, model_dir: str, flags: list[str]) -> Proc:
+    """A router process (not started) for the one-model bench fleet; `flags`: its --endpoint and other flags."""
     rcfg = {"fleet": "bench", "namespace": "default", "port": 0, "sloClasses": [],
             "models": [{"model": MODEL, "variant": MODEL, "weightsDir": model_dir,
                         "roles": {"prefill": {"grpcPort": 0}, "decode": {"grpcPort": 0}}}]}
     path = tmp / f"router-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(rcfg))
     argv = [sys.executable, "-m", "kvfleet.dataplane.roles.router", "--config", str(path), "--host", "127.0.0.1",
-            "--port", "0", "--log-level", "WARNING", f"--endpoint=prefill={MODEL}@{pre.address}",
-            f"--endpoint=decode={MODEL}@{dec.address}"]
-    rtr = Proc("router", argv, tmp / f"router-{time.monotonic_ns()}.log", r"listening on (http://\S+)")
-    return [rtr, pre, dec]
+            "--port", "0", "--log-level", "WARNING", *flags]
+    return Proc("router", argv, tmp / f"router-{time.monotonic_ns()}.log", r"listening on (http://\S+)")
 
 
 # -- client -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.disaggregated import RESULTS, Proc, cpu_seconds, pcts, role_stats
+from bench.disaggregated import RESULTS, Proc, cpu_seconds, pcts, role_stats, router
 
 MODEL = "smollm2"
 BLOCK_SIZE = 16
@@ -78,14 +78,7 @@ def start_fleet(tmp: Path, model_dir: str, mode: str, pool: bool, prefill_blocks
         p.wait_ready()
     eps = [f"--endpoint={p.name.split('-')[0]}={MODEL}@{p.address}" for p in procs if p.name != "mempool"]
     eps += [f"--endpoint=mempool=@{p.address}" for p in procs if p.name == "mempool"]
-    rcfg = {"fleet": "bench", "namespace": "default", "port": 0, "sloClasses": [],
-            "models": [{"model": MODEL, "variant": MODEL, "weightsDir": model_dir,
-                        "roles": {"prefill": {"grpcPort": 0}, "decode": {"grpcPort": 0}}}]}
-    path = tmp / f"router-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(rcfg))
-    argv = [sys.executable, "-m", "kvfleet.dataplane.roles.router", "--config", str(path), "--host", "127.0.0.1",
-            "--port", "0", "--log-level", "WARNING", "--routing", mode, "--queue-timeout", "1800", *eps]
-    rtr = Proc("router", argv, tmp / f"router-{time.monotonic_ns()}.log", r"listening on (http://\S+)").start()
+    rtr = router(tmp, model_dir, ["--routing", mode, "--queue-timeout", "1800", *eps]).start()
     rtr.wait_ready()
     return [rtr, *procs]
 

@@ -75,8 +75,11 @@ class PoolAccess:
         """Cache the pool's leading run of the prompt's blocks beyond what this engine holds."""
         if not shards or not self.enabled:
             return PoolFetch()
-        hashes = await self.engine.call(lambda e: prompt_block_hashes(e, request))
-        local = await self.engine.call(lambda e: num_cached_blocks(e, hashes)) if hashes else 0
+        def hashes_and_held(e: Any) -> tuple[list[int], int]:
+            hashes = prompt_block_hashes(e, request)
+            return hashes, num_cached_blocks(e, hashes)
+
+        hashes, local = await self.engine.call(hashes_and_held)  # one trip to the engine thread
         if local == len(hashes):
             return PoolFetch(local, 0)
         want = hashes[local:]

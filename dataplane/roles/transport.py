@@ -111,18 +111,19 @@ class GrpcTransport(RoleTransport):
         except grpc.aio.AioRpcError as e:
             raise CallError(e.code(), e.details() or "") from e
 
-    async def stats(self, address: str, role: str) -> pb.RoleStats:
+    def _role_stub(self, address: str, role: str) -> Any:
+        """The stub of the service a pod of `role` serves (both have Stats and KVEvents)."""
         ch = self._ch(address)
-        stub = pb_grpc.DecodeStub(ch) if role == "decode" else pb_grpc.PrefillStub(ch)
+        return pb_grpc.DecodeStub(ch) if role == "decode" else pb_grpc.PrefillStub(ch)
+
+    async def stats(self, address: str, role: str) -> pb.RoleStats:
         try:
-            return await stub.Stats(pb.Empty(), timeout=2.0)
+            return await self._role_stub(address, role).Stats(pb.Empty(), timeout=2.0)
         except grpc.aio.AioRpcError as e:
             raise CallError(e.code(), e.details() or "") from e
 
     async def kv_events(self, address: str, role: str) -> AsyncIterator[pb.KVEventBatch]:  # type: ignore[override]
-        ch = self._ch(address)
-        stub = pb_grpc.DecodeStub(ch) if role == "decode" else pb_grpc.PrefillStub(ch)
-        call = stub.KVEvents(pb.KVEventsRequest())
+        call = self._role_stub(address, role).KVEvents(pb.KVEventsRequest())
         try:
             async for batch in call:
                 yield batch
