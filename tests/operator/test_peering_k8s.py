@@ -40,13 +40,19 @@ def test_standby_replica_stays_idle_until_the_leader_leaves(cluster, namespace, 
     apply_references(cluster, namespace)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    kube = kube_for(cluster.kubeconfig)
     leader = OperatorProcess(cluster.kubeconfig, tmp_path / "a", ["-A", "--peering", name,
                                                                    "--priority", "10"]).start()
-    standby = OperatorProcess(cluster.kubeconfig, tmp_path / "b", ["-A", "--peering", name,
-                                                                    "--priority", "1"]).start()
-    kube = kube_for(cluster.kubeconfig)
+    standby = OperatorProcess(cluster.kubeconfig, tmp_path / "b", ["-A", "--peering", name, "--priority", "1"])
     try:
         leader.wait_ready()
+        # the standby starts once the leader is announced: two replicas started at the same instant both run
+        # until each sees the other (kopf's own rule), which is not what this test is about
+        wait_for("the leader to announce itself in the peering object", lambda: any(
+            int(peer.get("priority", 0)) == 10 for peer in (kube.request(
+                "GET", f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}").get("status") or {}).values()
+            if isinstance(peer, dict)), timeout=30)
+        standby.start()
         standby.wait_ready()
         apply_doc(cluster, namespace, fleet_manifest())
         wait_for("the leader to make the fleet Available", lambda: condition(
