@@ -210,6 +210,29 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class KVShareConfig:
+    """Variant `variant` reuses the prefix KV that `from_variant` computed in this engine, except in
+    `recompute_layers` (DroidSpeak; `engine/kv_sharing.py`). num_layers / from_weights / to_weights,
+    when set (from a profile), must match what the engine loads, or it refuses to start."""
+
+    variant: str
+    from_variant: str
+    recompute_layers: tuple[int, ...]
+    source: str = "manual"  # "manual", or "profile <ConfigMap>" for status and logs
+    num_layers: int | None = None
+    from_weights: str | None = None
+    to_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.variant) and bool(self.from_variant), "kv_sharing[]: variant and from_variant are required")
+        _check(self.variant != self.from_variant, f"kv_sharing {self.variant!r}: from_variant must be another variant")
+        layers = list(self.recompute_layers)
+        object.__setattr__(self, "recompute_layers", tuple(layers))  # JSON gives a list
+        _check(all(isinstance(x, int) and x >= 0 for x in layers) and layers == sorted(set(layers)),
+               f"kv_sharing {self.variant!r}: recompute_layers must be distinct non-negative layers in order")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine process needs to serve one model variant.
 
@@ -243,6 +266,8 @@ class EngineConfig:
     adapter_memory_bytes: int = 256 << 20
     max_active_adapters: int = 8  # distinct adapters among running sequences at most (the scheduler's cap)
     cpu_packed_linear: bool = True  # CPU only: linear weights prepacked for oneDNN (model/packed_linear.py)
+    # DroidSpeak: variants served here that reuse a sibling's prefix KV (prefixCache.scope family)
+    kv_sharing: tuple[KVShareConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(self.model_dir), "model_dir must be non-empty")
@@ -273,10 +298,27 @@ class EngineConfig:
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be > 0")
         _check(self.starvation_ms > 0, "starvation_ms must be > 0")
+        self._check_kv_sharing(anames)
         names = [c.name for c in self.slo_classes]
         _check(len(names) == len(set(names)), f"slo_classes: duplicate names in {names}")
         _check(self.default_slo_class is None or self.default_slo_class in names,
                f"default_slo_class {self.default_slo_class!r} is not one of slo_classes {names}")
+
+    def _check_kv_sharing(self, adapter_names: list[str]) -> None:
+        if not self.kv_sharing:
+            return
+        served = [self.variant, *adapter_names]
+        receivers = [s.variant for s in self.kv_sharing]
+        _check(len(receivers) == len(set(receivers)), f"kv_sharing: a variant listed twice in {receivers}")
+        for s in self.kv_sharing:
+            _check(s.variant in served and s.from_variant in served,
+                   f"kv_sharing {s.variant!r} <- {s.from_variant!r}: both must be served by this engine {served}")
+        cp = self.cache_policy
+        _check(self.enable_prefix_caching, "kv_sharing needs the prefix cache")
+        _check(cp.key_quantization in ("none", "fp16", "bf16") and cp.value_quantization in ("none", "fp16", "bf16")
+               and cp.eviction == "none" and not cp.quant_sink_tokens and not cp.residual_tokens,
+               "kv_sharing needs unquantized, unevicted KV: quantized blocks keep per-sequence rows that "
+               "another variant cannot recompute into (not implemented)")
 
     @property
     def weights_dir(self) -> str:
@@ -286,6 +328,10 @@ class EngineConfig:
     def adapter(self, variant: str) -> AdapterConfig | None:
         """The adapter serving ModelVariant `variant` (None: the base, or unknown)."""
         return next((a for a in self.adapters if a.name == variant), None)
+
+    def sharing(self, variant: str) -> KVShareConfig | None:
+        """How `variant` reuses a sibling's KV here (None: it does not)."""
+        return next((s for s in self.kv_sharing if s.variant == variant), None)
 
     def slo_class(self, name: str | None) -> SLOClassConfig | None:
         """The named class if known, else the default class, else None (best effort)."""
@@ -310,7 +356,8 @@ class EngineConfig:
         _check(isinstance(data, dict), f"engine config must be an object, got {type(data).__name__}")
         data = dict(data)
         _reject_unknown(cls, data, "engine config")
-        for key, item_cls in (("slo_classes", SLOClassConfig), ("adapters", AdapterConfig)):
+        for key, item_cls in (("slo_classes", SLOClassConfig), ("adapters", AdapterConfig),
+                              ("kv_sharing", KVShareConfig)):
             if key in data:
                 raw = data[key]
                 _check(isinstance(raw, list | tuple), f"{key} must be a list")

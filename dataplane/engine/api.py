@@ -158,6 +158,7 @@ class EngineStats:
     generation_tokens: int
     num_preemptions: int
     prompt_tokens_computed: int = 0  # prompt positions the model ran (prefix-cache hits and n > 1 forks excluded)
+    shared_prefix_tokens: int = 0  # prompt positions reused from a sibling variant's KV (DroidSpeak)
 
 
 class AsyncEngine(ABC):

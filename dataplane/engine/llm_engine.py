@@ -37,6 +37,7 @@ from kvfleet.dataplane.engine.api import (
     TokenLogprob,
     choice_request_id,
 )
+from kvfleet.dataplane.engine.kv_sharing import CrossVariantReuse, check_kv_sharing, check_sharing_weights
 from kvfleet.dataplane.engine.model_runner import ModelRunner
 from kvfleet.dataplane.engine.scheduler import Scheduler
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
@@ -45,8 +46,10 @@ from kvfleet.dataplane.engine.worker import Sample, StepPlan, StepResult, Worker
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
+from kvfleet.dataplane.kvcache.hidden import HiddenStore
 from kvfleet.dataplane.kvcache.keys import prefix_extra_key
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
+from kvfleet.dataplane.kvsharing import transition_layers
 from kvfleet.dataplane.model.packed_linear import pack_linears
 
 log = logging.getLogger(__name__)
@@ -81,16 +84,23 @@ class LLMEngine:
         # how the cache policy stores KV (raises before allocating anything: pyramid is rejected)
         kvspec = kv_storage_spec(config.cache_policy, mc.num_hidden_layers, bs, mc.num_key_value_heads,
                                  mc.head_dim, dtype, num_lanes=config.max_num_seqs)
-        num_blocks = self._num_blocks(kvspec)
+        # DroidSpeak: the hidden state entering each recomputed group's first layer is kept per slot
+        transitions = sorted({t for share in config.kv_sharing for t in transition_layers(share.recompute_layers)})
+        hidden_bytes = HiddenStore.bytes_per_block(len(transitions), bs, mc.hidden_size, dtype)
+        num_blocks = self._num_blocks(kvspec, hidden_bytes)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)
         rotary = getattr(model, "rotary", None)
         kv = kvspec.allocate(num_blocks, self.device,
                              rope=(lambda p: rotary.cos_sin(p, dtype)) if rotary is not None else None)
+        if config.kv_sharing:
+            check_kv_sharing(config, mc.num_hidden_layers)
+            kv.hidden = HiddenStore(transitions, num_blocks, bs, mc.hidden_size, dtype, self.device)
         bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                    starvation_s=config.starvation_ms / 1000.0,
                                    hit_align_blocks=kvspec.hit_align_blocks, usable_hit=kv.usable_hit,
+                                   usable_shared=kv.hidden.usable if kv.hidden is not None else None,
                                    max_adapters=config.max_active_adapters if config.adapters else None)
         self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
         # LoRA variants served on these base weights (checked now, loaded on first use)
@@ -103,6 +113,10 @@ class LLMEngine:
                                                    mc.vocab_size, self.eos_token_ids)
         # prefix-cache isolation: KV of another variant or another codec is never a hit
         self.codec_key = kvspec.prefix_key_suffix
+        if config.kv_sharing:
+            check_sharing_weights(config, self.weights_of)
+            self.runner.sharing = CrossVariantReuse(
+                {self.prefix_key(share.variant): share.recompute_layers for share in config.kv_sharing})
         self.kv_layout = transfer.layout(kv)  # prefill and decode must agree on it to hand KV over
         self.reservations = handoff.Reservations()  # decode role: blocks held for KV on its way
         self.seqs: dict[str, Sequence] = {}
@@ -136,11 +150,11 @@ class LLMEngine:
             weights_id = weights_identity(*safetensors_files(Path(config.fine_tune_dir)))
         return cls(model, model_config, config, device, dtype, weights_id)
 
-    def _num_blocks(self, kvspec: KVStorageSpec) -> int:
+    def _num_blocks(self, kvspec: KVStorageSpec, hidden_bytes: int = 0) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = kvspec.bytes_per_block
+        per_block = kvspec.bytes_per_block + hidden_bytes  # stored hidden states share the KV budget
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
@@ -213,15 +227,19 @@ class LLMEngine:
             raise InvalidRequest(f"this engine serves variants {known}, not {variant!r}", param="model")
         return dict(priority=slo.priority if slo else 0, ttft_s=slo.ttft_ms / 1000.0 if slo else math.inf,
                     tpot_s=slo.tpot_ms / 1000.0 if slo else math.inf,
-                    extra_key=self.prefix_key(variant), adapter=adapter.name if adapter else None)
+                    extra_key=self.prefix_key(variant), adapter=adapter.name if adapter else None,
+                    share_key=self.prefix_key(share.from_variant) if (share := self.config.sharing(variant)) else "")
 
     def prefix_key(self, variant: str = "") -> str:
         """The extra key of a request's prefix-cache hashes (`keys.prefix_extra_key`): its variant (this
         engine's by default), the identity of the weights it runs on and the codec."""
         variant = variant or self.config.variant
+        return prefix_extra_key(variant, self.weights_of(variant), self.codec_key)
+
+    def weights_of(self, variant: str) -> str:
+        """The identity of the weights `variant` runs on here: its adapter's, the fine-tune's, "" for the base."""
         adapter = self.config.adapter(variant)
-        weights_id = self.adapters.identities[adapter.name] if adapter and self.adapters else self.weights_id
-        return prefix_extra_key(variant, weights_id, self.codec_key)
+        return self.adapters.identities[adapter.name] if adapter and self.adapters else self.weights_id
 
     def served_variants(self) -> list[str]:
         """The variants this engine answers for: its own and its LoRA adapters'."""
@@ -411,7 +429,7 @@ class LLMEngine:
             kv_blocks_total=s["kv_blocks_total"], kv_blocks_used=s["kv_blocks_used"],
             prefix_cache_hit_tokens=s["prefix_hit_tokens"], prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, num_preemptions=s["num_preemptions"],
-            prompt_tokens_computed=self.prompt_tokens_computed,
+            prompt_tokens_computed=self.prompt_tokens_computed, shared_prefix_tokens=s["shared_hit_tokens"],
         )
 
 

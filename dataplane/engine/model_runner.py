@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from kvfleet.dataplane.engine.adapters import AdapterManager
 from kvfleet.dataplane.engine.api import TokenLogprob
+from kvfleet.dataplane.engine.kv_sharing import CrossVariantReuse, tap_forward
 from kvfleet.dataplane.engine.logits_process import row_history
 from kvfleet.dataplane.engine.sampler import sample
 from kvfleet.dataplane.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -49,6 +50,7 @@ class ModelRunner:
         self.fork_samples: dict[str, tuple[int, TokenLogprob | None]] = {}  # first tokens of forked choices
         self.structured: StructuredOutputs | None = None  # grammar masks (json_schema requests)
         self.adapters: AdapterManager | None = None  # LoRA variants on these base weights (engine/adapters.py)
+        self.sharing: CrossVariantReuse | None = None  # variants reusing a sibling's KV (engine/kv_sharing.py)
 
     @property
     def lanes(self) -> LaneTable:
@@ -95,6 +97,8 @@ class ModelRunner:
         # decodes (1 new token) first: the paged backend batches them together
         order = sorted(range(len(items)), key=lambda i: items[i].num_new_tokens != 1)
         ordered = [items[i] for i in order]
+        if out.reuse and self.sharing is not None:  # a sibling's KV into this step's blocks first
+            self.sharing.run(self, out.reuse)
         input_ids, positions, meta, sample_rows, which = self._prepare(ordered)
         with torch.inference_mode():
             if self.kv.score_hook is not None:  # h2o/snapkv: which slots each row attends, per step
@@ -102,7 +106,11 @@ class ModelRunner:
             self.attn.set_metadata(meta)
             lora = None if self.adapters is None else self.adapters.batch(
                 [it.seq.adapter for it in ordered], [it.num_new_tokens for it in ordered])
-            if lora is None:
+            hidden_store = self.kv.hidden
+            if hidden_store is not None and hidden_store.layers:  # DroidSpeak: keep transition layers' input
+                hidden = tap_forward(self.model, input_ids, positions, self.attn, lora, hidden_store,
+                                     meta.slot_mapping)
+            elif lora is None:
                 hidden = self.model.forward(input_ids, positions, self.attn)  # [T, H]
             else:  # one forward for the base and every adapter of the step (per-token adapter slots)
                 hidden = self.model.forward(input_ids, positions, self.attn, lora=lora)

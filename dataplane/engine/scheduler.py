@@ -46,6 +46,17 @@ class ScheduledSeq:
     sample: bool  # the step completes the sequence's known tokens: sample the next one
 
 
+@dataclass(slots=True)
+class ScheduledReuse:
+    """Before the step: copy a sibling's cached blocks `src_blocks` into `seq.block_table[first_block:]`
+    and recompute the sequence's own layers there (DroidSpeak; `engine/kv_sharing.py`). The source
+    blocks stay pinned until `commit`."""
+
+    seq: Sequence
+    src_blocks: list[int]
+    first_block: int
+
+
 @dataclass
 class SchedulerOutput:
     """Everything the runner and engine need about one step."""
@@ -53,6 +64,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # request ids sent back to waiting
     finished: list[str] = field(default_factory=list)  # request ids aborted since the last step
+    reuse: list[ScheduledReuse] = field(default_factory=list)  # cross-variant KV to fill in first
     num_batched_tokens: int = 0
 
     @property
@@ -73,6 +85,7 @@ class Scheduler:
         hit_align_blocks: int = 1,
         max_adapters: int | None = None,
         usable_hit: Callable[[list[int]], int] | None = None,
+        usable_shared: Callable[[list[int]], int] | None = None,
     ) -> None:
         """hit_align_blocks: prefix hits are taken in multiples of this many blocks (a quantized
         cache whose scale groups span blocks must never share half a group)."""
@@ -84,11 +97,13 @@ class Scheduler:
         self.clock = clock
         self.hit_align_blocks = hit_align_blocks
         self.usable_hit = usable_hit  # the KV storage's say (full-precision sinks need their stash)
+        self.usable_shared = usable_shared  # leading blocks holding hidden states (None: no sharing)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._aborted: list[str] = []
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
+        self.shared_hit_tokens = 0  # prompt tokens reused from a sibling variant's KV (DroidSpeak)
         self._step = 0  # schedule() calls so far; marks which sequences this step took
 
     # -- intake --------------------------------------------------------------
@@ -228,18 +243,26 @@ class Scheduler:
             if not ok:
                 break
             hits = self._prefix_hits(seq)
-            n_cached = len(hits) * self.bm.block_size
+            borrowed = self._sibling_hits(seq, len(hits))  # pinned until commit
+            n_own = len(hits) * self.bm.block_size
+            n_cached = n_own + len(borrowed) * self.bm.block_size
             while ok and not self.bm.allocate(
                     seq.block_table, n_cached + min(seq.num_tokens - n_cached, budget), hits):
                 ok, budget = self._preempt_lower(seq, out, budget, now, victims, admitted)
             if not ok:
+                self.bm.free(borrowed)
                 break
+            if borrowed:
+                out.reuse.append(ScheduledReuse(seq, borrowed, len(hits)))
+                self.shared_hit_tokens += n_cached - n_own
             n = min(seq.num_tokens - n_cached, budget)
             seq.num_computed_tokens = n_cached
-            seq.num_cached_blocks = seq.num_hit_blocks = len(hits)
-            self.prefix_hit_tokens += n_cached
+            seq.num_cached_blocks = len(hits)  # the reused blocks are registered under seq's own key by commit
+            seq.num_hit_blocks = len(hits) + len(borrowed)
+            self.prefix_hit_tokens += n_own
             if seq.num_preemptions == 0:
-                seq.num_cached_prompt_tokens = n_cached
+                seq.num_cached_prompt_tokens = n_own
+                seq.num_shared_prompt_tokens = n_cached - n_own
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
@@ -310,8 +333,26 @@ class Scheduler:
         hits = hits[:len(hits) - len(hits) % self.hit_align_blocks]
         return hits[:self.usable_hit(hits)] if self.usable_hit is not None else hits
 
+    def _sibling_hits(self, seq: Sequence, num_own: int) -> list[int]:
+        """The sibling's cached blocks beyond `seq`'s own `num_own` hits (pinned: one reference each), when
+        `seq` may reuse a sibling's KV; the worker's `usable_shared` says which hold their hidden states."""
+        if not seq.share_key or self.usable_shared is None:
+            return []
+        bs = self.bm.block_size
+        extend_block_hashes(seq.share_hashes, seq.token_ids, seq.num_tokens, bs, seq.share_key)
+        found = self.bm.match_prefix(seq.share_hashes, (seq.num_tokens - 1) // bs)
+        found = found[:self.usable_shared(found)]
+        if len(found) <= num_own:
+            return []
+        borrowed = found[num_own:]
+        self.bm.pin(borrowed)
+        return borrowed
+
     def commit(self, out: SchedulerOutput) -> None:
         """The runner computed the step: advance sequences and cache their newly full blocks."""
+        for job in out.reuse:
+            self.bm.free(job.src_blocks)  # unpinned: the sibling's blocks stay cached for the next one
+        out.reuse = []
         bs = self.bm.block_size
         caching = self.bm.enable_prefix_caching
         for item in out.scheduled:
@@ -334,5 +375,6 @@ class Scheduler:
             "kv_blocks_used": self.bm.num_used_blocks,
             "num_preemptions": self.num_preemptions,
             "prefix_hit_tokens": self.prefix_hit_tokens,
+            "shared_hit_tokens": self.shared_hit_tokens,
         }
 

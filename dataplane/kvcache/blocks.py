@@ -117,14 +117,18 @@ class BlockManager:
         assert not hits or not block_table, "prefix hits only for an empty block table"
         if not self.can_allocate(block_table, num_tokens, hits):
             return False
-        for b in hits:
-            if self.ref_counts[b] == 0:
-                del self.free_queue[b]
-            self.ref_counts[b] += 1
-            block_table.append(b)
+        self.pin(hits)
+        block_table += hits
         while len(block_table) * self.block_size < num_tokens:
             block_table.append(self._take_free_block())
         return True
+
+    def pin(self, blocks: Sequence[int]) -> None:
+        """One more reference to each cached block (kept from eviction until `free(blocks)`)."""
+        for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self.free_queue[b]
+            self.ref_counts[b] += 1
 
     def _take_free_block(self) -> int:
         b, _ = self.free_queue.popitem(last=False)  # LRU head

@@ -90,6 +90,7 @@ class KVStorage(ABC):
     keys_pre_rope: bool = False  # keys are stored before RoPE and rotated on read
     lanes: Any = None  # `paged_quant.FullPrecisionLanes` when the storage keeps full-precision rows
     score_hook: ScoreHook | None = None
+    hidden: Any = None  # `hidden.HiddenStore` (DroidSpeak's E-cache) when a variant reuses a sibling's KV
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_lanes: int = 0) -> None:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
@@ -158,6 +159,8 @@ class KVStorage(ABC):
         with torch.inference_mode():
             for d, s in zip(self.block_views(dst), self.block_views(src), strict=True):
                 d.copy_(s)
+            if self.hidden is not None:
+                self.hidden.copy_block(src, dst)
 
     # -- bytes as stored -------------------------------------------------------------
 

@@ -61,6 +61,8 @@ def read_block(cache: KVStorage, block: int) -> bytes:
 
 def write_block(cache: KVStorage, block: int, payload: bytes) -> None:
     _write(block_views(cache, block), payload, f"block {block}")
+    if cache.hidden is not None:  # KV from elsewhere comes without this engine's hidden states
+        cache.hidden.invalidate(block)
 
 
 def read_lane(cache: KVStorage, lane: int) -> bytes:
