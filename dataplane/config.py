@@ -315,8 +315,7 @@ class EngineConfig:
                    f"kv_sharing {s.variant!r} <- {s.from_variant!r}: both must be served by this engine {served}")
         cp = self.cache_policy
         _check(self.enable_prefix_caching, "kv_sharing needs the prefix cache")
-        _check(cp.key_quantization in ("none", "fp16", "bf16") and cp.value_quantization in ("none", "fp16", "bf16")
-               and cp.eviction == "none" and not cp.quant_sink_tokens and not cp.residual_tokens,
+        _check(cp.key_quantization == cp.value_quantization == "none" and cp.eviction == "none",
                "kv_sharing needs unquantized, unevicted KV: quantized blocks keep per-sequence rows that "
                "another variant cannot recompute into (not implemented)")
 

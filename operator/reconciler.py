@@ -36,6 +36,7 @@ from .children import ManualScale, key, manual_scales, owned_by, stale_children
 from .kube import CHILD_KINDS, KVFLEET, METADATA_ONLY_KINDS, ApiError, Kube
 from .planner import Plan
 from .resolve import Unresolved, references, resolve
+from .sharing import profile_refs
 from .status import condition, fleet_status, status_changed, used_by_status, workload_state
 from .telemetry.status import gpus_of, kv_by_role, telemetry_status
 from .telemetry.window import Windows
@@ -175,6 +176,11 @@ class Reconciler:
             fetched.update({r: o for r in refs if r not in fetched and (o := cache.get(r[0], namespace, r[1]))})
         missing = [r for r in refs if r not in fetched]
         fetched.update(zip(missing, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), missing), strict=True))
+        # the sharing profiles the variants name (ConfigMaps), fetched once the variants are known
+        profiles = [r for r in profile_refs([fetched.get(r) for r in refs if r[0] == "ModelVariant"])
+                    if r not in fetched]
+        fetched.update(zip(profiles, self._all(lambda ref: kube.get(ref[0], namespace, ref[1]), profiles),
+                           strict=True))
         self._refs_hint[(namespace, name)] = refs
         observed = [o for items in lists for o in items if owned_by(o, uid)]
         resolved = resolve(fleet, lambda kind, n: fetched.get((kind, n)), self.settings)
@@ -196,8 +202,10 @@ class Reconciler:
                 except ApiError as exc:
                     out.problem = ("ApplyFailed", str(exc))
                     error = exc
-        self._write_status(fleet, out, [workload_state(w) for w in workloads_seen], endpoint,
-                           self._observed(fleet, workloads_seen))
+        observed = self._observed(fleet, workloads_seen)
+        if not isinstance(resolved, Unresolved) and resolved.kv_sharing_status:
+            observed["kvSharing"] = [dict(row) for row in resolved.kv_sharing_status]
+        self._write_status(fleet, out, [workload_state(w) for w in workloads_seen], endpoint, observed)
         if error is not None:
             raise RetryableError(str(error)) from error
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvfleet.operator.api import CachePolicy, CachePolicySpec, InferenceFleet, ModelVariant, SLOClass
@@ -18,7 +18,8 @@ from kvfleet.operator.api.validate import InvalidResource, parse
 
 from .builders import FleetInputs, OperatorSettings
 from .builders.names import ANNOTATION_PLANNED_REPLICAS
-from .builders.serving import is_lora, unservable
+from .builders.serving import is_lora, serving_groups, unservable
+from .sharing import sharing_plans, split_pairs
 
 # (kind, name) -> the object's body in the fleet's namespace, or None when it does not exist.
 Lookup = Callable[[str, str], Mapping[str, Any] | None]
@@ -36,7 +37,7 @@ class Ref:
 class Unresolved:
     """Why a fleet cannot be rendered now: a condition reason and a message saying what to do."""
 
-    reason: str  # InvalidSpec, MissingReference, InvalidReference, HostPathNotAllowed
+    reason: str  # InvalidSpec, MissingReference, InvalidReference, HostPathNotAllowed, InvalidKVSharing
     message: str
 
 
@@ -136,7 +137,7 @@ def resolve(fleet_body: Mapping[str, Any], lookup: Lookup, settings: OperatorSet
             f"{'; '.join(refused)}: this operator mounts node directories only at or below its allowed "
             f"prefixes ({allowed}; --allow-host-path-prefix). Use a PVC or ask the cluster admin.",
         )
-    return FleetInputs(
+    inputs = FleetInputs(
         fleet_body=fleet_body,
         fleet=fleet,
         variants=tuple(v for v in variants if isinstance(v, ModelVariant)),
@@ -145,3 +146,9 @@ def resolve(fleet_body: Mapping[str, Any], lookup: Lookup, settings: OperatorSet
         settings=settings,
         planned=planned_replicas(fleet_body),
     )
+    plans, rows, problems = sharing_plans(inputs.variants, inputs.cache_policy, lookup)
+    problems += split_pairs(plans, serving_groups(inputs))
+    if problems:
+        return Unresolved("InvalidKVSharing", "; ".join(problems) + ". Nothing of this fleet is rendered until it "
+                          "is fixed; already running children are kept as they were.")
+    return replace(inputs, kv_sharing=tuple(plans), kv_sharing_status=tuple(rows))

@@ -301,6 +301,16 @@ class CachePolicySpec(KubeModel):
             field_path=".prefixCache.scope",
         ),
         Rule(
+            cel="!self.prefixCache.enabled || self.prefixCache.scope == 'variant' || self.quantization.dtype == 'none'",
+            message="family-scope prefix sharing needs unquantized KV: a sibling recomputes layers into the blocks "
+            "it reuses, which quantized blocks (scales per token group, full-precision rows per sequence) do not "
+            "support yet",
+            check=lambda s: (
+                not s.prefix_cache.enabled or s.prefix_cache.scope == "variant" or s.quantization.dtype == "none"
+            ),
+            field_path=".prefixCache.scope",
+        ),
+        Rule(
             cel="!self.pool.enabled || (self.eviction.policy == 'none' && self.quantization.sinkTokens == 0)",
             message="the memory pool shares prefixes as stored blocks: it cannot be combined with an eviction policy "
             "(evicted KV no longer holds its tokens) or with quantization.sinkTokens (the sinks' full-precision rows "

@@ -357,6 +357,19 @@ class WorkloadAdapters(KubeModel):
     adapters: list[str] = Field(default_factory=list, description="LoRA ModelVariants its pods also serve.")
 
 
+class KVSharingStatus(KubeModel):
+    """Whether one variant's declared cross-variant KV reuse (ModelVariant kvSharing) is in effect here."""
+
+    variant: str = Field(description="The variant reusing KV.")
+    from_variant: str = Field(description="The sibling whose cached KV it reuses.")
+    in_effect: bool = Field(description="True when the engines apply it.")
+    recompute_layers: list[int] = Field(default_factory=list, description="Layers recomputed on reuse.")
+    source: str = Field(default="", description="manual, or the profile ConfigMap/key the layers came from.")
+    ppl_increase: float | None = Field(
+        default=None, description="The profile's measured relative perplexity rise for this plan.")
+    reason: str = Field(default="", description="Why it is not in effect.")
+
+
 class InferenceFleetStatus(KubeModel):
     """What the operator observed about the fleet."""
 
@@ -370,6 +383,9 @@ class InferenceFleetStatus(KubeModel):
     router_endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
     adapters: list[WorkloadAdapters] = Field(
         default_factory=list, description="Which LoRA variants each serving workload serves on its base's pods."
+    )
+    kv_sharing: list[KVSharingStatus] = Field(
+        default_factory=list, description="Cross-variant KV reuse (DroidSpeak) declared by the fleet's variants."
     )
     kv_pressure: float | None = Field(
         default=None, ge=0, le=1, description="Mean KV cache usage of decode pods."

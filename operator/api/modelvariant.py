@@ -81,6 +81,14 @@ class FineTune(KubeModel):
     )
 
 
+class SharingProfileRef(KubeModel):
+    """Where a `kvfleet profile-sharing` profile (JSON) of this variant's pair is: a ConfigMap key."""
+
+    config_map: Name = Field(description="A ConfigMap in the variant's namespace.")
+    key: str = Field(default="profile.json", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="The key holding the profile.")
+
+
 class KVSharing(KubeModel):
     """Cross-variant KV reuse (DroidSpeak): reuse a sibling's prefix KV, recompute a few critical layers."""
 
@@ -102,6 +110,11 @@ class KVSharing(KubeModel):
         gt=0,
         le=1,
         description="Auto mode only: at most this fraction of layers is recomputed (0.25 when unset).",
+    )
+    profile: SharingProfileRef | None = Field(
+        default=None,
+        description="Auto mode only: the profile of this pair (fromVariant -> this variant); the operator "
+        "recomputes the fewest layers that keep the profile's quality budget, within maxRecomputeFraction.",
     )
 
     __rules__ = (
@@ -135,6 +148,18 @@ class KVSharing(KubeModel):
             message="recomputeLayers applies only to mode manual",
             check=lambda s: s.mode == "manual" or not s.recompute_layers,
             field_path=".recomputeLayers",
+        ),
+        Rule(
+            cel="self.mode != 'auto' || has(self.profile)",
+            message="mode auto needs profile (a ConfigMap written from `kvfleet profile-sharing`)",
+            check=lambda s: s.mode != "auto" or s.profile is not None,
+            field_path=".profile",
+        ),
+        Rule(
+            cel="self.mode == 'auto' || !has(self.profile)",
+            message="profile applies only to mode auto",
+            check=lambda s: s.mode == "auto" or s.profile is None,
+            field_path=".profile",
         ),
         Rule(
             cel="self.mode == 'auto' || !has(self.maxRecomputeFraction)",

@@ -97,6 +97,8 @@ def engine_config(inputs: FleetInputs, group: ServingGroup, role: str) -> dpconf
         slo_classes=classes,
         default_slo_class=inputs.fleet.spec.default_slo_class,
         cache_policy=_cache_policy_config(inputs),
+        kv_sharing=tuple(p for p in inputs.kv_sharing
+                         if {p.variant, p.from_variant} <= {v.metadata.name for v in group.variants}),
     )
 
 

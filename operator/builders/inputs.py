@@ -42,6 +42,9 @@ class FleetInputs:
     slo_classes: tuple[SLOClass, ...]
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     planned: Mapping[str, int] = field(default_factory=dict)
+    # cross-variant KV reuse (operator/sharing.py): what the engines apply, and the status rows
+    kv_sharing: tuple[Any, ...] = ()  # dataplane.config.KVShareConfig
+    kv_sharing_status: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
