@@ -104,6 +104,7 @@ class DisaggregatedEngine(AsyncEngine):
                            kv_blocks_total=sum(x.kv_blocks_total for x in s),
                            kv_blocks_used=sum(x.kv_blocks_used for x in s),
                            prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in s),
+                           shared_prefix_tokens=sum(x.shared_prefix_tokens for x in s),
                            prompt_tokens=sum(x.prompt_tokens for x in s if x.role == "prefill"),
                            generation_tokens=sum(x.generation_tokens for x in s if x.role == "decode"),
                            num_preemptions=0)

@@ -50,6 +50,7 @@ def role_stats(role: str, engine: AsyncLLMEngine, pool: PoolAccess | None, **ext
                         kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used,
                         prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
                         prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, max_model_len=engine.max_model_len,
+                        shared_prefix_tokens=s.shared_prefix_tokens,
                         max_num_seqs=engine.engine.config.max_num_seqs, **extra)
 
 

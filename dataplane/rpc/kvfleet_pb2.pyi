@@ -209,7 +209,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class RoleStats(_message.Message):
-    __slots__ = ("role", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "reservations", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "kv_blocks_received", "kv_bytes_received", "kv_checksum_failures", "recomputes", "kv_blocks_sent", "kv_bytes_sent", "max_model_len", "max_num_seqs", "prompt_tokens_computed", "pool_blocks_fetched", "pool_bytes_fetched", "pool_blocks_offered", "pool_errors", "pool_checksum_failures", "adapters_resident")
+    __slots__ = ("role", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "reservations", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "kv_blocks_received", "kv_bytes_received", "kv_checksum_failures", "recomputes", "kv_blocks_sent", "kv_bytes_sent", "max_model_len", "max_num_seqs", "prompt_tokens_computed", "pool_blocks_fetched", "pool_bytes_fetched", "pool_blocks_offered", "pool_errors", "pool_checksum_failures", "adapters_resident", "shared_prefix_tokens")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class RoleStats(_message.Message):
     POOL_ERRORS_FIELD_NUMBER: _ClassVar[int]
     POOL_CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_running: int
     num_waiting: int
@@ -258,7 +259,8 @@ class RoleStats(_message.Message):
     pool_errors: int
     pool_checksum_failures: int
     adapters_resident: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., reservations: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_checksum_failures: _Optional[int] = ..., recomputes: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., pool_blocks_fetched: _Optional[int] = ..., pool_bytes_fetched: _Optional[int] = ..., pool_blocks_offered: _Optional[int] = ..., pool_errors: _Optional[int] = ..., pool_checksum_failures: _Optional[int] = ..., adapters_resident: _Optional[_Iterable[str]] = ...) -> None: ...
+    shared_prefix_tokens: int
+    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., reservations: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_checksum_failures: _Optional[int] = ..., recomputes: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., pool_blocks_fetched: _Optional[int] = ..., pool_bytes_fetched: _Optional[int] = ..., pool_blocks_offered: _Optional[int] = ..., pool_errors: _Optional[int] = ..., pool_checksum_failures: _Optional[int] = ..., adapters_resident: _Optional[_Iterable[str]] = ..., shared_prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ()

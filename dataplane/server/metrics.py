@@ -42,6 +42,9 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("kvfleet_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", value=usage)
         yield CounterMetricFamily("kvfleet_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
                                   value=s.prefix_cache_hit_tokens)
+        yield CounterMetricFamily("kvfleet_shared_prefix_tokens", "Prompt tokens reused from a sibling variant's "
+                                  "cached KV, recomputing only its plan's layers (DroidSpeak).",
+                                  value=s.shared_prefix_tokens)
         yield CounterMetricFamily("kvfleet_engine_prompt_tokens", "Prompt tokens the engine has processed.",
                                   value=s.prompt_tokens)
         yield CounterMetricFamily("kvfleet_engine_generation_tokens", "Tokens the engine has generated.",
