@@ -33,7 +33,8 @@ class KVEventHub:
         return pb.KVEventBatch(reset=reset, stored=[hash_to_bytes(h) for h in stored],
                                removed=[hash_to_bytes(h) for h in removed],
                                block_size=e.scheduler.bm.block_size, extra_key=e.codec_key,
-                               prefix_keys={v: e.prefix_key(v) for v in e.served_variants()})
+                               prefix_keys={v: e.prefix_key(v) for v in e.served_variants()},
+                               shares_from={s.variant: s.from_variant for s in e.config.kv_sharing})
 
     async def _snapshot(self) -> pb.KVEventBatch:
         hashes = await self.engine.call(lambda e: list(e.scheduler.bm.hash_to_block))

@@ -63,6 +63,7 @@ class PrefixIndex:
         self._pods: OrderedDict[bytes, set[str]] = OrderedDict()
         self._by_pod: dict[str, set[bytes]] = {}
         self.hashing: dict[str, tuple[int, str, dict[str, str]]] = {}  # pod -> (block size, codec, keys by variant)
+        self.shares_from: dict[str, dict[str, str]] = {}  # pod -> variant -> the sibling whose KV it reuses there
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -72,6 +73,7 @@ class PrefixIndex:
         if batch.reset:
             self.forget(pod)
         self.hashing[pod] = (int(batch.block_size), str(batch.extra_key), dict(batch.prefix_keys))
+        self.shares_from[pod] = dict(batch.shares_from)
         mine = self._by_pod.setdefault(pod, set())
         for h in batch.stored:
             pods = self._pods.get(h)
@@ -104,6 +106,7 @@ class PrefixIndex:
                 if not pods:
                     del self._pods[h]
         self.hashing.pop(pod, None)
+        self.shares_from.pop(pod, None)
 
     def prompt_hashes(self, pod: str, variant: str, token_ids: Sequence[int]) -> list[bytes]:
         """The prompt's block hashes as `pod` computes them ([] before its first event)."""
@@ -114,6 +117,16 @@ class PrefixIndex:
         hashes: list[int] = []
         extend_block_hashes(hashes, token_ids, len(token_ids) - 1, block_size, keys.get(variant, variant + codec_key))
         return [hash_to_bytes(h) for h in hashes]
+
+    def held(self, pod: str, variant: str, token_ids: Sequence[int]) -> tuple[int, int]:
+        """(leading prompt blocks `pod` holds for `variant`, prompt blocks): its own, or, where the variant
+        reuses a sibling's KV on that pod, the sibling's when longer (it recomputes only a few layers)."""
+        hashes = self.prompt_hashes(pod, variant, token_ids)
+        n = self.leading_blocks(pod, hashes)
+        sibling = self.shares_from.get(pod, {}).get(variant)
+        if sibling is not None:
+            n = max(n, self.leading_blocks(pod, self.prompt_hashes(pod, sibling, token_ids)))
+        return n, len(hashes)
 
     def leading_blocks(self, pod: str, hashes: Sequence[bytes]) -> int:
         """How many leading `hashes` the index says `pod` holds."""
@@ -173,8 +186,8 @@ class PrefillPicker:
             return self._count(by_load, variant, token_ids)
         scores: dict[str, float] = {}
         for c in cands:
-            hashes = self.index.prompt_hashes(c.address, variant, token_ids)
-            held = self.index.leading_blocks(c.address, hashes) / len(hashes) if hashes else 0.0
+            n, total = self.index.held(c.address, variant, token_ids)
+            held = n / total if total else 0.0
             load = c.load / c.seats if c.seats else float(c.load)
             saturated = bool(c.seats) and c.load >= c.seats
             scores[c.address] = (0.0 if saturated else self.policy.prefix_weight * held
@@ -183,9 +196,8 @@ class PrefillPicker:
         return self._count(order, variant, token_ids)
 
     def _count(self, order: list[Candidate], variant: str, token_ids: Sequence[int]) -> Pick:
-        hashes = self.index.prompt_hashes(order[0].address, variant, token_ids)
-        matched = self.index.leading_blocks(order[0].address, hashes)
-        self.prompt_blocks += len(hashes)
+        matched, total = self.index.held(order[0].address, variant, token_ids)
+        self.prompt_blocks += total
         self.matched_blocks += matched
-        return Pick(order, matched, len(hashes))
+        return Pick(order, matched, total)
 

@@ -267,8 +267,15 @@ class KVEventsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVEventBatch(_message.Message):
-    __slots__ = ("reset", "stored", "removed", "block_size", "extra_key", "prefix_keys")
+    __slots__ = ("reset", "stored", "removed", "block_size", "extra_key", "prefix_keys", "shares_from")
     class PrefixKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SharesFromEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -281,13 +288,15 @@ class KVEventBatch(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FROM_FIELD_NUMBER: _ClassVar[int]
     reset: bool
     stored: _containers.RepeatedScalarFieldContainer[bytes]
     removed: _containers.RepeatedScalarFieldContainer[bytes]
     block_size: int
     extra_key: str
     prefix_keys: _containers.ScalarMap[str, str]
-    def __init__(self, reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., block_size: _Optional[int] = ..., extra_key: _Optional[str] = ..., prefix_keys: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    shares_from: _containers.ScalarMap[str, str]
+    def __init__(self, reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., block_size: _Optional[int] = ..., extra_key: _Optional[str] = ..., prefix_keys: _Optional[_Mapping[str, str]] = ..., shares_from: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PoolBlock(_message.Message):
     __slots__ = ("family", "layout", "slo_class", "block_hash", "payload", "crc32")

@@ -98,3 +98,15 @@ def test_a_pod_holding_the_requests_adapter_is_preferred_at_equal_load():
         assert picker.pick([cold, warm], "support", PROMPT).order[0].name == "b"
         busy = Candidate("b", "b", 3, 4, has_adapter=True)
         assert picker.pick([cold, busy], "support", PROMPT).order[0].name == "a"  # not at any load
+
+
+def test_a_variant_that_reuses_a_siblings_kv_is_routed_to_the_siblings_holder():
+    picker = PrefillPicker(RoutingPolicy(mode="prefix"))
+    keys = {"v": "v", "w": "w"}
+    picker.index.apply("a", pb.KVEventBatch(reset=True, block_size=BS, prefix_keys=keys))
+    picker.index.apply("b", pb.KVEventBatch(reset=True, block_size=BS, prefix_keys=keys, shares_from={"w": "v"},
+                                            stored=hashes(PROMPT, "v")))
+    assert picker.index.held("b", "w", PROMPT) == (8, 8) and picker.index.held("b", "x", PROMPT) == (0, 8)
+    assert picker.pick(cands(load_b=1), "w", PROMPT).order[0].name == "b"
+    picker.index.apply("b", pb.KVEventBatch(reset=True, block_size=BS, prefix_keys=keys, stored=hashes(PROMPT, "v")))
+    assert picker.index.held("b", "w", PROMPT) == (0, 8)  # no sharing declared there: v's blocks do not count
