@@ -14,8 +14,9 @@ prefill ("own") at every continuation position (NLL: the C-1 positions whose tar
    layers by score, merged into at most 3 contiguous groups by filling the smallest gaps first while the
    plan stays within n + SLACK layers (never past floor(max_fraction * layers) when n is within it); when
    a gap does not fit, the group with the smallest summed score is dropped. Each distinct plan is measured
-   with `shared_prefix_cache`: pplIncrease = exp(mean NLL shared - mean NLL own) - 1 and tokenAgreement
-   (greedy argmax equal to own's).
+   with `shared_prefix_cache`: pplIncrease = exp(mean NLL shared - mean NLL own) - 1, tokenAgreement
+   (greedy argmax equal to own's) and klDivergence (mean KL(own || shared)); `extra.perWindow` keeps each
+   window's NLL increase and agreement per point (to tell apart kinds of calibration text).
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def calibration_windows(ids: Sequence[int], window: int, max_prompts: int) -> list[list[int]]:
-    """Consecutive `window`-token windows of ids; at most max_prompts of them, evenly spaced."""
-    n = len(ids) // window
+def window_starts(num_tokens: int, window: int, max_prompts: int) -> list[int]:
+    """Where the calibration windows start: consecutive `window`-token windows, at most max_prompts of them,
+    evenly spaced (window k*n//max_prompts of the n that fit)."""
+    n = num_tokens // window
     if n == 0:
-        raise SystemExit(f"profile-sharing: the calibration has {len(ids)} tokens, fewer than one window "
+        raise SystemExit(f"profile-sharing: the calibration has {num_tokens} tokens, fewer than one window "
                          f"({window})")
     picks = range(n) if n <= max_prompts else [k * n // max_prompts for k in range(max_prompts)]
-    return [list(ids[i * window:(i + 1) * window]) for i in picks]
+    return [i * window for i in picks]
 
 
 def plan_layers(ranking: Sequence[int], scores: Sequence[float], n: int, limit: int,
@@ -140,15 +142,16 @@ def profile(args: argparse.Namespace) -> Any:
     tok_dir = _tokenizer_dir(args, (b, a))
     raw = Path(args.calibration).read_bytes()
     ids = Tokenizer.from_dir(tok_dir).encode(raw.decode())
-    windows = calibration_windows(ids, args.prompt_tokens + args.continuation_tokens, args.max_prompts)
-    p = args.prompt_tokens
+    p, c = args.prompt_tokens, args.continuation_tokens
+    starts = window_starts(len(ids), p + c, args.max_prompts)
+    windows = [ids[s:s + p + c] for s in starts]
     log(f"profile-sharing: {args.from_variant} -> {args.to_variant}, {num_layers} layers, {len(windows)} windows "
         f"of {p}+{args.continuation_tokens} tokens (calibration {len(ids)} tokens), loaded in "
         f"{time.perf_counter() - started:.1f}s")
 
     prompts = []  # per window: (prefix [P], continuation [C], A's capture, Scorer)
     kl_sum = torch.zeros(num_layers, dtype=torch.float64)
-    own_nll, positions = 0.0, 0
+    own_nll = []  # per window: B's own summed NLL
     for w, window in enumerate(windows):
         t0 = time.perf_counter()
         prefix, cont = torch.tensor(window[:p]), torch.tensor(window[p:])
@@ -156,31 +159,32 @@ def profile(args: argparse.Namespace) -> Any:
         cap_b = capture_prefix(b.model, prefix, b.adapter)
         own = continuation_logits(b.model, cap_b.cache(), cont, p, b.adapter)  # [C, V]
         scorer = Scorer(own, cont[1:].to(own.device))
-        own_nll += float(scorer.nll(own).double().sum())
-        positions += cont.shape[0]
+        own_nll.append(float(scorer.nll(own).double().sum()))
         for layer in range(num_layers):
             cache = cap_b.cache()
             cache.k[layer], cache.v[layer] = cap_a.k[layer], cap_a.v[layer]
             kl_sum[layer] += scorer.kl(continuation_logits(b.model, cache, cont, p, b.adapter)).double().sum()
         prompts.append((prefix, cont, cap_a, scorer))
         log(f"  scores: window {w + 1}/{len(windows)} ({time.perf_counter() - t0:.1f}s)")
+    positions, nll_positions = len(windows) * c, len(windows) * (c - 1)
     scores = [float(x) / positions for x in kl_sum]
-    nll_positions = positions - len(windows)
 
-    curve, targets = [], []
+    curve, targets, window_nll, window_agree = [], [], [], []
     for n, plan in curve_plans(scores, args.max_fraction):
         t0 = time.perf_counter()
-        nll, agree = 0.0, 0.0
+        sums = []  # per window: (summed NLL, agreements, KL)
         for prefix, cont, cap_a, scorer in prompts:
             cache = shared_prefix_cache(b.model, cap_a, prefix, plan, b.adapter)
             logits = continuation_logits(b.model, cache, cont, p, b.adapter)
-            nll += float(scorer.nll(logits).double().sum())
-            agree += float(scorer.agree(logits).double().sum())
-        increase = math.exp((nll - own_nll) / nll_positions) - 1
-        curve.append(ProfilePoint(plan, increase, agree / positions))
+            sums.append(tuple(float(f(logits).double().sum()) for f in (scorer.nll, scorer.agree, scorer.kl)))
+        nll, agree, kl = (sum(col) for col in zip(*sums, strict=True))
+        increase = math.exp((nll - sum(own_nll)) / nll_positions) - 1
+        curve.append(ProfilePoint(plan, increase, agree / positions, kl / positions))
         targets.append(n)
+        window_nll.append([(s[0] - o) / (c - 1) for s, o in zip(sums, own_nll, strict=True)])
+        window_agree.append([s[1] / c for s in sums])
         log(f"  curve: n={n:<3} groups {layer_groups(plan)}  ppl {increase:+.4%}  agreement "
-            f"{agree / positions:.3f} ({time.perf_counter() - t0:.1f}s)")
+            f"{agree / positions:.3f}  KL {kl / positions:.4f} ({time.perf_counter() - t0:.1f}s)")
 
     extra = {"from": {"path": a.path, "modelDir": a.model_dir}, "to": {"path": b.path, "modelDir": b.model_dir},
              "base": str(Path(args.base).resolve()) if args.base else None, "tokenizer": str(tok_dir.resolve()),
@@ -190,23 +194,26 @@ def profile(args: argparse.Namespace) -> Any:
                           "maxGroups": MAX_GROUPS, "slack": SLACK, "dtype": "float32",
                           "threads": torch.get_num_threads()},
              "score": "mean KL(B own || B with A's KV in that layer only) over continuation positions, nats",
-             "curveTargets": targets, "ownPerplexity": math.exp(own_nll / nll_positions),
+             "curveTargets": targets, "ownPerplexity": math.exp(sum(own_nll) / nll_positions),
+             "perWindow": {"start": starts, "ownNll": [o / (c - 1) for o in own_nll],
+                           "nllIncrease": window_nll, "tokenAgreement": window_agree},
              "versions": {"torch": torch.__version__, "python": platform.python_version()},
              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
              "seconds": round(time.perf_counter() - started, 1)}
     return SharingProfile(
         from_variant=args.from_variant, to_variant=args.to_variant, family=args.family, num_layers=num_layers,
         from_weights=a.weights_id, to_weights=b.weights_id, calibration_sha256=hashlib.sha256(raw).hexdigest(),
-        calibration_tokens=len(windows) * len(windows[0]), quality_budget=args.budget,
+        calibration_tokens=len(windows) * (p + c), quality_budget=args.budget,
         layer_scores=tuple(scores), curve=tuple(curve), extra=extra)
 
 
 def table(prof: Any) -> str:
     """The curve as a Markdown table."""
-    rows = ["| layers recomputed | groups | ppl increase | token agreement |", "|---:|---|---:|---:|"]
+    rows = ["| layers recomputed | groups | ppl increase | token agreement | KL (nats) |", "|---:|---|---:|---:|---:|"]
     for pt in prof.curve:
         groups = ", ".join(f"{i}" if i == j else f"{i}-{j}" for i, j in layer_groups(pt.layers)) or "none"
-        rows.append(f"| {len(pt.layers)} | {groups} | {pt.ppl_increase:+.2%} | {pt.token_agreement:.3f} |")
+        rows.append(f"| {len(pt.layers)} | {groups} | {pt.ppl_increase:+.2%} | {pt.token_agreement:.3f} | "
+                    f"{pt.kl_divergence:.4f} |")
     return "\n".join(rows)
 
 

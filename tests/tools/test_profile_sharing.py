@@ -14,7 +14,7 @@ from kvfleet.dataplane.model.lora import CONFIG_FILE, WEIGHTS_FILE, weights_iden
 from kvfleet.dataplane.model.tiny import write_perturbed_copy, write_random_lora, write_tiny_llama
 
 from kvfleet.cli import main as kvfleet_main
-from kvfleet.tools.profile_sharing import calibration_windows, curve_plans, plan_layers
+from kvfleet.tools.profile_sharing import curve_plans, plan_layers, window_starts
 
 LAYERS = 8
 TEXT = "The quick brown fox jumps over the lazy dog. Prefill reads the prompt, decode writes 0 1 2 3 42.\n"
@@ -79,6 +79,13 @@ def test_the_curve_follows_the_plan_rules(full_pair) -> None:
     assert top <= set(prof.curve[1].layers)  # n = 1 recomputes the worst layer to reuse
     everything = prof.curve[-1]
     assert abs(everything.ppl_increase) < 1e-6 and everything.token_agreement == 1.0
+    assert abs(everything.kl_divergence) < 1e-6 and all(p.kl_divergence >= -1e-9 for p in prof.curve)
+    assert prof.curve[0].kl_divergence > 0  # reusing all of A's KV changes B's predictions
+    per = prof.extra["perWindow"]  # the per-window record adds up to the curve
+    assert len(per["start"]) == 3 and len(per["nllIncrease"]) == len(prof.curve)
+    for point, nll, agree in zip(prof.curve, per["nllIncrease"], per["tokenAgreement"], strict=True):
+        assert math.isclose(math.exp(sum(nll) / 3) - 1, point.ppl_increase, rel_tol=1e-6, abs_tol=1e-9)
+        assert math.isclose(sum(agree) / 3, point.token_agreement)
 
 
 @pytest.mark.parametrize("fraction", [0.125, 0.25, 0.5])
@@ -128,12 +135,10 @@ def test_a_profile_refuses_the_wrong_pair_and_foreign_json(full_pair) -> None:
 
 
 def test_windows_are_consecutive_and_evenly_spread() -> None:
-    ids = list(range(100))
-    assert calibration_windows(ids, 30, 8) == [ids[0:30], ids[30:60], ids[60:90]]
-    picked = calibration_windows(ids, 10, 4)
-    assert [w[0] for w in picked] == [0, 20, 50, 70] and all(len(w) == 10 for w in picked)
+    assert window_starts(100, 30, 8) == [0, 30, 60]
+    assert window_starts(100, 10, 4) == [0, 20, 50, 70]
     with pytest.raises(SystemExit):
-        calibration_windows(ids, 101, 1)
+        window_starts(100, 101, 1)
 
 
 def test_plans_fill_the_smallest_gaps_then_drop_the_weakest_group() -> None:
@@ -148,3 +153,12 @@ def test_plans_fill_the_smallest_gaps_then_drop_the_weakest_group() -> None:
     plans = curve_plans(scores, 0.25)
     assert [n for n, _ in plans] == [0, 1, 2, 3, 12] and plans[-1][1] == tuple(range(12))
     assert all(len(p) <= 3 for n, p in plans if n <= 3)  # within floor(0.25 * 12) while n is
+
+
+def test_a_profile_without_kl_still_reads(full_pair) -> None:
+    data = full_pair.to_dict()
+    for point in data["curve"]:
+        del point["klDivergence"]
+    old = SharingProfile.from_json(json.dumps(data))
+    assert all(p.kl_divergence is None for p in old.curve) and old.plan().layers == full_pair.plan().layers
+    assert "klDivergence" not in old.to_dict()["curve"][0]
