@@ -71,11 +71,18 @@ class Variant:
     model_dir: str = ""  # the HF model dir whose weights run (the base, for an adapter)
 
 
-def lora_for(adapter: LoRAAdapter | None, num_tokens: int, device: torch.device | str = "cpu"
-             ) -> LoRABatch | None:
-    """A LoRABatch applying `adapter` to all `num_tokens` tokens of a flat batch (None: the base weights)."""
+Lora = LoRAAdapter | LoRABatch | None  # an adapter on every token, a ready batch of exactly these tokens, or base
+
+
+def lora_for(adapter: Lora, num_tokens: int, device: torch.device | str = "cpu") -> LoRABatch | None:
+    """A LoRABatch applying `adapter` to all `num_tokens` tokens of a flat batch (None: the base weights);
+    a LoRABatch is passed through once its token count is checked."""
     if adapter is None:
         return None
+    if isinstance(adapter, LoRABatch):
+        if adapter.token_slots.shape[0] != num_tokens:
+            raise ValueError(f"the LoRABatch covers {adapter.token_slots.shape[0]} tokens, not {num_tokens}")
+        return adapter
     slots = torch.zeros(num_tokens, dtype=torch.int64, device=device)  # [T]: every token is slot 0
     return LoRABatch([adapter], LoRABatch.stack([adapter]), slots)
 
@@ -86,7 +93,7 @@ def _positions(start: int, n: int, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def capture_prefix(model: LlamaForCausalLM, input_ids: torch.Tensor,
-                   lora: LoRAAdapter | None = None) -> PrefixCapture:
+                   lora: Lora = None) -> PrefixCapture:
     """Prefill input_ids [T] layer by layer, keeping each layer's K/V and the hidden entering it."""
     ids = input_ids.to(model.lm_head.weight.device)
     positions = _positions(0, ids.shape[0], ids.device)
@@ -104,7 +111,7 @@ def capture_prefix(model: LlamaForCausalLM, input_ids: torch.Tensor,
 
 @torch.inference_mode()
 def shared_prefix_cache(model_b: LlamaForCausalLM, capture_a: PrefixCapture, input_ids: torch.Tensor,
-                        recompute_layers: Iterable[int], lora_b: LoRAAdapter | None = None) -> DenseAttention:
+                        recompute_layers: Iterable[int], lora_b: Lora = None) -> DenseAttention:
     """B's prefix cache under DroidSpeak reuse: A's K/V, except in `recompute_layers`, whose contiguous
     groups B recomputes from A's hidden entering each group's first layer (layer 0: B's embeddings)."""
     ids = input_ids.to(capture_a.input_ids.device)
@@ -128,7 +135,7 @@ def shared_prefix_cache(model_b: LlamaForCausalLM, capture_a: PrefixCapture, inp
 
 @torch.inference_mode()
 def continuation_logits(model: LlamaForCausalLM, cache: DenseAttention, cont_ids: torch.Tensor, offset: int,
-                        lora: LoRAAdapter | None = None) -> torch.Tensor:
+                        lora: Lora = None) -> torch.Tensor:
     """cont_ids [C] at positions offset.. through the whole model, attending the prefix `cache` -> [C, V]
     float32 logits. The cache is left as it was (a copy of its dicts takes the appended K/V)."""
     cached = {k.shape[0] for k in cache.k.values()}

@@ -128,8 +128,13 @@ def test_a_variant_sharing_with_itself_deviates_nowhere(family, tokens, name) ->
 
 
 def test_lora_changes_the_model_it_rides_on(family, tokens) -> None:
-    assert not torch.allclose(own_logits(family["lora"], *tokens), own_logits(family["base"], *tokens), atol=1e-3)
-    assert family["lora"].model is family["base"].model  # one base in memory for its adapters
+    lora, prefix = family["lora"], tokens[0]
+    assert not torch.allclose(own_logits(lora, *tokens), own_logits(family["base"], *tokens), atol=1e-3)
+    assert lora.model is family["base"].model  # one base in memory for its adapters
+    by_batch = capture_prefix(lora.model, prefix, lora_for(lora.adapter, P))  # a ready LoRABatch does too
+    assert torch.equal(by_batch.k[-1], capture_prefix(lora.model, prefix, lora.adapter).k[-1])
+    with pytest.raises(ValueError, match="covers"):
+        capture_prefix(lora.model, prefix, lora_for(lora.adapter, P + 1))
 
 
 def test_load_variant_names_weights_as_the_prefix_key_does(family, tmp_path) -> None:
