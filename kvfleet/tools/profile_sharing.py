@@ -82,7 +82,7 @@ def curve_plans(scores: Sequence[float], max_fraction: float) -> list[tuple[int,
 
 
 class Scorer:
-    """Per-position metrics of B's continuation logits against B's own (float32, summed over prompts)."""
+    """Per-position metrics of one window: B's continuation logits [C, V] against B's own."""
 
     def __init__(self, own: Any, targets: Any) -> None:
         import torch
