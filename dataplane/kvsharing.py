@@ -52,15 +52,19 @@ class ProfilePoint:
     layers: tuple[int, ...]
     ppl_increase: float  # relative: exp(mean NLL shared - mean NLL own) - 1
     token_agreement: float  # share of scored positions where greedy tokens agree with B's own
+    # mean KL(B own || shared) per scored position, nats (None: not measured). NOTE: unlike ppl_increase it
+    # cannot turn negative when A's KV happens to predict the calibration text better than B's own.
+    kl_divergence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "pplIncrease": self.ppl_increase,
-                "tokenAgreement": self.token_agreement}
+        out = {"layers": list(self.layers), "pplIncrease": self.ppl_increase, "tokenAgreement": self.token_agreement}
+        return out if self.kl_divergence is None else out | {"klDivergence": self.kl_divergence}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProfilePoint:
+        kl = data.get("klDivergence")
         return cls(tuple(int(x) for x in data["layers"]), float(data["pplIncrease"]),
-                   float(data["tokenAgreement"]))
+                   float(data["tokenAgreement"]), None if kl is None else float(kl))
 
 
 @dataclass(frozen=True)

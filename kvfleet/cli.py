@@ -29,12 +29,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvfleet.tools.eval_cache",
         "measure KV cache policies: bytes/token, perplexity, passkey, tok/s",
     ),
+    "profile-sharing": (
+        "kvfleet.tools.profile_sharing",
+        "measure cross-variant KV reuse per layer and recommend layers to recompute (DroidSpeak)",
+    ),
 }
 
 
 def usage() -> str:
     lines = ["usage: kvfleet COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -192,3 +192,25 @@ def write_random_lora(out_dir: str | Path, model_dir: str | Path, rank: int = 8,
             tensors[peft_key(layer, module, "A")] = torch.randn(rank, d_in, generator=gen) / math.sqrt(d_in)
             tensors[peft_key(layer, module, "B")] = torch.randn(d_out, rank, generator=gen) * std / math.sqrt(rank)
     return save_adapter(out_dir, tensors, rank, alpha, target_modules, base_model=str(model_dir))
+
+
+def write_perturbed_copy(out_dir: str | Path, model_dir: str | Path, seed: int = 1, scale: float = 0.05,
+                         layers: tuple[int, ...] | None = None) -> Path:
+    """A stand-in full fine-tune of the model in `model_dir`: its weights plus seeded noise of `scale` times each
+    tensor's std, in decoder `layers` only (None: every tensor). HF format, no tokenizer (the base's serves)."""
+    from safetensors.torch import load_file
+
+    from .loader import safetensors_files
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: v for f in safetensors_files(Path(model_dir)) for k, v in load_file(str(f)).items()}
+    prefixes = None if layers is None else tuple(f"model.layers.{i}." for i in layers)
+    for name in sorted(tensors):
+        if prefixes is None or name.startswith(prefixes):
+            t = tensors[name]
+            tensors[name] = (t.float() + torch.randn(t.shape, generator=gen) * scale * t.float().std()).to(t.dtype)
+    write_safetensors(out, tensors)
+    (out / "config.json").write_text((Path(model_dir) / "config.json").read_text())
+    return out
