@@ -97,3 +97,29 @@ def test_plans_that_do_not_fit_the_engine_are_refused(siblings) -> None:
                      adapters=(AdapterConfig("b", "d"),),
                      cache_policy=EngineConfig(model_dir="m").cache_policy.__class__(key_quantization="int8",
                                                                                      value_quantization="int8"))
+
+
+def test_the_engine_applies_a_plan_exactly_as_the_profiler_measures_it(siblings) -> None:
+    """The paged engine (copy, recompute from the stored hidden state, then B's own chunk) equals the dense
+    reference the profiler scores plans with (`model/kv_share.py`), token for token."""
+    import torch
+    from kvfleet.dataplane.model.kv_share import capture_prefix, continuation_logits, load_variant, shared_prefix_cache
+
+    base, a_dir, b_dir = siblings
+    plan = (0, 3, 4)  # two groups: [0] from b's embeddings, [3..4] from a's hidden state entering layer 3
+    eng = engine(siblings, share(plan))
+    run(eng, "a")
+    tokens, _ = run(eng, "b")
+    models: dict = {}
+    a, b = load_variant(a_dir, base, models=models), load_variant(b_dir, base, models=models)
+    ids = torch.tensor(PROMPT)
+    reused = 48  # the engine reuses whole blocks; the rest of the prompt is b's own chunk
+    with torch.inference_mode():
+        cache = shared_prefix_cache(b.model, capture_prefix(a.model, ids[:reused], lora=a.adapter), ids[:reused],
+                                    plan, lora_b=b.adapter)
+        want: list[int] = []
+        for _ in range(GREEDY.max_tokens):
+            cont = torch.tensor(PROMPT[reused:] + want)
+            logits = continuation_logits(b.model, cache, cont, offset=reused, lora=b.adapter)
+            want.append(int(logits[-1].argmax()))
+    assert tokens == want
