@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvfleet.dataplane.kvsharing import SharingProfile
     from kvfleet.dataplane.model.smollm2 import smollm2_dir
     from kvfleet.dataplane.model.tokenizer import Tokenizer
+
     from kvfleet.tools.finetune import RECIPES, finetune_dir
 
     base = Path(smollm2_dir())

@@ -108,7 +108,7 @@ def profile_pair(pair: dict[str, Any], base: Path, cal: dict[str, Any], out: Pat
                           statistics.fmean(x for x, w in zip(agree, kinds, strict=True) if w == k))
                       for k in ("own", "other") if k in kinds})
     budget = prof.quality_budget
-    meeting = [p for p in prof.curve if p.ppl_increase <= budget]
+    meeting = [p for p in prof.curve if prof.meets_budget(p)]
     each = [p for p, sp in zip(prof.curve, split, strict=True) if all(abs(v[0]) <= budget for v in sp.values())]
     agreeing = [p for p in prof.curve if p.token_agreement >= AGREEMENT]
     return {"pair": pair, "profile": prof, "split": split, "plan": prof.plan(args.max_fraction),
@@ -147,9 +147,8 @@ def render(runs: list[dict[str, Any]], cals: dict[str, Any], args: argparse.Name
     cap = args.max_fraction * 30
     lines += ["", "## Summary", "", "Cells: layers recomputed (groups): ppl increase / token agreement. "
               f"The verdict asks for a plan within {args.max_fraction:.0%} of the layers whose perplexity moves by "
-              "at most 1% either way on each kind of text (the profile's own rule, ppl increase <= 1%, is also met "
-              "by a *fall*).", "",
-              "| pair (from -> to) | reuse all of A's KV | smallest plan: ppl increase <= 1% (profile rule) | "
+              "at most 1% either way on each kind of text (the profile's own rule: at most 1% either way overall).", "",
+              "| pair (from -> to) | reuse all of A's KV | smallest plan: ppl within +-1% (profile rule) | "
               "smallest: within +-1% on each kind of text | smallest: agreement >= "
               f"{AGREEMENT} | recommended: `plan({args.max_fraction})` | verdict |", "|---|---|---|---|---|---|---|"]
     for r in runs:

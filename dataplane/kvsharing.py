@@ -10,7 +10,7 @@ names the pair it is applied to, and renders the chosen layers into the engine c
 
     profile = SharingProfile.from_json(text)
     profile.check_pair("bible-lora", "python-lora", "smollm2-135m")   # ProfileMismatch if not
-    plan = profile.plan(max_fraction=0.25)                          # the layers to recompute
+    plan = profile.plan(max_fraction=0.25)     # the layers to recompute (None: no plan keeps the budget)
 """
 
 from __future__ import annotations
@@ -98,17 +98,25 @@ class SharingProfile:
         return sorted(range(self.num_layers), key=lambda i: (-self.layer_scores[i], i)) \
             if self.layer_scores else []
 
-    def plan(self, max_fraction: float = DEFAULT_MAX_FRACTION) -> ProfilePoint:
-        """The fewest recomputed layers within the quality budget and `max_fraction` of the layers; when
-        no point meets the budget, the best-quality point within the fraction (the caller reports it)."""
-        allowed = [p for p in self.curve if len(p.layers) <= max_fraction * self.num_layers]
-        if not allowed:
-            raise ProfileMismatch(f"no plan in the profile recomputes at most {max_fraction:.0%} of "
-                                  f"{self.num_layers} layers")
-        within = [p for p in allowed if p.ppl_increase <= self.quality_budget]
-        if within:
-            return min(within, key=lambda p: (len(p.layers), p.ppl_increase))
-        return min(allowed, key=lambda p: (p.ppl_increase, len(p.layers)))
+    def meets_budget(self, point: ProfilePoint) -> bool:
+        """Perplexity moved by at most the budget, either way: a *fall* also means B no longer computes what
+        it would on its own (A's KV can happen to fit the calibration text better than B's)."""
+        return abs(point.ppl_increase) <= self.quality_budget
+
+    def within(self, max_fraction: float) -> list[ProfilePoint]:
+        """The curve's points recomputing at most `max_fraction` of the layers."""
+        return [p for p in self.curve if len(p.layers) <= max_fraction * self.num_layers]
+
+    def plan(self, max_fraction: float = DEFAULT_MAX_FRACTION) -> ProfilePoint | None:
+        """The fewest recomputed layers, within `max_fraction` of the layers, that meet the quality budget;
+        None when no such point was measured (then sharing must stay off for this pair)."""
+        meeting = [p for p in self.within(max_fraction) if self.meets_budget(p)]
+        return min(meeting, key=lambda p: (len(p.layers), abs(p.ppl_increase))) if meeting else None
+
+    def closest(self, max_fraction: float = DEFAULT_MAX_FRACTION) -> ProfilePoint | None:
+        """Within `max_fraction`, the point whose perplexity moved least (to report when `plan` is None)."""
+        pts = self.within(max_fraction)
+        return min(pts, key=lambda p: (abs(p.ppl_increase), len(p.layers))) if pts else None
 
     def check_pair(self, from_variant: str, to_variant: str, family: str) -> None:
         """Raise ProfileMismatch unless this profile was measured for from_variant -> to_variant."""

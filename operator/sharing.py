@@ -68,15 +68,19 @@ def sharing_plans(variants: Sequence[ModelVariant], policy: CachePolicySpec,
             if isinstance(got, str):
                 problems.append(f"{where}: {got}")
                 continue
-            plan, ppl = got
+            plan, ppl, reason = got
             row["pplIncrease"] = round(ppl, 6)
+            if reason:
+                row["reason"] = reason
+                continue
         plans.append(plan)
         row.update(inEffect=True, recomputeLayers=list(plan.recompute_layers), source=plan.source)
     return plans, rows, problems
 
 
-def _from_profile(v: ModelVariant, lookup: Lookup) -> tuple[KVShareConfig, float] | str:
-    """The plan a variant's profile selects (and its measured perplexity rise), or why there is none."""
+def _from_profile(v: ModelVariant, lookup: Lookup) -> tuple[KVShareConfig, float, str] | str:
+    """(the plan the variant's profile selects, its measured perplexity change, why it stays off or ""), or
+    why the profile cannot be used at all (which refuses the fleet)."""
     ks = v.spec.kv_sharing
     assert ks.profile is not None and ks.from_variant is not None
     ref = f"ConfigMap {ks.profile.config_map!r} key {ks.profile.key!r}"
@@ -89,12 +93,20 @@ def _from_profile(v: ModelVariant, lookup: Lookup) -> tuple[KVShareConfig, float
     try:
         profile = SharingProfile.from_json(text)
         profile.check_pair(ks.from_variant, v.metadata.name, v.spec.family)
-        point = profile.plan(ks.max_recompute_fraction or DEFAULT_MAX_FRACTION)
     except ProfileMismatch as e:
         return f"profile {ref} does not fit: {e}"
+    fraction = ks.max_recompute_fraction or DEFAULT_MAX_FRACTION
+    point, reason = profile.plan(fraction), ""
+    if point is None:
+        point = profile.closest(fraction)
+        if point is None:
+            return f"profile {ref} has no plan recomputing at most {fraction:.0%} of {profile.num_layers} layers"
+        reason = (f"the profile has no plan recomputing at most {fraction:.0%} of {profile.num_layers} layers that "
+                  f"keeps perplexity within {profile.quality_budget:.1%}; the closest, {len(point.layers)} layers, moves "
+                  f"it {point.ppl_increase:+.2%} with token agreement {point.token_agreement:.3f}: sharing stays off")
     return KVShareConfig(v.metadata.name, ks.from_variant, tuple(sorted(point.layers)),
                          f"profile {ks.profile.config_map}/{ks.profile.key}", profile.num_layers,
-                         profile.from_weights, profile.to_weights), point.ppl_increase
+                         profile.from_weights, profile.to_weights), point.ppl_increase, reason
 
 
 def split_pairs(plans: Sequence[KVShareConfig], groups: Sequence[Any]) -> list[str]:

@@ -228,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--family", required=True)
     ap.add_argument("--calibration", required=True, help="a text file")
     ap.add_argument("--out", required=True, help="the profile JSON to write")
-    ap.add_argument("--budget", type=float, default=0.01, help="largest relative perplexity rise (default 0.01)")
+    ap.add_argument("--budget", type=float, default=0.01, help="largest relative perplexity change, either way "
+                    "(default 0.01)")
     ap.add_argument("--max-fraction", type=float, default=0.25, help="most layers a plan recomputes (share)")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--continuation-tokens", type=int, default=32)
@@ -248,10 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.from_variant} -> {args.to_variant}: top layers by score {prof.ranking()[:8]}")
     print(table(prof))
     plan = prof.plan(args.max_fraction)
-    verdict = "meets" if plan.ppl_increase <= prof.quality_budget else "MISSES"
-    print(f"recommended (max {args.max_fraction:.0%} of {prof.num_layers} layers): recompute {list(plan.layers)}: "
-          f"ppl {plan.ppl_increase:+.2%}, agreement {plan.token_agreement:.3f} ({verdict} the "
-          f"{prof.quality_budget:.1%} budget)")
+    if plan is not None:
+        print(f"recommended (max {args.max_fraction:.0%} of {prof.num_layers} layers): recompute {list(plan.layers)}: "
+              f"ppl {plan.ppl_increase:+.2%}, agreement {plan.token_agreement:.3f} (within the "
+              f"{prof.quality_budget:.1%} budget)")
+    elif (close := prof.closest(args.max_fraction)) is not None:
+        print(f"no plan of at most {args.max_fraction:.0%} of {prof.num_layers} layers keeps perplexity within "
+              f"{prof.quality_budget:.1%} (the closest recomputes {list(close.layers)}: ppl {close.ppl_increase:+.2%}, "
+              f"agreement {close.token_agreement:.3f}): the operator keeps sharing off for this pair")
     log(f"profile-sharing: wrote {out} in {prof.extra['seconds']}s")
     return 0
 

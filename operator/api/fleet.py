@@ -367,7 +367,7 @@ class KVSharingStatus(KubeModel):
     source: str = Field(default="", description="manual, or the profile ConfigMap/key the layers came from.")
     ppl_increase: float | None = Field(
         default=None, description="The profile's measured relative perplexity rise for this plan.")
-    reason: str = Field(default="", description="Why it is not in effect.")
+    reason: str | None = Field(default=None, description="Why it is not in effect.")
 
 
 class InferenceFleetStatus(KubeModel):

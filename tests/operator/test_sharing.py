@@ -76,9 +76,11 @@ def test_auto_mode_takes_the_fewest_layers_within_the_budget_from_the_profile() 
                                             "profile support-profile/profile.json", 30, "", "abcd"),)
     row, = inputs(_fleet(objects), objects).kv_sharing_status
     assert row["pplIncrease"] == 0.008 and row["inEffect"]
-    # a tighter fraction: the best point within it, even above the budget (the status shows its cost)
+    # a tighter fraction: no plan keeps the budget, so sharing stays off and the status says why
     objects[("ModelVariant", "smollm2-support")]["spec"]["kvSharing"]["maxRecomputeFraction"] = 0.1
-    assert _engine_config(objects).kv_sharing[0].recompute_layers == (0, 1)
+    assert _engine_config(objects).kv_sharing == ()
+    row, = inputs(_fleet(objects), objects).kv_sharing_status
+    assert not row["inEffect"] and "sharing stays off" in row["reason"] and row["pplIncrease"] == 0.03
     assert profile_refs([objects[("ModelVariant", "smollm2-support")]]) == [("ConfigMap", "support-profile")]
 
 

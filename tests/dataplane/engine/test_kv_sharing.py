@@ -103,7 +103,12 @@ def test_the_engine_applies_a_plan_exactly_as_the_profiler_measures_it(siblings)
     """The paged engine (copy, recompute from the stored hidden state, then B's own chunk) equals the dense
     reference the profiler scores plans with (`model/kv_share.py`), token for token."""
     import torch
-    from kvfleet.dataplane.model.kv_share import capture_prefix, continuation_logits, load_variant, shared_prefix_cache
+    from kvfleet.dataplane.model.kv_share import (
+        capture_prefix,
+        continuation_logits,
+        load_variant,
+        shared_prefix_cache,
+    )
 
     base, a_dir, b_dir = siblings
     plan = (0, 3, 4)  # two groups: [0] from b's embeddings, [3..4] from a's hidden state entering layer 3
