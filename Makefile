@@ -60,6 +60,12 @@ finetunes: venv ## train (once; cached in $(KVFLEET_CACHE)/finetunes) 2 LoRA ada
 bench-lora: finetunes ## many adapters in one batch vs the base alone; writes bench/results/lora.{md,json}
 	$(PY) -m bench.lora
 
+.PHONY: bench-sharing
+bench-sharing: finetunes ## cross-variant KV reuse (DroidSpeak): quality curves of 3 real pairs, then B's TTFT on A's cached prefix per plan; writes bench/results/kv_sharing{_quality}.* (~15 min)
+	$(PY) -m bench.kv_sharing_quality
+	$(PY) -m bench.kv_sharing --pair python-lora:bible-lora
+	$(PY) -m bench.kv_sharing --pair base:bible-lora --out bench/results/kv_sharing_base
+
 # ---- local control plane and cluster e2e (e2e/) ------------------------------------------
 CLUSTER ?= kvfleet
 GPU_NODES ?= 4

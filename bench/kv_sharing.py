@@ -59,7 +59,8 @@ def run_config(base: Path, adapters: dict[str, Path], layers: tuple[int, ...] | 
     from kvfleet.dataplane.engine.api import GenerationRequest, SamplingParams
     from kvfleet.dataplane.engine.llm_engine import LLMEngine
 
-    sharing = () if layers is None else (KVShareConfig("b", "a", tuple(sorted(layers))),)
+    a = "a" if "a" in adapters else "base"  # A is an adapter, or the base itself
+    sharing = () if layers is None else (KVShareConfig("b", a, tuple(sorted(layers))),)
     doc_len = max(len(d) for d in docs) + max(len(q) for q in questions) + 16
     cfg = EngineConfig(model_dir=str(base), variant="base", dtype="float32", device="cpu", max_num_seqs=4,
                        max_num_batched_tokens=2048, num_kv_blocks=(len(docs) * 3 + 4) * (doc_len // 16 + 2),
@@ -77,12 +78,12 @@ def run_config(base: Path, adapters: dict[str, Path], layers: tuple[int, ...] | 
                 first = time.perf_counter() - start
         return first or float("nan"), time.perf_counter() - start
 
-    for v in ("a", "b"):
+    for v in (a, "b"):
         request(f"warm-{v}", questions[0] * 3, v)
     ttft_a, ttft_b, total = [], [], 0.0
     t0 = time.perf_counter()
     for i, doc in enumerate(docs):
-        ta, _ = request(f"a{i}", doc + questions[0], "a")
+        ta, _ = request(f"a{i}", doc + questions[0], a)
         tb, _ = request(f"b{i}", doc + questions[1], "b")
         ttft_a.append(ta)
         ttft_b.append(tb)
@@ -94,7 +95,8 @@ def run_config(base: Path, adapters: dict[str, Path], layers: tuple[int, ...] | 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", default="python-lora:bible-lora", help="A:B among the trained LoRA fine-tunes")
+    ap.add_argument("--pair", default="python-lora:bible-lora",
+                    help="A:B among the trained LoRA fine-tunes (A may be `base`, the base model itself)")
     ap.add_argument("--profile", default=None, help="the pair's profile JSON (default: bench/results/"
                     "kv_sharing_profiles/A_to_B.json)")
     ap.add_argument("--docs", type=int, default=6)
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(smollm2_dir())
     name_a, name_b = args.pair.split(":")
     recipes = {r.name: r for r in RECIPES}
-    adapters = {"a": finetune_dir(recipes[name_a], base), "b": finetune_dir(recipes[name_b], base)}
+    adapters = {"b": finetune_dir(recipes[name_b], base)}
+    if name_a != "base":
+        adapters["a"] = finetune_dir(recipes[name_a], base)
     profile_path = Path(args.profile or PROFILES / f"{name_a}_to_{name_b}.json")
     profile = SharingProfile.from_json(profile_path.read_text())
     points = sorted(profile.curve, key=lambda p: len(p.layers))

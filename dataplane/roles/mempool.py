@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from kvfleet.dataplane.config import PoolConfig
+from kvfleet.dataplane.pool_config import PoolConfig
 from kvfleet.dataplane.roles.mempool_store import PoolEntry, PoolError, PoolStore, store_for
 from kvfleet.dataplane.rpc import kvfleet_pb2 as pb
 from kvfleet.dataplane.rpc import kvfleet_pb2_grpc as pb_grpc

@@ -32,8 +32,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kvfleet.dataplane.config import PoolConfig, check_pool_numbers
 from kvfleet.dataplane.kvcache.keys import HASH_BYTES, PoolKey, checksum
+from kvfleet.dataplane.pool_config import PoolConfig, check_pool_numbers
 
 
 class PoolError(ValueError):

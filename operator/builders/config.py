@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from kvfleet.dataplane import config as dpconfig
+from kvfleet.dataplane.pool_config import PoolConfig
 from kvfleet.operator.api import ModelVariant
 
 from .inputs import FleetInputs
@@ -188,7 +189,7 @@ def fleet_config_data(inputs: FleetInputs) -> dict[str, str]:
                         for c in inputs.slo_classes if c.spec.kv_pinning.enabled},
         }
         try:  # the pool's own reading of it: pins that cannot fit fail the reconcile, not the pod
-            dpconfig.PoolConfig.from_dict(mempool)
+            PoolConfig.from_dict(mempool)
         except ValueError as e:
             raise dpconfig.ConfigError(f"memory pool: {e}") from e
         data[MEMPOOL_JSON] = _dump(mempool)

@@ -135,3 +135,15 @@ def children(kube: Kube, namespace: str, fleet: str) -> dict[tuple[str, str], di
         for obj in kube.list(kind, namespace, f"kvfleet.io/fleet={fleet}"):
             out[(kind, obj["metadata"]["name"])] = obj
     return out
+
+
+def greedy_completion(client: Any, model: str, prompt: str, max_tokens: int = 8) -> str | None:
+    """An `openai` SDK greedy completion through a fleet's router; None while it answers 4xx/5xx (a 429 until
+    the router has discovered ready pods)."""
+    import openai
+
+    try:
+        return str(client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text)
+    except openai.APIStatusError:
+        return None

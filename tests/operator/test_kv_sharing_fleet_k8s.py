@@ -14,7 +14,7 @@ import urllib.request
 
 import openai
 import pytest
-from k8s_testlib import apply_doc, kube_for, wait_for
+from k8s_testlib import apply_doc, greedy_completion, kube_for, wait_for
 
 from e2e.harness import serving_pod_ips
 from e2e.nodes import GPU_TOLERATION
@@ -112,12 +112,8 @@ def test_a_profiled_sibling_reuses_the_others_kv_through_the_router(operator_env
         (router_ip,) = _ips(cluster, ns, "router", 8000)
         client = openai.OpenAI(base_url=f"http://{router_ip}:8000/v1", api_key="x", max_retries=0, timeout=60)
 
-        def ask(model: str):
-            try:
-                return client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
-                                                  extra_body={"ignore_eos": True}).choices[0].text
-            except openai.APIStatusError:
-                return None  # 429 until the router has discovered ready pods
+        def ask(model: str) -> str | None:
+            return greedy_completion(client, model, PROMPT)
 
         wait_for("an answer from legal", lambda: ask("legal"), timeout=60)
         got = ask("support")

@@ -9,7 +9,7 @@ import json
 
 import openai
 import pytest
-from k8s_testlib import apply_doc, wait_for
+from k8s_testlib import apply_doc, greedy_completion, wait_for
 
 from e2e.harness import serving_pod_ips
 from e2e.nodes import GPU_TOLERATION
@@ -95,12 +95,8 @@ def test_two_lora_variants_ride_on_one_set_of_base_pods(operator_env, podrunner,
         models = {m.id: getattr(m, "parent", None) for m in client.models.list().data}
         assert models == {"tiny": None, "legal": "tiny", "support": "tiny"}
 
-        def ask(model: str):
-            try:
-                return client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
-                                                  extra_body={"ignore_eos": True}).choices[0].text
-            except openai.APIStatusError:
-                return None  # 429 until the router has discovered ready pods
+        def ask(model: str) -> str | None:
+            return greedy_completion(client, model, PROMPT)
 
         got = {v: wait_for(f"an answer from {v}", lambda m=m: ask(m), timeout=60)
                for v, m in (("base", "tiny"), ("legal", "legal"), ("support", "support"))}

@@ -6,7 +6,8 @@ import copy
 import json
 
 import pytest
-from kvfleet.dataplane.config import ConfigError, PoolConfig
+from kvfleet.dataplane.config import ConfigError
+from kvfleet.dataplane.pool_config import PoolConfig
 from kvfleet.dataplane.roles.mempool_store import store_for
 from kvfleet.operator.builders.config import MEMPOOL_JSON, fleet_config_data
 from op_testlib import inputs, objects_by_key

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from kvfleet.dataplane.config import PoolConfig
 from kvfleet.dataplane.kvcache.blocks import hash_block
 from kvfleet.dataplane.kvcache.keys import checksum
+from kvfleet.dataplane.pool_config import PoolConfig
 from kvfleet.dataplane.roles import wire
 from kvfleet.dataplane.roles.mempool import MempoolService
 from kvfleet.dataplane.roles.mempool_store import PoolStore, store_for
