@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from kvfleet.dataplane.kvsharing import SharingProfile
+    from kvfleet.dataplane.kvsharing import SharingProfile, layer_groups
     from kvfleet.dataplane.model.smollm2 import smollm2_dir
     from kvfleet.dataplane.model.tokenizer import Tokenizer
 
@@ -123,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     profile_path = Path(args.profile or PROFILES / f"{name_a}_to_{name_b}.json")
     profile = SharingProfile.from_json(profile_path.read_text())
     points = sorted(profile.curve, key=lambda p: len(p.layers))
-    points = [p for p in points if len(p.layers) < profile.num_layers][:args.max_points - 1] + \
-        [p for p in points if len(p.layers) == profile.num_layers][:1]
+    chosen = [p for p in points if len(p.layers) < profile.num_layers][:args.max_points - 1]
+    within = profile.plan(1.0)  # the smallest plan that keeps the quality budget at all, however large
+    chosen += [p for p in (within,) if p is not None and p not in chosen and len(p.layers) < profile.num_layers]
+    points = chosen + [p for p in points if len(p.layers) == profile.num_layers][:1]
     tok = Tokenizer.from_dir(str(base))
     docs = documents(tok, args.docs, args.doc_tokens)
     questions = [tok.encode(q) for q in QUESTIONS]
     configs: list[tuple[str, tuple[int, ...] | None]] = [("no sharing (B recomputes)", None)]
-    configs += [(f"recompute {len(p.layers)}", p.layers) for p in points]
+    configs += [(f"recompute {len(p.layers)}" + (" (within budget)" if profile.meets_budget(p) else ""), p.layers)
+                for p in points]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
     for r in range(args.repeats):
         for name, layers in configs:
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
              "| config | layers recomputed | B TTFT p50 (s) | p90 | p99 | TTFT speedup | req/s | ppl rise | "
              "token agreement |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        layers = "-" if r["layers"] is None else (str(r["layers"]) if len(r["layers"]) < 12 else f"all {len(r['layers'])}")
+        layers = "-" if r["layers"] is None else ", ".join(f"{a}-{b}" if b > a else str(a)
+                                                           for a, b in layer_groups(r["layers"])) or "none"
         lines.append(f"| {r['config']} | {layers} | {r['ttft_b_p50_s']:.3f} | {r['ttft_b_p90_s']:.3f} | "
                      f"{r['ttft_b_p99_s']:.3f} | {r['speedup_ttft_b']:.2f}x | {r['requests_per_s']:.2f} | "
                      f"{r['ppl_increase'] * 100:+.2f}% | {r['token_agreement']:.3f} |")
