@@ -363,8 +363,8 @@ class KVSharingStatus(KubeModel):
     variant: str = Field(description="The variant reusing KV.")
     from_variant: str = Field(description="The sibling whose cached KV it reuses.")
     in_effect: bool = Field(description="True when the engines apply it.")
-    recompute_layers: list[int] = Field(default_factory=list, description="Layers recomputed on reuse.")
-    source: str = Field(default="", description="manual, or the profile ConfigMap/key the layers came from.")
+    recompute_layers: list[int] | None = Field(default=None, description="Layers recomputed on reuse.")
+    source: str | None = Field(default=None, description="manual, or the profile ConfigMap/key the layers came from.")
     ppl_increase: float | None = Field(
         default=None, description="The profile's measured relative perplexity rise for this plan.")
     reason: str | None = Field(default=None, description="Why it is not in effect.")
