@@ -86,7 +86,7 @@ class LLMEngine:
                                  mc.head_dim, dtype, num_lanes=config.max_num_seqs)
         # DroidSpeak: the hidden state entering each recomputed group's first layer is kept per slot
         transitions = sorted({t for share in config.kv_sharing for t in transition_layers(share.recompute_layers)})
-        hidden_bytes = HiddenStore.bytes_per_block(len(transitions), bs, mc.hidden_size, dtype)
+        hidden_bytes = HiddenStore.bytes_per_block(len(transitions), bs, mc.hidden_size, dtype) if transitions else 0
         num_blocks = self._num_blocks(kvspec, hidden_bytes)
         # NOTE: a sequence can never outgrow the whole cache (it would preempt itself forever)
         self.max_model_len = min(self.max_model_len, num_blocks * bs)

@@ -11,6 +11,7 @@ import json
 import pytest
 from k8s_testlib import apply_doc, children, condition, fleet_manifest, wait_for
 from kvfleet.dataplane.config import EngineConfig
+from kvfleet.operator.sharing import OFF_BY_POLICY
 
 pytestmark = pytest.mark.k8s
 
@@ -96,7 +97,11 @@ def test_create_fleet_children_pods_and_status(operator_env):
             "status") or {}).get("usedByFleets") == ["chat"])
     assert (env.kube.get("CachePolicy", env.namespace, "long-context").get("status") or {}).get("usedByFleets") == []
     # kopf kept its bookkeeping in annotations, not in status
-    assert set(status) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses", "adapters"}
+    assert set(status) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses", "adapters",
+                           "kvSharing"}
+    # the LoRA variant declares cross-variant KV reuse, which the fleet's per-variant prefix scope turns off
+    assert status["kvSharing"] == [{"variant": "smollm2-support", "fromVariant": "smollm2-base", "inEffect": False,
+                                    "reason": OFF_BY_POLICY}]
     # ... and says which workloads serve the LoRA variant: the base group's, both roles
     assert status["adapters"] == [
         {"workload": f"chat-smollm2-base-{role}", "variant": "smollm2-base", "adapters": ["smollm2-support"]}

@@ -72,7 +72,8 @@ def test_sigkill_mid_reconcile_five_times_converges_without_duplicates_or_orphan
             if p.metadata.deletion_timestamp is None]
     assert len(pods) == sum(o["spec"]["replicas"] for o in want.values() if o["kind"] in ("Deployment", "StatefulSet"))
     # kopf's progress lives in annotations; nothing of kopf leaked into status
-    assert set(f["status"]) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses", "adapters"}
+    assert set(f["status"]) <= {"observedGeneration", "conditions", "roles", "routerEndpoint", "sloClasses", "adapters",
+                                "kvSharing"}
     # status.adapters (not kopf's): the LoRA variant is served by the base group's prefill and decode
     assert f["status"]["adapters"] == [
         {"workload": f"chat-smollm2-base-{role}", "variant": "smollm2-base", "adapters": ["smollm2-support"]}
