@@ -36,6 +36,7 @@ def serve_example_chat(demo: Any, step: Callable[[str], None], wait_for: Callabl
                        serving_pod_ips: Callable[..., list[str]], namespace: str) -> None:
     from openai import OpenAI
 
+
     step("the example `chat` fleet for real: base + LoRA `smollm2-support` on ONE set of base prefill/decode "
          "pods (int8 KV, memory pool); a trained adapter goes on the PVC, the fleet's pods now run locally")
     print(f"adapter: {place_adapter()} -> {ADAPTERS_HOST_DIR / 'support-v3'} (hostPath PV of the PVC `adapters`)")
@@ -87,11 +88,11 @@ def share_kv(demo: Any, step: Callable[[str], None], wait_for: Callable[..., Any
     import sys
     import tempfile
     import time
-    import urllib.request
 
     from kvfleet.dataplane.model.smollm2 import smollm2_dir
     from openai import OpenAI
 
+    from e2e.harness import metric_value
     from kvfleet.tools.finetune import corpus_text
 
     step("cross-variant KV reuse (DroidSpeak): `kvfleet profile-sharing` measures smollm2-base -> smollm2-support "
@@ -140,14 +141,10 @@ def share_kv(demo: Any, step: Callable[[str], None], wait_for: Callable[..., Any
         except Exception:  # noqa: BLE001 - 429/503 until the router has seen the new pods
             return None
 
-    def shared_tokens() -> float:
-        with urllib.request.urlopen(f"http://{router_ip}:8000/metrics", timeout=10) as resp:
-            return next((float(line.split()[1]) for line in resp.read().decode().splitlines()
-                         if line.startswith("kvfleet_shared_prefix_tokens_total ")), 0.0)
-
     for model, question in (("smollm2", "Who made the firmament?"), ("smollm2-support", "What did God call the light?")):
         text, ttft = wait_for(f"an answer from {model}", lambda m=model, q=question: ask(m, q), 120)
         print(f"  [{model}] {question!r} -> {text.strip()!r} (TTFT {ttft * 1000:.0f} ms)")
-    got = wait_for("the router to count reused tokens", lambda: shared_tokens() or None, 30)
+    got = wait_for("the router to count reused tokens", lambda: metric_value(
+        f"http://{router_ip}:8000", "kvfleet_shared_prefix_tokens_total") or None, 30)
     print(f"  kvfleet_shared_prefix_tokens_total = {got:.0f}: smollm2-support reused smollm2-base's cached blocks, "
           f"recomputing layers {rows[0]['recomputeLayers']}")

@@ -60,3 +60,12 @@ def serving_pod_ips(pods: Iterable[dict[str, Any]], port: int = 8080, path: str 
     """
     ips = [p["status"].get("podIP") for p in pods if not p["metadata"].get("deletionTimestamp")]
     return sorted(ip for ip in ips if ip and answers(f"http://{ip}:{port}{path}"))
+
+
+def metric_value(base_url: str, name: str, timeout: float = 10.0) -> float:
+    """One unlabelled sample of a Prometheus text exposition at `base_url`/metrics (0.0 when absent)."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return 0.0

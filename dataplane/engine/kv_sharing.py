@@ -50,7 +50,7 @@ class CrossVariantReuse:
                 continue
             n = len(dst) * bs
             item = ScheduledSeq(seq, n, job.first_block * bs, False)
-            input_ids, positions, meta, _, _ = runner._prepare([item])
+            input_ids, positions, meta, _, _ = runner.prepare([item])
             lora = None if runner.adapters is None else runner.adapters.batch([seq.adapter], [n])
             with torch.inference_mode():
                 runner.attn.set_metadata(meta)

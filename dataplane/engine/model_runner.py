@@ -99,7 +99,7 @@ class ModelRunner:
         ordered = [items[i] for i in order]
         if out.reuse and self.sharing is not None:  # a sibling's KV into this step's blocks first
             self.sharing.run(self, out.reuse)
-        input_ids, positions, meta, sample_rows, which = self._prepare(ordered)
+        input_ids, positions, meta, sample_rows, which = self.prepare(ordered)
         with torch.inference_mode():
             if self.kv.score_hook is not None:  # h2o/snapkv: which slots each row attends, per step
                 meta.scores = self.kv.score_hook.plan(ordered, meta)
@@ -148,7 +148,7 @@ class ModelRunner:
             return None
         return rows, self.structured.masks([(seqs[k].seq_id, sps[k].json_schema) for k in rows])
 
-    def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
+    def prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
                                                             torch.Tensor, list[int]]:
         """-> input_ids [T], positions [T], metadata, rows of hidden to sample at [N], their item indices."""
         bs = self.block_size

@@ -262,7 +262,6 @@ class Scheduler:
             self.prefix_hit_tokens += n_own
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = n_own
-                seq.num_shared_prompt_tokens = n_cached - n_own
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now

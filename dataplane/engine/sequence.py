@@ -36,7 +36,6 @@ class Sequence:
     # DroidSpeak: the sibling variant's prefix key whose cached KV this sequence may reuse ("" = none)
     share_key: str = ""
     share_hashes: list[int] = field(default_factory=list)  # the prompt's chain hashes under share_key
-    num_shared_prompt_tokens: int = 0  # prompt tokens reused from the sibling at first admission
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0

@@ -56,7 +56,7 @@ class StepTimer:
                                          else (lambda: None))
         sched, runner, model = engine.scheduler, engine.runner, engine.runner.model
         sched.schedule = self._wrap("schedule", sched.schedule)  # type: ignore[method-assign]
-        runner._prepare = self._wrap("prepare", runner._prepare)  # type: ignore[method-assign]
+        runner.prepare = self._wrap("prepare", runner.prepare)  # type: ignore[method-assign]
         model.forward = self._wrap("forward", model.forward)
         model.compute_logits = self._wrap("logits", model.compute_logits)
         self._sample = mr.sample
@@ -202,7 +202,7 @@ def _bench(args: argparse.Namespace, model_dir: str) -> None:
               f"sched_ms={1e3 * t['schedule'] / steps:5.2f} prepare_ms={1e3 * t['prepare'] / steps:5.2f} "
               f"post_ms={1e3 * t['postprocess'] / steps:5.2f} engine_overhead={100 * over / t['step']:5.1f}%")
         del engine.__dict__["step"], engine.__dict__["postprocess"]
-        del engine.scheduler.__dict__["schedule"], engine.runner.__dict__["_prepare"]
+        del engine.scheduler.__dict__["schedule"], engine.runner.__dict__["prepare"]
         del engine.runner.model.__dict__["forward"], engine.runner.model.__dict__["compute_logits"]
         if prof:
             s = io.StringIO()

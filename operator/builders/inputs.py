@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvfleet.dataplane.config import KVShareConfig
 from kvfleet.operator.api import CachePolicySpec, InferenceFleet, ModelVariant, SLOClass
 from kvfleet.operator.api.fleet import RoleSpec
 
@@ -43,7 +44,7 @@ class FleetInputs:
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     planned: Mapping[str, int] = field(default_factory=dict)
     # cross-variant KV reuse (operator/sharing.py): what the engines apply, and the status rows
-    kv_sharing: tuple[Any, ...] = ()  # dataplane.config.KVShareConfig
+    kv_sharing: tuple[KVShareConfig, ...] = ()
     kv_sharing_status: tuple[Mapping[str, Any], ...] = ()
 
     @property

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 
 import openai
 import pytest
 from k8s_testlib import apply_doc, greedy_completion, kube_for, wait_for
 
-from e2e.harness import serving_pod_ips
+from e2e.harness import metric_value, serving_pod_ips
 from e2e.nodes import GPU_TOLERATION
 
 pytestmark = pytest.mark.k8s
@@ -119,15 +118,8 @@ def test_a_profiled_sibling_reuses_the_others_kv_through_the_router(operator_env
         got = ask("support")
         assert got == _local(base_dir, adapters, layers)
 
-        def shared_tokens() -> float:
-            with urllib.request.urlopen(f"http://{router_ip}:8000/metrics", timeout=10) as resp:
-                for line in resp.read().decode().splitlines():
-                    if line.startswith("kvfleet_shared_prefix_tokens_total "):
-                        return float(line.split()[1])
-            return 0.0
-
-        wait_for("the router's counters to show legal's blocks reused by support", lambda: shared_tokens() > 0,
-                 timeout=30)
+        wait_for("the router's counters to show legal's blocks reused by support", lambda: metric_value(
+            f"http://{router_ip}:8000", "kvfleet_shared_prefix_tokens_total") > 0, timeout=30)
     finally:
         kube.close()
         cluster.core.delete_persistent_volume(pv)
