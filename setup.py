@@ -15,4 +15,5 @@ for name, path in ROOTS.items():
     packages.append(name)
     packages += [f"{name}.{sub}" for sub in find_packages(path)]
 
-setup(packages=packages, package_dir=ROOTS)
+# the CPU kernels' source is compiled at run time (dataplane/kernels/cpu.py), so it ships with the package
+setup(packages=packages, package_dir=ROOTS, package_data={"kvfleet.dataplane.kernels": ["*.cpp"]})

@@ -114,6 +114,9 @@ if __name__ == "__main__":  # vLLM spawns its engine core: the main module must 
     print("VLLM_STARTUP %.1f" % (time.perf_counter() - t_start))
     runs = []
     for _ in range(cfg["repeats"]):
+        # same work every run: no prompt served from the previous run's prefix cache (kvfleet's runs
+        # each get a fresh engine); prefix caching itself stays on, as vLLM ships it
+        llm.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         runs.append({"wall": time.perf_counter() - t0, "loadavg": os.getloadavg()[0]})

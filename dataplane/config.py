@@ -265,6 +265,9 @@ class EngineConfig:
     adapter_memory_bytes: int = 256 << 20
     max_active_adapters: int = 8  # distinct adapters among running sequences at most (the scheduler's cap)
     cpu_packed_linear: bool = True  # CPU only: linear weights prepacked for oneDNN (model/packed_linear.py)
+    # CPU only: compiled kernels (dataplane/kernels): auto = use them when they build, else the torch path
+    # (logged); on = fail at start if they cannot be built; off = the torch path
+    cpu_kernels: str = "auto"
     # DroidSpeak: variants served here that reuse a sibling's prefix KV (prefixCache.scope family)
     kv_sharing: tuple[KVShareConfig, ...] = ()
 
@@ -282,6 +285,7 @@ class EngineConfig:
         _check(self.adapter_memory_bytes > 0, "adapter_memory_bytes must be > 0")
         _check(self.max_active_adapters >= 1, "max_active_adapters must be >= 1")
         _check(self.dtype in DTYPES, f"dtype: {self.dtype!r} not in {DTYPES}")
+        _check(self.cpu_kernels in ("auto", "on", "off"), f"cpu_kernels: {self.cpu_kernels!r} not in auto, on, off")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device: {self.device!r} must be auto, cpu or cuda[:N]",

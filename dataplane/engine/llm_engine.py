@@ -43,6 +43,7 @@ from kvfleet.dataplane.engine.scheduler import Scheduler
 from kvfleet.dataplane.engine.sequence import SeqStatus, Sequence
 from kvfleet.dataplane.engine.structured import StructuredOutputs
 from kvfleet.dataplane.engine.worker import Sample, StepPlan, StepResult, Worker
+from kvfleet.dataplane.kernels.cpu import attach_cpu_kernels
 from kvfleet.dataplane.kvcache import transfer
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
@@ -103,6 +104,9 @@ class LLMEngine:
                                    usable_shared=kv.hidden.usable if kv.hidden is not None else None,
                                    max_adapters=config.max_active_adapters if config.adapters else None)
         self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
+        # CPU: fused kernels for decode attention, norms and RoPE (built once, cached; dataplane/kernels)
+        self.kernels = attach_cpu_kernels(config.cpu_kernels, model, self.runner.attn) \
+            if self.device.type == "cpu" else None
         # LoRA variants served on these base weights (checked now, loaded on first use)
         self.adapters = AdapterManager.from_config(config, mc, self.device, dtype) if config.adapters else None
         self.runner.adapters = self.adapters

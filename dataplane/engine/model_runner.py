@@ -236,7 +236,8 @@ class ModelRunner:
                 # cached context before this chunk: attend over its blocks; else over the chunk itself
                 block_ids = dev_tables[r, :int(-(-ctx[r] // bs))] if starts[r] > 0 else None
                 prefills.append(PrefillChunk(s, n, int(ctx[r]), block_ids))
-        meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills, batch)
+        meta = PagedMetadata(slot_t, nd, dec_bt, mask, prefills, batch,
+                             decode_context_lens=dev_ctx[:nd] if nd else None)
         # the storage's plan: which rows to write and overlay this step (None for an exact storage)
         meta.policy = self.kv.plan_step(items, ends - n_new, tables, positions, nd,
                                         dec_bt.shape[1] * bs if dec_bt is not None else 0,

@@ -103,6 +103,7 @@ class PagedMetadata:
     prefill_batch: PrefillBatch | None = None  # set: attend all prefills at once instead of looping
     policy: PolicyStep | None = None  # the storage's step plan (`KVStorage.plan_step`; None when exact)
     scores: Any = None  # paged_scores.StepScores when the eviction policy needs attention (h2o, snapkv)
+    decode_context_lens: torch.Tensor | None = None  # [Bd] int64: the mask's visible prefix per decode
 
 
 class PagedAttention(AttentionBackend):
@@ -114,6 +115,8 @@ class PagedAttention(AttentionBackend):
     def __init__(self, cache: KVStorage) -> None:
         self.cache = cache
         self.meta: PagedMetadata | None = None
+        # CPU kernels (`dataplane/kernels`): decode attention read straight from the blocks, no gather
+        self.kernels: Any = None
 
     def set_metadata(self, meta: PagedMetadata) -> None:
         self.meta = meta
@@ -166,6 +169,11 @@ class PagedAttention(AttentionBackend):
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         bd, hq, d = q.shape
         pol = meta.policy
+        if (self.kernels is not None and pol is None and meta.scores is None and q.device.type == "cpu"
+                and meta.decode_context_lens is not None and isinstance(self.cache, PagedKVCache)):
+            return self.kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer],
+                                                       meta.decode_block_tables, meta.decode_context_lens,
+                                                       d ** -0.5)  # [Bd, Hq, D]
         if pol is None:
             kc, vc = self.cache.gather(layer, meta.decode_block_tables)  # [Bd, L, Hkv, D]
         else:  # quantized: + full-precision lane rows, and each decode's own token as computed

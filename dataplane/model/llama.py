@@ -11,6 +11,7 @@ one matmul instead of three (two) per layer. Each module that packs declares its
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +25,26 @@ from .lora import LoRABatch
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 like the reference implementation."""
 
+    kernels: Any = None  # CPU kernels (`dataplane/kernels`, set by the engine): one pass instead of ~6 ops
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        if self.kernels is not None and _kernel_ok(x):
+            out: torch.Tensor = self.kernels.rms_norm(x, self.weight, self.eps)
+            return out
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    """Whether the CPU kernels take `x` (a contiguous [T, H] CPU tensor outside autograd)."""
+    return x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous() and not torch.is_grad_enabled()
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -95,6 +106,7 @@ class LlamaAttention(nn.Module):
     """GQA self-attention; where K/V live and how they are attended is the backend's business."""
 
     PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    kernels: Any = None  # CPU kernels: RoPE in place on the qkv rows
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -112,10 +124,15 @@ class LlamaAttention(nn.Module):
         if lora is not None:
             qkv = lora.add_packed(self.layer_idx, ("q_proj", "k_proj", "v_proj"),
                                   [self.q_size, self.kv_size, self.kv_size], x, qkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rope(k.view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.kernels is not None and _kernel_ok(qkv) and cos.is_contiguous():
+            self.kernels.rope_(qkv, cos.view(t, -1), sin.view(t, -1), self.n_heads, self.n_kv_heads)
+            q, k, v = (part.view(t, -1, self.head_dim)  # [T, Hq|Hkv|Hkv, D], rows strided
+                       for part in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)  # [T, Hq, D]
+            k = apply_rope(k.view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+            v = v.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, D]
         out = attn.attend(self.layer_idx, q, k, v).reshape(t, self.q_size)  # [T, Hq*D]
         projected: torch.Tensor = self.o_proj(out)
         if lora is not None:
@@ -127,6 +144,7 @@ class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)). The MLP seam: any module mapping [T, H] -> [T, H]."""
 
     PACKED = {"gate_up_proj": ("gate_proj", "up_proj")}
+    kernels: Any = None  # CPU kernels: silu(gate) * up in one pass
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -140,8 +158,11 @@ class SwiGLUMLP(nn.Module):
         if lora is not None:
             gate_up = lora.add_packed(self.layer_idx, ("gate_proj", "up_proj"),
                                       [self.intermediate_size, self.intermediate_size], x, gate_up)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        act = F.silu(gate) * up  # [T, I]
+        if self.kernels is not None and _kernel_ok(gate_up):
+            act = self.kernels.silu_and_mul(gate_up)  # [T, I]
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.silu(gate) * up  # [T, I]
         down: torch.Tensor = self.down_proj(act)
         if lora is not None:
             down = lora.add(self.layer_idx, "down_proj", act, down)
@@ -156,6 +177,8 @@ def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
+    kernels: Any = None  # CPU kernels: the residual add and the second norm in one pass
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -165,8 +188,13 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend, lora: LoRABatch | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, lora)
-        normed = self.post_attention_layernorm(x)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, attn, lora)
+        if self.kernels is not None and _kernel_ok(x) and attended.is_contiguous():
+            norm = self.post_attention_layernorm
+            x, normed = self.kernels.add_rms_norm(x, attended, norm.weight, norm.eps)
+        else:
+            x = x + attended
+            normed = self.post_attention_layernorm(x)
         out: torch.Tensor = x + (self.mlp(normed, lora) if lora is not None else self.mlp(normed))
         return out
 
