@@ -64,7 +64,7 @@ def run_kvfleet(model: Any, model_config: Any, model_dir: str, work: Workload, d
 
     tokens = sum(len(p) + o for p, o in work)
     cfg = EngineConfig(model_dir=model_dir, dtype=str(dtype).removeprefix("torch."), device="cpu",
-                       max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                       max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
                        num_kv_blocks=tokens // 16 + len(work) + 16)
     engine = LLMEngine(model, model_config, cfg, "cpu", dtype)
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in work]

@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # the C++ standard is the one torch builds with
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"]  # the C++ standard is the one torch builds with
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
 
@@ -111,11 +111,11 @@ _warned = False
 
 def attach_cpu_kernels(mode: str, model: torch.nn.Module, attention: object) -> ModuleType | None:
     """Hand the kernels to every module of `model` whose class declares a `kernels` slot and to the
-    paged attention backend; returns them (None: everything keeps the torch path)."""
+    paged attention backend; returns them. None (off, or unavailable under auto) is handed over too,
+    so a model another engine ran with kernels runs the torch path here."""
     ops = kernels_for(mode)
-    if ops is not None:
-        for module in model.modules():
-            if hasattr(type(module), "kernels"):
-                module.kernels = ops
-        attention.kernels = ops  # type: ignore[attr-defined]
+    for module in model.modules():
+        if hasattr(type(module), "kernels"):
+            module.kernels = ops
+    attention.kernels = ops  # type: ignore[attr-defined]
     return ops

@@ -144,7 +144,6 @@ class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)). The MLP seam: any module mapping [T, H] -> [T, H]."""
 
     PACKED = {"gate_up_proj": ("gate_proj", "up_proj")}
-    kernels: Any = None  # CPU kernels: silu(gate) * up in one pass
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -158,11 +157,8 @@ class SwiGLUMLP(nn.Module):
         if lora is not None:
             gate_up = lora.add_packed(self.layer_idx, ("gate_proj", "up_proj"),
                                       [self.intermediate_size, self.intermediate_size], x, gate_up)
-        if self.kernels is not None and _kernel_ok(gate_up):
-            act = self.kernels.silu_and_mul(gate_up)  # [T, I]
-        else:
-            gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            act = F.silu(gate) * up  # [T, I]
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        act = F.silu(gate) * up  # [T, I]
         down: torch.Tensor = self.down_proj(act)
         if lora is not None:
             down = lora.add(self.layer_idx, "down_proj", act, down)
