@@ -46,6 +46,16 @@ inline float exp_fast(float x) {
   return p * scale;
 }
 
+// Ask for the next block's rows of this head while the current block is computed: blocks are scattered,
+// so the hardware prefetcher cannot guess the jump.
+template <typename T>
+inline void prefetch_block(const T* first, int64_t bs, int64_t row, int64_t D) {
+  const int64_t lines = (D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  for (int64_t j = 0; j < bs; ++j)
+    for (int64_t l = 0; l < lines; ++l)
+      __builtin_prefetch(reinterpret_cast<const char*>(first + j * row) + 64 * l);
+}
+
 template <typename T>
 void decode_attention(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
                       const int64_t* tables, int64_t table_stride, const int64_t* ctx, T* out,
@@ -67,6 +77,7 @@ void decode_attention(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
       for (int64_t start = 0, blk = 0; start < L; start += bs, ++blk) {
         const T* kb = kc + table[blk] * bs * row + h * D;
         const int64_t n = std::min(bs, L - start);
+        if (start + bs < L) prefetch_block(kc + table[blk + 1] * bs * row + h * D, bs, row, D);
         for (int64_t j = 0; j < n; ++j) {
           const T* kp = kb + j * row;
           for (int64_t g = 0; g < G; ++g) {
@@ -96,6 +107,7 @@ void decode_attention(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
       for (int64_t start = 0, blk = 0; start < L; start += bs, ++blk) {
         const T* vb = vc + table[blk] * bs * row + h * D;
         const int64_t n = std::min(bs, L - start);
+        if (start + bs < L) prefetch_block(vc + table[blk + 1] * bs * row + h * D, bs, row, D);
         for (int64_t j = 0; j < n; ++j) {
           const T* vp = vb + j * row;
           for (int64_t g = 0; g < G; ++g) {

@@ -169,8 +169,9 @@ class PagedAttention(AttentionBackend):
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         bd, hq, d = q.shape
         pol = meta.policy
-        if (self.kernels is not None and pol is None and meta.scores is None and q.device.type == "cpu"
-                and meta.decode_context_lens is not None and isinstance(self.cache, PagedKVCache)):
+        kernel = (self.kernels is not None and meta.scores is None and q.device.type == "cpu"
+                  and meta.decode_context_lens is not None)
+        if kernel and pol is None and isinstance(self.cache, PagedKVCache):  # straight from the blocks
             return self.kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer],
                                                        meta.decode_block_tables, meta.decode_context_lens,
                                                        d ** -0.5)  # [Bd, Hq, D]
@@ -182,6 +183,13 @@ class PagedAttention(AttentionBackend):
             kc.view(-1, *kc.shape[2:])[pol.decode_own] = k
             vc.view(-1, *vc.shape[2:])[pol.decode_own] = v
         hkv = kc.shape[2]
+        if kernel and kc.dtype == q.dtype and kc.is_contiguous() and vc.is_contiguous():
+            # the dequantized rows seen as blocks of one table per sequence: each attends its own length only
+            bs = self.cache.block_size
+            m = kc.shape[1] // bs
+            tables = torch.arange(bd * m, device=q.device).view(bd, m)  # [Bd, M]
+            return self.kernels.paged_decode_attention(q, kc.view(bd * m, bs, hkv, d), vc.view(bd * m, bs, hkv, d),
+                                                       tables, meta.decode_context_lens, d ** -0.5)
         qg = q.view(bd, hkv, hq // hkv, d)  # [Bd, Hkv, G, D]: head h -> kv head h // G
         if meta.scores is not None and meta.scores.needs_probs:  # h2o: explicit softmax, scores kept
             return meta.scores.decode(qg, kc, vc, meta.decode_mask).reshape(bd, hq, d)

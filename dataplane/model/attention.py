@@ -42,17 +42,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     q [Tq, Hq, D] are the last Tq positions of a context whose keys/values are
     k, v [Tk, Hkv, D] (Tk = q_offset + Tq). Returns [Tq, Hq, D].
     """
-    tq, hq, _ = q.shape
-    tk, hkv, _ = k.shape
-    group = hq // hkv
-    qh = q.transpose(0, 1)  # [Hq, Tq, D]
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, Tk, D]
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    tq = q.shape[0]
+    tk = k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [Hq, Tq, D], [Hkv, Tk, D]
+    if q_offset == 0:  # the whole context is new: SDPA's own causal mask (queries and keys aligned)
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        return out.transpose(0, 1)  # [Tq, Hq, D]
     # mask[i, j] = key j is visible to query i (query i sits at position q_offset + i)
     q_pos = torch.arange(q_offset, q_offset + tq, device=q.device)[:, None]
     k_pos = torch.arange(tk, device=q.device)[None, :]
     mask = k_pos <= q_pos  # [Tq, Tk]
-    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
     return out.transpose(0, 1)  # [Tq, Hq, D]
 
 
