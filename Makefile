@@ -12,7 +12,7 @@ export KVFLEET_CACHE ?= $(HOME)/.cache/kvfleet
 # PYTHONSAFEPATH (Python 3.11+) keeps cwd off sys.path; every command below and its children inherit it.
 export PYTHONSAFEPATH := 1
 
-.PHONY: help venv test test-fast lint crds binaries collector demo protos
+.PHONY: help venv test test-fast lint crds binaries kernels collector demo protos
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -32,6 +32,9 @@ venv: $(VENV)/.installed ## create .venv with the project, engine and test extra
 binaries: ## build (or reuse) etcd, kube-*, kwok, kubectl, helm into $(KVFLEET_CACHE)/bin
 	e2e/build-binaries.sh
 
+kernels: venv ## build (or reuse) the engine's CPU kernels into $(KVFLEET_CACHE)/kernels (engines would build them on first use; done first so test timeouts never pay it)
+	PYTHONSAFEPATH=1 $(PY) -m kvfleet.dataplane.kernels.cpu
+
 collector: ## build (or reuse) an OpenTelemetry Collector (OTLP in, file/debug out) into $(KVFLEET_CACHE)/bin
 	e2e/build-collector.sh
 
@@ -45,7 +48,7 @@ lint: venv ## ruff on everything, mypy on the API package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy operator/api
 
-test: venv binaries collector image ## everything CI runs: lint, unit, engine, real control plane, operator, real collector, images
+test: venv binaries kernels collector image ## everything CI runs: lint, unit, engine, real control plane, operator, real collector, images
 	$(MAKE) lint
 	KVFLEET_IMAGES_FRESH=1 $(VENV)/bin/pytest
 
@@ -118,7 +121,7 @@ bench-kv: venv ## KV cache policy grid (codecs x eviction) on SmolLM2-135M; writ
 	$(PY) bench/kv_policies.py
 
 .PHONY: bench-engine
-bench-kv-serving: venv ## the serving engine under each CachePolicy on SmolLM2-135M: bytes, tok/s, step p50/p90/p99, fidelity; writes bench/results/kv_serving.*
+bench-kv-serving: venv kernels ## the serving engine under each CachePolicy on SmolLM2-135M: bytes, tok/s, step p50/p90/p99, fidelity; writes bench/results/kv_serving.*
 	$(PY) -m bench.kv_serving
 
 .PHONY: bench-fleet-sim
@@ -136,11 +139,11 @@ bench-disagg: venv ## colocated vs router+prefill+decode on long prompts (TTFT/T
 bench-prefix: venv ## shared-prefix workload on router + 2 prefill + 2 decode: round-robin vs load vs prefix routing, with and without the memory pool; writes bench/results/prefix_routing.* (~15 min)
 	$(PY) -m bench.prefix_routing
 
-bench-engine: venv ## SmolLM2-135M: kvfleet vs transformers vs vLLM throughput, kvfleet serve vs vllm serve latency at 1/4/16; builds vLLM's CPU venv once under $KVFLEET_CACHE (bench/vllm_env.py); writes bench/results/engine.* (VLLM=off skips vLLM)
+bench-engine: venv kernels ## SmolLM2-135M: kvfleet vs transformers vs vLLM throughput, kvfleet serve vs vllm serve latency at 1/4/16; builds vLLM's CPU venv once under $KVFLEET_CACHE (bench/vllm_env.py); writes bench/results/engine.* (VLLM=off skips vLLM)
 	PYTHONSAFEPATH=1 $(PY) -m bench.engine $(if $(VLLM),--vllm $(VLLM),)
 
 demo-images: venv binaries image ## the images path: publish both to a loopback registry, helm install the operator from it (a pod), serve a fleet from the engine image
 	KVFLEET_IMAGES_FRESH=1 $(PY) -m e2e.demo_images
 
-demo: venv binaries ## the main job: real model + local control plane + operator (chart RBAC) + sample fleets + requests + a scale-up
+demo: venv binaries kernels ## the main job: real model + local control plane + operator (chart RBAC) + sample fleets + requests + a scale-up
 	$(PY) -m e2e.demo
