@@ -299,6 +299,9 @@ def add_args(ap: Any) -> None:
     ap.add_argument("--cache", type=Path, default=None,
                     help="JSONL of finished results to resume from (default: OUT/eval-cache.jsonl)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--lookahead", type=Path, default=None,
+                    help="a trained LookaheadKV module for `lookahead` policies (default: `kvfleet "
+                         "train-lookahead`'s for the model, trained on first use)")
 
 
 def settings_from(a: Any) -> dict[str, Any]:
@@ -337,7 +340,12 @@ def evaluate(model_dir: Path, policies: Sequence[PolicySpec], s: dict[str, Any],
 def main(a: Any, policies: Sequence[PolicySpec], model_dir: Path) -> int:
     s = settings_from(a)
     cache_path = a.cache or (a.out / "eval-cache.jsonl" if a.out is not None else None)
-    report = evaluate(model_dir, policies, s, ResultCache(cache_path), a.quiet)
+    la = a.lookahead
+    if la is None and any(p.eviction.policy in OFFLINE_ONLY for p in policies):
+        from kvfleet.tools.lookahead_train import lookahead_dir
+
+        la = lookahead_dir(model_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = evaluate(model_dir, policies, s, ResultCache(cache_path, la.name if la else ""), a.quiet, la)
     report["model"] = a.model
     print(table(report))
     if a.out is not None:

@@ -131,26 +131,33 @@ def test_h2o_needs_the_recorded_queries(tiny):
 
 
 def test_evaluator_runs_lookahead_end_to_end(tiny, tmp_path):
+    """`kvfleet eval-cache` with a lookahead and an H2O CachePolicy on a tiny model and a trained module."""
+    import json
+
+    from kvfleet.tools import eval_cache
     from kvfleet.tools import eval_quality as eq
 
     d, model, cfg = tiny
     mod, rec = lt.train(model, cfg, _texts(cfg), RECIPE)
-    mod.save(tmp_path / "la", rec)
-    s = dict(eq.DEFAULTS, ppl_seqs={"64": 2}, passkey_lengths=[96], passkey_trials=2, multifact_haystacks=1,
-             multifact_length=160, bytes_at=64)
-    ev = EvictionSpec("lookahead", budget_ratio=0.5, window_tokens=4, sink_tokens=2, pooling_kernel=3)
-    policies = [PolicySpec(name="base"), PolicySpec(eviction=ev, name="la@50%"),
-                PolicySpec(eviction=EvictionSpec("h2o", budget_ratio=0.5, window_tokens=4, sink_tokens=2),
-                           name="h2o@50%")]
-    cache = eq.ResultCache(tmp_path / "c.jsonl", scorer_id="la-1")
-    report = eq.evaluate(d, policies, s, cache, quiet=True, lookahead_dir=tmp_path / "la")
-    rows = {r["policy"]: r for r in report["results"]}
-    for name in ("la@50%", "h2o@50%"):
+    mod.save(tmp_path / "la-1", rec)
+    pol = tmp_path / "p.yaml"
+    pol.write_text("metadata: {name: la50}\nspec:\n  eviction: {policy: lookahead, budgetRatio: 0.5, windowTokens: 4, "
+                   "sinkTokens: 2, poolingKernel: 3}\n---\nmetadata: {name: h2o50}\nspec:\n  eviction: {policy: h2o, "
+                   "budgetRatio: 0.5, windowTokens: 4, sinkTokens: 2}\n")
+    out = tmp_path / "out"
+    assert eval_cache.main(["--model", str(d), "--policy", str(pol), "--out", str(out), "--ppl-seqs", "64:2",
+                            "--passkey-lengths", "96", "--passkey-trials", "2", "--multifact-haystacks", "1",
+                            "--multifact-length", "160", "--bytes-at", "64", "--quiet",
+                            "--lookahead", str(tmp_path / "la-1")]) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "eval-cache.json").read_text())["results"]}
+    for name in ("la50", "h2o50"):
         assert rows[name]["prompt_kept"] == pytest.approx(0.5, abs=0.05)
         assert rows[name]["scored_tokens"] == 2 * 2 * 31 and set(rows[name]["select_ms"]) == {"@64"}
         assert set(rows[name]["accuracy"]) == {"passkey@96", "multifact@160"}
-    assert rows["la@50%"]["engine_bytes_per_token"] is None and rows["la@50%"]["engine_refuses"]
-    assert rows["la@50%"]["kv_bytes_per_token"] == rows["h2o@50%"]["kv_bytes_per_token"]
-    # another module's results are not reused: its id is part of the cache key
-    assert eq.ResultCache(tmp_path / "c.jsonl", scorer_id="la-2").get("ppl/bible/64/0", policies[1]) is None
-    assert eq.ResultCache(tmp_path / "c.jsonl", scorer_id="la-1").get("ppl/bible/64/0", policies[1]) is not None
+    assert rows["la50"]["engine_bytes_per_token"] is None and rows["la50"]["engine_refuses"]
+    assert rows["la50"]["kv_bytes_per_token"] == rows["h2o50"]["kv_bytes_per_token"]
+    # another module's results are not reused: its id (directory name) is part of the cache key
+    la = PolicySpec(eviction=EvictionSpec("lookahead", budget_ratio=0.5, window_tokens=4, sink_tokens=2,
+                                          pooling_kernel=3))
+    assert eq.ResultCache(out / "eval-cache.jsonl", scorer_id="la-2").get("ppl/bible/64/0", la) is None
+    assert eq.ResultCache(out / "eval-cache.jsonl", scorer_id="la-1").get("ppl/bible/64/0", la) is not None
