@@ -40,7 +40,8 @@ def grid(quick: bool) -> list:
     r = {"group_size": 32, "residual_tokens": 32, "sink_tokens": 4}
     # rows the ~40 min budget allows on a loaded 2-core box (about 4 min each for 16k scored tokens)
     codecs = {f"{dt}+R{' preRoPE' if pre else ''}": QuantSpec(dt, keys_pre_rope=pre, **r)
-              for dt, pre in (("int8", False), ("int4", False), ("int3", False), ("int2", False), ("int2", True))}
+              for dt, pre in (("int8", False), ("int4", False), ("int3", False), ("int2", False), ("int2", True),
+                              ("int4", True), ("int3", True))}
     codecs["bf16"] = QuantSpec("none")
     policies = [PolicySpec(q, name=n) for n, q in codecs.items() if n != "bf16"]
     # about 8x the 16-bit cache's bytes for the prompt: fewer kept tokens at higher precision or more at lower
@@ -53,8 +54,21 @@ def grid(quick: bool) -> list:
     # PyramidKV at the same memory: per-layer budgets (more below, less above; same mean), perplexity only
     flat = policies[-2]
     policies.append(PolicySpec(flat.quant, replace(flat.eviction, pyramid=True), name=f"{flat.name} pyramid"))
+    # equal budgets (40% of the prompt), three scorers: SnapKV's observation window, H2O's accumulated
+    # attention, LookaheadKV's trained lookahead tokens; with int4+R (~7.6x) and with 16-bit rows (2.5x)
+    snap40 = flat.eviction
+    for cname, q in (("int4+R", flat.quant), ("bf16", codecs["bf16"])):
+        for pol in ("lookahead", "h2o", "snapkv"):
+            if (cname, pol) != ("int4+R", "snapkv"):
+                policies.append(PolicySpec(q, replace(snap40, policy=pol), name=f"{cname} + {pol}@40%"))
+    # where the bar is crossed: int4+R keeping 70% of the prompt (~4.4x), SnapKV vs LookaheadKV, perplexity only
+    # and with the codec the paged engine can compact (int4 keys per-token: eviction moves single tokens)
+    tok4 = replace(codecs["int4+R"], key_granularity="per-token", value_granularity="per-token")
+    for cname, q in (("int4+R", flat.quant), ("int4 per-token", tok4)):
+        for pol in ("snapkv", "lookahead"):
+            policies.append(PolicySpec(q, replace(snap40, policy=pol, budget_ratio=0.7), name=f"{cname} + {pol}@70%"))
     if quick:
-        policies = [p for p in policies if p.name in ("int2+R", "int4+R + snapkv@40%")]
+        policies = [p for p in policies if p.name in ("int2+R", "int4+R + snapkv@40%", "int4+R + lookahead@40%")]
     return policies
 
 
@@ -70,10 +84,47 @@ def curve(report: dict) -> str:
             continue
         best = min(fit, key=lambda r: r["ppl_delta_pct"]["all"][0])
         d = best["ppl_delta_pct"]["all"]
-        pk = best["accuracy"].get("passkey@4096", [float("nan")])[0]
+        pk = best["accuracy"].get("passkey@4096")
         out.append(f"| {budget}x | {best['policy']} | {best['x_vs_16bit']:.2f} | {d[0]:+.2f} [{d[1]:+.2f}, "
-                   f"{d[2]:+.2f}] | {pk:.2f} |")
+                   f"{d[2]:+.2f}] | {'n/a' if pk is None else f'{pk[0]:.2f}'} |")
     return "\n".join(out)
+
+
+def scorers(report: dict) -> str:
+    """Prompt-compression rows (flat budgets): quality and the time to choose the kept rows, per scorer."""
+    out = ["| policy | x | Δppl% [95% CI] | passkey 1k, 2k, 4k | multifact | select ms @512 | @1024 | @2048 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        e = r["eviction"]
+        if e["policy"] == "none" or e["pyramid"]:
+            continue
+        d = r["ppl_delta_pct"].get("all")
+        acc = r["accuracy"]
+        pk = ", ".join(f"{round(acc[k][0] * acc[k][3])}/{acc[k][3]}" if k in acc else "-"
+                       for k in ("passkey@1024", "passkey@2048", "passkey@4096"))
+        mf = (f"{round(acc['multifact@2048'][0] * acc['multifact@2048'][3])}/{acc['multifact@2048'][3]}"
+              if "multifact@2048" in acc else "-")
+        sel = r.get("select_ms", {})
+        ms = [f"{sel[k]:.1f}" if k in sel else "n/a" for k in ("@1024", "@2048", "@4096")]  # prompt = half
+        out.append(f"| {r['policy']} | {r['x_vs_16bit']:.2f} | {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] | {pk} | "
+                   f"{mf} | {' | '.join(ms)} |" if d else f"| {r['policy']} | | n/a | | | | | |")
+    return "\n".join(out)
+
+
+def lookahead_block(report: dict) -> str:
+    la = report.get("lookahead")
+    if not la:
+        return "_(no LookaheadKV module)_"
+    rc, b, a = la["recipe"], la["heldout_captured_before"], la["heldout_captured_after"]
+    return (f"Module `{la['dir']}` ({la['parameters']:,} parameters: {rc['num_tokens']} lookahead embeddings + "
+            f"rank-{rc['rank']} q/k/v update per layer), trained by `kvfleet train-lookahead` (seed {rc['seed']}) "
+            f"on {rc['train_windows']} windows (prompts of {'/'.join(map(str, rc['prompt_lengths']))} tokens + "
+            f"{rc['future_tokens']} continuation tokens) of Bible books and stdlib modules the evaluation never "
+            f"reads; targets in {la['data_seconds']:.0f} s, {rc['steps']} steps in {la['train_seconds']:.0f} s "
+            f"(1 thread). KL loss {la['loss_first']:.3f} -> {la['loss_last']:.3f}. On {rc['heldout_windows']} "
+            f"held-out windows, share of the continuation's attention on the prompt that the rows kept at "
+            f"{int(rc['budget_ratio'] * 100)}% hold: LookaheadKV {a['lookahead']:.3f} (untrained {b['lookahead']:.3f}), "
+            f"SnapKV {a['snapkv']:.3f}, oracle {a['oracle']:.3f}.")
 
 
 def goal(report: dict) -> str:
@@ -135,16 +186,34 @@ door numbers each, every one asked; correct = greedy decoding emits the number (
 argmaxes right); Wilson 95% intervals.
 
 Codecs: `+R` = keys per-channel and values per-token in groups of 32, 4 sink tokens and a 32-token
-residual window in 16 bits (KIVI); `preRoPE` = keys quantized before RoPE (KVQuant). Eviction rows
+residual window in 16 bits (KIVI); `preRoPE` = keys quantized before RoPE (KVQuant); `int4 per-token` = the
+same with keys per-token too (what the paged engine can compact under eviction). Eviction rows
 are prompt compression (the SnapKV paper's setting): after the prompt is prefilled each layer and kv
 head keeps the stated share of its rows (sinks, a 32-token window and the 16-bit rows protected), and
-decoded tokens are all kept; `x` is the prompt's compression.
+decoded tokens are all kept; `x` is the prompt's compression. Scorers: `snapkv` (votes of the last 32
+prompt queries), `h2o` (attention accumulated from every prompt query), `lookahead` (LookaheadKV: a
+trained module's lookahead tokens, below); selection and masks are the same code for all three.
 
 {table(report)}
 
 ## Equal memory: which mix of precision and kept tokens is best
 
 {curve(report)}
+
+"Best" is by perplexity alone; the passkey column shows what a row loses in retrieval.
+
+## Who chooses the kept rows: SnapKV, H2O, LookaheadKV at equal budgets
+
+{scorers(report)}
+
+`select ms`: mean time per prompt (all 30 layers) to score the prompt's rows and pick the kept ones,
+on one thread, by prompt length (the perplexity windows' first halves). SnapKV reads the last 32
+prompt queries (an observation window the prefill computes anyway); H2O the attention of every prompt
+query (here recomputed from recorded queries; a serving engine accumulates it during the prefill);
+LookaheadKV runs its 8 lookahead tokens through the model over the stored KV. n/a: rows computed
+before selection times were recorded (SnapKV's scoring does not depend on the codec: see the bf16 row).
+
+{lookahead_block(report)}
 
 ## Goal: 8x at <= +2%
 
@@ -165,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared box)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--only", default=None, help="input kinds to run, e.g. passkey,multifact (a helper process)")
+    ap.add_argument("--rows", default=None,
+                    help="compute only these rows (comma-separated names; the report still lists every cached row)")
     ap.add_argument("--reverse", action="store_true", help="last input first (a helper working from the end)")
     ap.add_argument("--wall-s", type=float, default=float("nan"), help="--report-only: the runs' wall time")
     ap.add_argument("--load-start", type=float, default=float("nan"), help="--report-only: load at the start")
@@ -183,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         s.update(ppl_seqs={"512": 1}, passkey_lengths=[512], passkey_trials=2, multifact_haystacks=1,
                  multifact_length=512, bytes_at=512)
     stem = "kv_policies_quick" if a.quick else "kv_policies"
-    cache = eq.ResultCache(a.out / f"{stem}.cache.jsonl")
+    from kvfleet.tools.lookahead_train import lookahead_dir
+
+    # the trained LookaheadKV module (built on first use, ~5 min; cached outside the repo by recipe)
+    la_dir = lookahead_dir(resolve_model("smollm2"), log=lambda m: print(m, file=sys.stderr, flush=True))
+    cache = eq.ResultCache(a.out / f"{stem}.cache.jsonl", scorer_id=la_dir.name)
     policies = [PolicySpec(name="bf16 (baseline)")] + grid(a.quick)
     load0, t0 = os.getloadavg()[0], time.time()
     if a.report_only:
@@ -197,11 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_start=a.load_start,
                       wall_s=a.wall_s)
     else:
-        report = eq.evaluate(resolve_model("smollm2"), policies, s, cache, reverse=a.reverse,
+        todo = policies if a.rows is None else [policies[0]] + [p for p in policies if p.name in a.rows.split(",")]
+        report = eq.evaluate(resolve_model("smollm2"), todo, s, cache, reverse=a.reverse, lookahead_dir=la_dir,
                              kinds=a.only.split(",") if a.only else None)
+        if len(todo) < len(policies):
+            from kvfleet.dataplane.model.config import ModelConfig
+
+            report.update(eq.summarize(policies, s, cache, ModelConfig.from_dir(resolve_model("smollm2"))))
         report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_start=load0,
                       wall_s=time.time() - t0)
     report["model"] = "SmolLM2-135M-Instruct (GGUF -> float32)"
+    report["lookahead"] = {"dir": la_dir.name, **json.loads((la_dir / "lookahead.json").read_text())}
     print(eq.table(report))
     print(goal(report))
     a.out.mkdir(parents=True, exist_ok=True)

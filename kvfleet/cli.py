@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvfleet.tools.eval_cache",
         "measure KV cache policies: bytes/token, perplexity, passkey, tok/s",
     ),
+    "train-lookahead": (
+        "kvfleet.tools.lookahead_train",
+        "train a LookaheadKV module (learned eviction scores) on a model's own attention (cached)",
+    ),
     "profile-sharing": (
         "kvfleet.tools.profile_sharing",
         "measure cross-variant KV reuse per layer and recommend layers to recompute (DroidSpeak)",

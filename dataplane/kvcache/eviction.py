@@ -10,6 +10,8 @@ quantizer keeps in full precision) are always kept.
     h2o            score = accumulated attention received (heavy hitters + window)
     snapkv         score = max-pooled attention of the last W queries (after prefill)
     keydiff        score = -cos(key, mean key of the head) (no attention weights)
+    lookahead      score = attention of M learned lookahead tokens after the prompt (LookaheadKV,
+                   `lookahead.py`; prompt compression in the teacher-forced evaluator only)
 
 Positions live inside post-RoPE keys, so dropping a token is just dropping its
 row; kept keys keep their original rotation.
@@ -23,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-EVICTION_POLICIES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")
+EVICTION_POLICIES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff", "lookahead")
+# scored by a trained module after the prompt (`lookahead.py`): evaluated by teacher forcing only
+OFFLINE_ONLY = ("lookahead",)
 PYRAMID_SPREAD = 0.5  # first layer gets (1 + spread) x budget, last (1 - spread) x budget
 
 
@@ -149,6 +153,19 @@ def received_attention(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return probs.view(num_kv_heads, hq // num_kv_heads, tq, tk).sum((1, 2)).T
 
 
+def h2o_prompt_scores(q: torch.Tensor, keys: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """H2O after a prefill: attention each prompt row received from every prompt query (causal).
+
+    q [P, Hq, D], keys [P, Hkv, D] -> [P, Hkv], computed `chunk` queries at a time."""
+    p, hkv = keys.shape[:2]
+    acc = torch.zeros(p, hkv)
+    for c0 in range(0, p, chunk):
+        c1 = min(p, c0 + chunk)
+        visible = (torch.arange(c1)[None, :] <= torch.arange(c0, c1)[:, None])[None]  # [1, C, c1]
+        acc[:c1] += received_attention(attention_probs(q[c0:c1], keys[:c1], visible), hkv)
+    return acc
+
+
 def snapkv_scores(q_win: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor,
                   kernel: int) -> torch.Tensor:
     """SnapKV: votes of the observation-window queries, max-pooled along the sequence.
@@ -157,9 +174,14 @@ def snapkv_scores(q_win: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, 
     """
     visible = k_pos.T[:, None, :] <= q_pos[None, :, None]  # [Hkv, W, N]
     votes = received_attention(attention_probs(q_win, keys, visible), keys.shape[1])  # [N, Hkv]
-    if kernel > 1:
-        votes = F.max_pool1d(votes.T[:, None, :], kernel, stride=1, padding=kernel // 2)[:, 0].T
-    return votes
+    return pool_rows(votes, kernel)
+
+
+def pool_rows(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """scores [N, H] -> [N, H] max-pooled along the rows (a kept row keeps its neighbours' chance)."""
+    if kernel <= 1:
+        return scores
+    return F.max_pool1d(scores.T[:, None, :], kernel, stride=1, padding=kernel // 2)[:, 0].T
 
 
 # -- per-sequence policy state ---------------------------------------------------

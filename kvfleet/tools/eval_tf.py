@@ -17,39 +17,53 @@ is kept. Continuous eviction during decode stays with the stepwise evaluator (`e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvfleet.dataplane.kvcache.eviction import keydiff_scores, select_keep, snapkv_scores, streaming_scores
+from kvfleet.dataplane.kvcache.eviction import (
+    h2o_prompt_scores,
+    keydiff_scores,
+    pool_rows,
+    select_keep,
+    snapkv_scores,
+    streaming_scores,
+)
 from kvfleet.dataplane.kvcache.paged_layout import tail_start
 from kvfleet.dataplane.kvcache.policy import PolicySpec
 from kvfleet.dataplane.kvcache.quant import Codec
 from kvfleet.dataplane.model.attention import AttentionBackend, causal_attention
 
 Q_CHUNK = 128  # queries per attention block (bounds the [Hq, Q, N] score tensors)
+# a trained scorer of a recorded prompt: Prompt -> per layer [P, Hkv] (LookaheadKV; pooled here)
+PromptScorer = Callable[["Prompt"], list[torch.Tensor]]
 
 
 @dataclass
 class Prompt:
-    """A prefilled prompt: per layer post-RoPE k, v [P, Hkv, D] and the last `window` queries [W, Hq, D]."""
+    """A prefilled prompt: per layer post-RoPE k, v [P, Hkv, D], the last `window` queries [W, Hq, D]
+    and, when recorded (`prefill(full_q=True)`, for H2O), every query [P, Hq, D]."""
 
     ids: list[int]
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     q_win: list[torch.Tensor]
     logits: torch.Tensor  # [V] at the last prompt position
+    q_all: list[torch.Tensor] | None = field(default=None)
 
 
 class _Record(AttentionBackend):
     """Dense causal attention over an optional recorded prefix, keeping what a `Prompt` needs."""
 
-    def __init__(self, prefix: Prompt | None, window: int) -> None:
-        self.prefix, self.window = prefix, window
+    def __init__(self, prefix: Prompt | None, window: int, full_q: bool = False) -> None:
+        self.prefix, self.window, self.full_q = prefix, window, full_q
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.q: list[torch.Tensor] = []
+        self.q_all: list[torch.Tensor] = []
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.prefix is not None:
@@ -61,24 +75,30 @@ class _Record(AttentionBackend):
         self.k.append(k)
         self.v.append(v)
         self.q.append(q_win)
+        if self.full_q:
+            assert self.prefix is None or self.prefix.q_all is not None, "prefix recorded without full_q"
+            self.q_all.append(q if self.prefix is None else torch.cat([self.prefix.q_all[layer], q]))  # type: ignore[index]
         return causal_attention(q, k, v, q_offset=k.shape[0] - q.shape[0])
 
 
 @torch.inference_mode()
-def prefill(model: Any, ids: list[int], window: int = 32, prefix: Prompt | None = None) -> Prompt:
+def prefill(model: Any, ids: list[int], window: int = 32, prefix: Prompt | None = None,
+            full_q: bool = False) -> Prompt:
     """Dense prefill of `ids` (policy-independent: a prompt's own tokens attend at full precision).
-    prefix: a recorded `Prompt` whose ids start `ids` (only the rest is computed)."""
+    prefix: a recorded `Prompt` whose ids start `ids` (only the rest is computed); full_q: keep every
+    query (H2O's prompt scores need them)."""
     start = 0 if prefix is None else len(prefix.ids)
     assert prefix is None or ids[:start] == prefix.ids
-    rec = _Record(prefix, window)
+    rec = _Record(prefix, window, full_q)
     hidden = model(torch.tensor(ids[start:]), torch.arange(start, len(ids)), rec)
-    return Prompt(list(ids), rec.k, rec.v, rec.q, model.compute_logits(hidden[-1:])[0])
+    return Prompt(list(ids), rec.k, rec.v, rec.q, model.compute_logits(hidden[-1:])[0],
+                  rec.q_all if full_q else None)
 
 
 def cut(p: Prompt, n: int, window: int = 32) -> Prompt:
     """The first n tokens of a recorded prompt (logits unknown: zeros)."""
     return Prompt(p.ids[:n], [k[:n] for k in p.k], [v[:n] for v in p.v], [q[:0] for q in p.q_win],
-                  torch.zeros_like(p.logits))
+                  torch.zeros_like(p.logits), None if p.q_all is None else [q[:n] for q in p.q_all])
 
 
 def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -91,9 +111,11 @@ class TeacherForced(AttentionBackend):
     """Scores positions P.. of one sequence in one forward over a recorded `Prompt` of P tokens."""
 
     def __init__(self, spec: PolicySpec, prompt: Prompt, rope: Any, dtype: torch.dtype = torch.float32,
-                 fp_store: torch.dtype | None = torch.bfloat16) -> None:
+                 fp_store: torch.dtype | None = torch.bfloat16, scorer: PromptScorer | None = None) -> None:
         hkv, d = prompt.k[0].shape[1:]
-        self.spec, self.prompt, self.rope, self.fp_store = spec, prompt, rope, fp_store
+        self.spec, self.prompt, self.rope, self.fp_store, self.scorer = spec, prompt, rope, fp_store, scorer
+        self.learned: list[torch.Tensor] | None = None  # the scorer's output, per layer [P, Hkv]
+        self.select_s = 0.0  # seconds spent scoring and selecting the kept rows (all layers)
         self.kc, self.vc = spec.codecs(hkv, d, dtype)
         q = spec.quant
         self.sinks, self.resid = q.sink_tokens, q.residual_tokens
@@ -153,7 +175,18 @@ class TeacherForced(AttentionBackend):
         budget = max(int(prot.sum(0).max()), ev.layer_budget(layer, len(p.k), n, 0))
         if budget >= n:
             return None
-        if ev.policy == "keydiff":
+        t0 = time.perf_counter()
+        if ev.policy == "lookahead":
+            if self.scorer is None:
+                raise ValueError("eviction lookahead needs the trained module (score(..., scorer=...))")
+            if self.learned is None:  # one forward of the lookahead tokens scores every layer
+                self.learned = self.scorer(p)
+            scores = pool_rows(self.learned[layer], ev.pooling_kernel)
+        elif ev.policy == "h2o":
+            if p.q_all is None:
+                raise ValueError("eviction h2o needs every prompt query: prefill(..., full_q=True)")
+            scores = h2o_prompt_scores(p.q_all[layer], k)
+        elif ev.policy == "keydiff":
             scores = keydiff_scores(k)
         elif ev.policy == "snapkv":
             w = p.q_win[layer]
@@ -161,11 +194,11 @@ class TeacherForced(AttentionBackend):
         elif ev.policy == "streaming-llm":
             scores = streaming_scores(pos)
         else:
-            raise ValueError(f"eviction {ev.policy!r}: teacher forcing evaluates streaming-llm, snapkv, keydiff")
+            raise ValueError(f"eviction {ev.policy!r}: teacher forcing evaluates streaming-llm, snapkv, keydiff, "
+                             "h2o, lookahead")
         idx = select_keep(scores, prot, budget)  # [budget, Hkv]
-        keep = torch.zeros(h, n, dtype=torch.bool)
-        keep.scatter_(1, idx.T, True)
-        return keep
+        self.select_s += time.perf_counter() - t0
+        return keep_mask(idx, n)
 
     def kept_prompt_rows(self) -> float:
         """Mean rows kept per layer and kv head of the prompt."""
@@ -228,14 +261,22 @@ class TeacherForced(AttentionBackend):
         return out
 
 
+def keep_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """idx [k, Hkv] kept rows (`select_keep`) -> [Hkv, n] bool mask of the prompt's kept rows."""
+    keep = torch.zeros(idx.shape[1], n, dtype=torch.bool)
+    keep.scatter_(1, idx.T, True)
+    return keep
+
+
 @torch.inference_mode()
 def score(model: Any, spec: PolicySpec, prompt: Prompt, targets: list[int], rope: Any,
-          fp_store: torch.dtype | None = torch.bfloat16) -> tuple[torch.Tensor, TeacherForced]:
+          fp_store: torch.dtype | None = torch.bfloat16,
+          scorer: PromptScorer | None = None) -> tuple[torch.Tensor, TeacherForced]:
     """Per-token NLL [len(targets)] of `targets` following `prompt`, decoded under `spec` (teacher-forced).
 
     targets[0] is predicted by the prompt's own logits (the same under every policy); the rest by a
     forward of targets[:-1] through `TeacherForced`."""
-    attn = TeacherForced(spec, prompt, rope, fp_store=fp_store)
+    attn = TeacherForced(spec, prompt, rope, fp_store=fp_store, scorer=scorer)
     first = torch.log_softmax(prompt.logits.float(), -1)[targets[0]]
     if len(targets) == 1:
         return -first[None], attn
@@ -248,12 +289,12 @@ def score(model: Any, spec: PolicySpec, prompt: Prompt, targets: list[int], rope
 
 @torch.inference_mode()
 def greedy_matches(model: Any, spec: PolicySpec, prompt: Prompt, answer: list[int], rope: Any,
-                   fp_store: torch.dtype | None = torch.bfloat16) -> bool:
+                   fp_store: torch.dtype | None = torch.bfloat16, scorer: PromptScorer | None = None) -> bool:
     """Whether greedy decoding under `spec` emits `answer` first: every teacher-forced argmax is right."""
     ok = int(prompt.logits.argmax()) == answer[0]
     if not ok or len(answer) == 1:
         return ok
-    attn = TeacherForced(spec, prompt, rope, fp_store=fp_store)
+    attn = TeacherForced(spec, prompt, rope, fp_store=fp_store, scorer=scorer)
     start = len(prompt.ids)
     hidden = model(torch.tensor(answer[:-1]), torch.arange(start, start + len(answer) - 1), attn)
     return bool((model.compute_logits(hidden).argmax(-1) == torch.tensor(answer[1:])).all())
