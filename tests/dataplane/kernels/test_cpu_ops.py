@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kvfleet.dataplane.config import EngineConfig
+from kvfleet.dataplane.config import CachePolicyConfig, EngineConfig
 from kvfleet.dataplane.engine.api import SamplingParams
 from kvfleet.dataplane.engine.llm_engine import LLMEngine
 from kvfleet.dataplane.kernels.cpu import KernelUnavailable, build_dir, kernels_for, load_cpu_ops
@@ -137,16 +137,23 @@ def test_mode_on_fails_loudly_and_auto_falls_back(monkeypatch) -> None:
     assert cpu.kernels_for("auto") is None
 
 
-def _generate(model_dir: str, kernels: str, prompts: list[list[int]], max_tokens: int) -> tuple[list, LLMEngine]:
+INT4_R = CachePolicyConfig(key_quantization="int4", value_quantization="int4", group_size=8, residual_tokens=8,
+                           quant_sink_tokens=4)
+
+
+def _generate(model_dir: str, kernels: str, prompts: list[list[int]], max_tokens: int,
+              policy: CachePolicyConfig | None = None) -> tuple[list, LLMEngine]:
     model, mc = load_model(model_dir, dtype=torch.float32, device="cpu")
     cfg = EngineConfig(model_dir=model_dir, dtype="float32", device="cpu", num_kv_blocks=96, max_num_seqs=4,
-                       block_size=8, cpu_kernels=kernels)
+                       block_size=8, cpu_kernels=kernels, cache_policy=policy or CachePolicyConfig())
     engine = LLMEngine(model, mc, cfg, "cpu", torch.float32)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return [o.new_token_ids for o in engine.generate(prompts, params)], engine
 
 
-def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatch) -> None:
+@pytest.mark.parametrize("policy", [None, INT4_R], ids=["exact", "int4+R"])
+def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatch, policy) -> None:
+    """Exact cache: decode attention reads the blocks; quantized: it attends the dequantized rows."""
     prompts = [[5 + i, 17, 3 * i + 1, 40, 2] * (i + 2) for i in range(6)]  # 6 > max_num_seqs: queued, chunked
     calls: list[str] = []
     ops = load_cpu_ops()
@@ -157,9 +164,9 @@ def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatc
             return getattr(ops, name)
 
     monkeypatch.setattr("kvfleet.dataplane.kernels.cpu.load_cpu_ops", lambda: Counting())
-    with_kernels, engine = _generate(str(tiny_model_dir), "on", prompts, 20)
+    with_kernels, engine = _generate(str(tiny_model_dir), "on", prompts, 20, policy)
     assert engine.kernels is not None
     assert {"paged_decode_attention", "rms_norm", "add_rms_norm", "rope_"} <= set(calls)
-    without, engine_off = _generate(str(tiny_model_dir), "off", prompts, 20)
+    without, engine_off = _generate(str(tiny_model_dir), "off", prompts, 20, policy)
     assert engine_off.kernels is None
     assert with_kernels == without
