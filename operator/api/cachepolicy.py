@@ -29,8 +29,9 @@ class Quantization(KubeModel):
         "with 95% intervals; keys per-channel and values per-token in groups of 32, sinkTokens 4, "
         "residualTokens 32): int8 1.76x -0.00% [-0.02, +0.01]; int4 3.13x +0.18% [+0.02, +0.33], the most "
         "compression within +2%; int3 3.89x +1.92% [+1.54, +2.30]; int2 5.12x +18.2% [+16.8, +19.7] "
-        "(keysPreRope +17.5%). None reaches 8x within +2%: SnapKV prompt compression to 40% on int4 (7.6x) "
-        "costs +3.9% [+2.7, +5.5].",
+        "(keysPreRope: int4 +0.25% [+0.10, +0.42], int3 +2.09% [+1.74, +2.44], int2 +17.5%). None reaches 8x "
+        "within +2%: prompt compression to 40% on int4 (7.6x) costs +3.9% [+2.7, +5.5] with SnapKV, +3.5% "
+        "[+2.5, +4.6] with H2O (passkey lost); to 70% (4.4x) +1.35% [+0.74, +2.25] with SnapKV.",
     )
     key_granularity: Granularity | None = Field(
         default=None,
@@ -57,7 +58,8 @@ class Quantization(KubeModel):
     keys_pre_rope: bool = Field(
         default=False,
         description="Quantize keys before rotary embedding (KVQuant); RoPE is re-applied on read at each "
-        "kept token's original position.",
+        "kept token's original position. Measured on SmolLM2-135M: no gain at 4 or 3 bits (paired vs post-RoPE "
+        "keys: int4 +0.07% [-0.08, +0.23], int3 +0.16% [-0.13, +0.47]).",
     )
     residual_tokens: int = Field(
         default=0,
