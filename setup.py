@@ -16,4 +16,4 @@ for name, path in ROOTS.items():
     packages += [f"{name}.{sub}" for sub in find_packages(path)]
 
 # the CPU kernels' source is compiled at run time (dataplane/kernels/cpu.py), so it ships with the package
-setup(packages=packages, package_dir=ROOTS, package_data={"kvfleet.dataplane.kernels": ["*.cpp"]})
+setup(packages=packages, package_dir=ROOTS, package_data={"kvfleet.dataplane.kernels": ["*.cpp", "*.h"]})

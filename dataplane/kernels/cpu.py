@@ -27,7 +27,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")  # the bindings; with the other sources and the header
+SOURCES = [SOURCE, SOURCE.with_name("cpu_quant_attention.cpp")]
+HEADERS = [SOURCE.with_name("cpu_common.h")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"]  # the C++ standard is the one torch builds with
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -50,7 +52,7 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What the compiled module depends on: the source, torch, Python, the flags and this CPU."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
                  _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -78,7 +80,7 @@ def load_cpu_ops() -> ModuleType:
             out.mkdir(parents=True, exist_ok=True)
             if not any(out.glob("*.so")):
                 log.info("building the CPU kernels into %s (once; about 30 s)", out)
-            _loaded = cpp_extension.load(name="kvfleet_cpu_ops", sources=[str(SOURCE)], extra_cflags=_CFLAGS,
+            _loaded = cpp_extension.load(name="kvfleet_cpu_ops", sources=[str(f) for f in SOURCES], extra_cflags=_CFLAGS,
                                          build_directory=str(out), verbose=False)
         except (OSError, RuntimeError, ImportError) as e:  # a compiler error arrives as RuntimeError
             raise KernelUnavailable(f"building {SOURCE.name} failed: {str(e)[-2000:]}") from e

@@ -9,6 +9,8 @@
 // rms_norm                x / rms(x) * w, float accumulation (one pass instead of ~6 ops)
 // add_rms_norm            (x + delta, rms_norm(x + delta)) in one pass
 // rope_                   rotate-half RoPE applied in place to the q and k heads of a qkv row
+// quant_decode_attention  decode attention over int8/int4 codes, dequantized per row as read
+//                         (cpu_quant_attention.cpp)
 //
 // Compiled with -O3 -march=native -fopenmp-simd -fno-trapping-math: the inner loops are written so
 // the compiler vectorizes them (`omp simd` reductions allow reassociating the float sums; without
@@ -24,37 +26,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
-// exp(x), vectorizable: 2^(x log2 e) split into an integer part (the float's exponent bits) and a
-// fraction (a degree-6 polynomial, relative error ~1e-7); x is clamped to [-87, 88] (float's range).
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.4426950408889634f;
-  const float fi = std::floor(t);
-  const float f = t - fi;  // [0, 1)
-  float p = 2.1871262347909954e-4f;
-  p = p * f + 1.2382415530029704e-3f;
-  p = p * f + 9.686186291396648e-3f;
-  p = p * f + 5.5478912462151565e-2f;
-  p = p * f + 2.4023109676181384e-1f;
-  p = p * f + 6.931468377006911e-1f;
-  p = p * f + 1.0000000061582064f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// Ask for the next block's rows of this head while the current block is computed: blocks are scattered,
-// so the hardware prefetcher cannot guess the jump.
-template <typename T>
-inline void prefetch_block(const T* first, int64_t bs, int64_t row, int64_t D) {
-  const int64_t lines = (D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  for (int64_t j = 0; j < bs; ++j)
-    for (int64_t l = 0; l < lines; ++l)
-      __builtin_prefetch(reinterpret_cast<const char*>(first + j * row) + 64 * l);
-}
+using kvfleet::prefetch_block;
 
 template <typename T>
 void decode_attention(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
@@ -90,18 +66,7 @@ void decode_attention(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
         }
       }
       // softmax over t, per query head
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, sg[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) {
-          sg[t] = exp_fast(sg[t] - mx);
-          sum += sg[t];
-        }
-        inv[g] = 1.f / sum;
-      }
+      for (int64_t g = 0; g < G; ++g) inv[g] = kvfleet::softmax_unnormalized(scores.data() + g * L, L);
       // out [G, D] = sum_t p_t v_t
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t start = 0, blk = 0; start < L; start += bs, ++blk) {
@@ -270,9 +235,18 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_
   });
 }
 
+// cpu_quant_attention.cpp
+torch::Tensor quant_decode_attention(torch::Tensor q, int64_t bits, torch::Tensor k_codes, torch::Tensor k_scale,
+                                     torch::Tensor k_zero, bool k_grouped, int64_t k_group, torch::Tensor v_codes,
+                                     torch::Tensor v_scale, torch::Tensor v_zero, bool v_grouped, int64_t v_group,
+                                     torch::Tensor lane_k, torch::Tensor lane_v, torch::Tensor override,
+                                     torch::Tensor own_k, torch::Tensor own_v, torch::Tensor block_tables,
+                                     torch::Tensor context_lens, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm, one pass");
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm, one pass");
   m.def("rope_", &rope_, "rotate-half RoPE on the q and k heads of qkv rows, in place");
+  m.def("quant_decode_attention", &quant_decode_attention, "decode attention over int8/int4 paged codes + lanes");
 }

@@ -175,6 +175,11 @@ class PagedAttention(AttentionBackend):
             return self.kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer],
                                                        meta.decode_block_tables, meta.decode_context_lens,
                                                        d ** -0.5)  # [Bd, Hq, D]
+        if kernel and pol is not None:  # quantized: rows dequantized as the kernel reads them
+            out = self.cache.fused_decode(self.kernels, layer, q, k, v, meta.decode_block_tables,
+                                          meta.decode_context_lens, pol)
+            if out is not None:
+                return out
         if pol is None:
             kc, vc = self.cache.gather(layer, meta.decode_block_tables)  # [Bd, L, Hkv, D]
         else:  # quantized: + full-precision lane rows, and each decode's own token as computed

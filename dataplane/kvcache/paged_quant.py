@@ -313,6 +313,28 @@ class PagedQuantKV(KVStorage):
         """block_ids [..., M] int64 -> dequantized k, v [..., M * block_size, Hkv, D] (no overlays)."""
         return self._dequant(self.kc, self.k[layer], block_ids), self._dequant(self.vc, self.v[layer], block_ids)
 
+    def fused_decode(self, kernels: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     tables: torch.Tensor, context_lens: torch.Tensor, step: PolicyStep) -> torch.Tensor | None:
+        """int8/int4 codes (keys not pre-RoPE): `kernels.quant_decode_attention` dequantizes each row as it
+        reads it, with the lane rows and the decodes' own k/v where `read` would overlay them."""
+        kc, vc = self.kc, self.vc
+        if (self.keys_pre_rope or kc.dtype != vc.dtype or kc.dtype not in ("int4", "int8")
+                or q.dtype != kc.fp_dtype):
+            return None
+        bd, _, d = q.shape
+        override = torch.full((bd, tables.shape[1] * self.block_size), -1, dtype=torch.long, device=q.device)
+        lanes = self.lanes
+        if lanes is not None and step.decode_overlay is not None and step.decode_overlay[0].numel():
+            override.view(-1)[step.decode_overlay[0]] = step.decode_overlay[1]
+        none = q.new_zeros(0, kc.num_heads, d)
+        lane_k, lane_v = (lanes.k[layer], lanes.v[layer]) if lanes is not None else (none, none)
+        ks, vs = self.k[layer], self.v[layer]  # [codes, scale, zero] each
+        out: torch.Tensor = kernels.quant_decode_attention(
+            q, 4 if kc.dtype == "int4" else 8, ks[0], ks[1], ks[2], kc.token_grouped, kc.group_size,
+            vs[0], vs[1], vs[2], vc.token_grouped, vc.group_size, lane_k, lane_v, override,
+            k.contiguous(), v.contiguous(), tables, context_lens, d ** -0.5)
+        return out  # [Bd, Hq, D]
+
     def read(self, layer: int, block_ids: torch.Tensor, overlay: tuple[torch.Tensor, torch.Tensor] | None,
              positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`gather` + the full-precision lane rows (sinks, tail) + RoPE for pre-RoPE keys.

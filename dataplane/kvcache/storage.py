@@ -122,6 +122,12 @@ class KVStorage(ABC):
         position of every gathered slot (the result's leading dims), used for pre-RoPE keys."""
         return self.gather(layer, block_ids)
 
+    def fused_decode(self, kernels: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     tables: torch.Tensor, context_lens: torch.Tensor, step: PolicyStep) -> torch.Tensor | None:
+        """Decode attention by a compiled kernel that reads this storage as it is (q [Bd, Hq, D], the
+        decodes' own k/v [Bd, Hkv, D]) -> [Bd, Hq, D]; None: no kernel for it, the caller reads and attends."""
+        return None
+
     # -- the per-step plan and per-sequence state -------------------------------------
 
     @property

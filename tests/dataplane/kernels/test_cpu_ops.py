@@ -139,6 +139,18 @@ def test_mode_on_fails_loudly_and_auto_falls_back(monkeypatch) -> None:
 
 INT4_R = CachePolicyConfig(key_quantization="int4", value_quantization="int4", group_size=8, residual_tokens=8,
                            quant_sink_tokens=4)
+# (policy, the decode attention kernel it must use): stats per group of blocks, per token, no lanes,
+# and keys stored before RoPE (no fused kernel: dequantized in torch, then the exact-cache kernel)
+POLICIES = [
+    (None, "paged_decode_attention"),
+    (INT4_R, "quant_decode_attention"),
+    (CachePolicyConfig(key_quantization="int4", value_quantization="int4", group_size=16, residual_tokens=16,
+                       quant_sink_tokens=4), "quant_decode_attention"),
+    (CachePolicyConfig(key_quantization="int8", value_quantization="int8", key_granularity="per-token",
+                       group_size=8), "quant_decode_attention"),
+    (CachePolicyConfig(key_quantization="int4", value_quantization="int4", group_size=8, residual_tokens=8,
+                       quant_sink_tokens=4, keys_pre_rope=True), "paged_decode_attention"),
+]
 
 
 def _generate(model_dir: str, kernels: str, prompts: list[list[int]], max_tokens: int,
@@ -151,9 +163,10 @@ def _generate(model_dir: str, kernels: str, prompts: list[list[int]], max_tokens
     return [o.new_token_ids for o in engine.generate(prompts, params)], engine
 
 
-@pytest.mark.parametrize("policy", [None, INT4_R], ids=["exact", "int4+R"])
-def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatch, policy) -> None:
-    """Exact cache: decode attention reads the blocks; quantized: it attends the dequantized rows."""
+@pytest.mark.parametrize(("policy", "attention"), POLICIES,
+                         ids=["exact", "int4+R", "int4+R-group16", "int8-per-token", "int4+R-preRoPE"])
+def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatch, policy, attention) -> None:
+    """Exact cache: decode attention reads the blocks; int8/int4: it dequantizes the codes as it reads them."""
     prompts = [[5 + i, 17, 3 * i + 1, 40, 2] * (i + 2) for i in range(6)]  # 6 > max_num_seqs: queued, chunked
     calls: list[str] = []
     ops = load_cpu_ops()
@@ -166,7 +179,7 @@ def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatc
     monkeypatch.setattr("kvfleet.dataplane.kernels.cpu.load_cpu_ops", lambda: Counting())
     with_kernels, engine = _generate(str(tiny_model_dir), "on", prompts, 20, policy)
     assert engine.kernels is not None
-    assert {"paged_decode_attention", "rms_norm", "add_rms_norm", "rope_"} <= set(calls)
+    assert {attention, "rms_norm", "add_rms_norm", "rope_"} <= set(calls)
     without, engine_off = _generate(str(tiny_model_dir), "off", prompts, 20, policy)
     assert engine_off.kernels is None
     assert with_kernels == without
