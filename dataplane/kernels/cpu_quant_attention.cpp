@@ -52,10 +52,15 @@ QuantSide side(const torch::Tensor& codes, const torch::Tensor& scale, const tor
   return s;
 }
 
+struct StatRow {  // the last token-grouped stats row read, as float (the tokens of a group share it)
+  int64_t row = -1;
+  float scale[512], zero[512];
+};
+
 // Row `slot` (= block * bs + o) of kv head h, dequantized into x[D].
 template <int BITS>
 inline void dequant_row(const QuantSide& s, int64_t block, int64_t o, int64_t bs, int64_t h, int64_t H,
-                        int64_t D, float* x) {
+                        int64_t D, float* x, StatRow& stats) {
   const int64_t slot = block * bs + o;
   const int64_t dc = BITS == 4 ? D / 2 : D;
   const uint8_t* c = s.codes + (slot * H + h) * dc;
@@ -70,11 +75,18 @@ inline void dequant_row(const QuantSide& s, int64_t block, int64_t o, int64_t bs
   }
   if (s.grouped) {
     const int64_t row = block * s.per_block + o / s.group;
-    const at::Half* sc = s.scale + row * s.s_row + h * s.s_head;
-    const at::Half* zp = s.zero + row * s.s_row + h * s.s_head;
+    if (row != stats.row) {  // float16 -> float once per group of tokens, not once per token
+      const at::Half* sc = s.scale + row * s.s_row + h * s.s_head;
+      const at::Half* zp = s.zero + row * s.s_row + h * s.s_head;
+      for (int64_t d = 0; d < D; ++d) {
+        stats.scale[d] = static_cast<float>(sc[d * s.s_chan]);
+        stats.zero[d] = static_cast<float>(zp[d * s.s_chan]);
+      }
+      stats.row = row;
+    }
     for (int64_t d = 0; d < D; ++d) {
-      const float scaled = codes[d] * static_cast<float>(sc[d * s.s_chan]);
-      x[d] = scaled + static_cast<float>(zp[d * s.s_chan]);
+      const float scaled = codes[d] * stats.scale[d];
+      x[d] = scaled + stats.zero[d];
     }
   } else {
     const at::Half* sc = s.scale + slot * s.s_row + h * s.s_head;
@@ -97,6 +109,7 @@ void quant_decode(const T* q, int64_t q_s0, int64_t q_s1, const QuantSide& ks, c
   const int64_t G = Hq / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), scores, inv(G), row(D);
+    StatRow k_stats, v_stats;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
       const int64_t L = ctx[b];
@@ -108,19 +121,21 @@ void quant_decode(const T* q, int64_t q_s0, int64_t q_s1, const QuantSide& ks, c
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[d]) * scale;
       }
       // the row of slot t (block blk, offset o) at the model dtype, as the torch path reads it
-      auto load = [&](const QuantSide& s, const T* lanes, const T* own, int64_t t, int64_t blk, int64_t o) {
+      k_stats.row = v_stats.row = -1;  // rows are per kv head
+      auto load = [&](const QuantSide& s, const T* lanes, const T* own, int64_t t, int64_t blk, int64_t o,
+                      StatRow& stats) {
         const T* full = t == L - 1 ? own + (b * Hkv + h) * D : (ov[t] >= 0 ? lanes + (ov[t] * Hkv + h) * D : nullptr);
         if (full != nullptr) {
           for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(full[d]);
         } else {
-          dequant_row<BITS>(s, blk, o, bs, h, Hkv, D, row.data());
+          dequant_row<BITS>(s, blk, o, bs, h, Hkv, D, row.data(), stats);
           for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(static_cast<T>(row[d]));
         }
       };
       for (int64_t start = 0, blk = 0; start < L; start += bs, ++blk) {
         const int64_t n = std::min(bs, L - start);
         for (int64_t j = 0; j < n; ++j) {
-          load(ks, lane_k, own_k, start + j, table[blk], j);
+          load(ks, lane_k, own_k, start + j, table[blk], j, k_stats);
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = qf.data() + g * D;
             const float* kr = row.data();
@@ -136,7 +151,7 @@ void quant_decode(const T* q, int64_t q_s0, int64_t q_s1, const QuantSide& ks, c
       for (int64_t start = 0, blk = 0; start < L; start += bs, ++blk) {
         const int64_t n = std::min(bs, L - start);
         for (int64_t j = 0; j < n; ++j) {
-          load(vs, lane_v, own_v, start + j, table[blk], j);
+          load(vs, lane_v, own_v, start + j, table[blk], j, v_stats);
           for (int64_t g = 0; g < G; ++g) {
             const float p = scores[g * L + start + j];
             float* ag = acc.data() + g * D;
