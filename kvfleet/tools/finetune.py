@@ -21,14 +21,14 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from kvfleet.tools.cache_entry import publish
 
 FINETUNE_VERSION = 1  # bump when the training code changes what a recipe produces
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -209,21 +209,14 @@ def finetune_dir(recipe: Recipe, base_dir: Path | None = None) -> Path:
     target = cache_root() / "finetunes" / f"{recipe.name}-{recipe_hash(recipe, base_dir, text)}"
     if (target / "provenance.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         record = train(recipe, base_dir, tmp, text)
         (tmp / "provenance.json").write_text(json.dumps(record, indent=2))
         for path in (tmp, *tmp.iterdir()):
             path.chmod(0o755 if path.is_dir() else 0o644)
-        try:
-            tmp.rename(target)
-        except OSError:  # a concurrent run won; same recipe, same result
-            if not (target / "provenance.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return publish(target, fill, "provenance.json")
 
 
 def main(argv: list[str]) -> int:

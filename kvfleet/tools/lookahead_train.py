@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kvfleet.tools.cache_entry import publish
 
 LOOKAHEAD_VERSION = 1  # bump when the training code changes what a recipe produces
 TRAIN_BOOKS = ("Genesis", "Exodus", "Psalms", "Matthew", "Luke", "Acts")  # not in eval_cache.bible_text
@@ -215,18 +215,7 @@ def lookahead_dir(model_dir: Path, recipe: Recipe = Recipe(), log: Any = None) -
     lists = [tok.encode(bible, add_bos=False), tok.encode(python, add_bos=False)]
     mod, record = train(model, cfg, lists, recipe, tok.encode(" the of and to in a that is", add_bos=False), log)
     record["model"] = model_dir.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        mod.save(tmp, record)
-        try:
-            tmp.rename(target)
-        except OSError:  # a concurrent run won; same recipe, same result
-            if not (target / "lookahead.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish(target, lambda tmp: mod.save(tmp, record), "lookahead.json")
 
 
 def main(argv: list[str]) -> int:
