@@ -110,6 +110,9 @@ def test_attainment_below_target_scales_up_and_back_down(operator_env, podrunner
             t.join(timeout=60)
     # no load: once the window has emptied and the stabilisation passed, one pod goes
     wait_for(f"the {scaled} role scaled back to 1", lambda: _replicas(env, scaled) == 1, timeout=150)
-    assert _fleet(env)["status"]["roles"][scaled]["desired"] == 1
+    # status.roles counts the Deployments as the operator last observed them: it follows at its next write
+    wait_for(f"status: the {scaled} role desires 1",
+             lambda: _fleet(env)["status"]["roles"][scaled]["desired"] == 1, timeout=30)
+    assert _replicas(env, scaled) == 1
     if topology == "disaggregated":
         assert _replicas(env, "decode") == 1  # TPOT was met: decode never scaled
