@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+CPU_KERNEL_MODES = ("auto", "on", "off")  # EngineConfig.cpu_kernels (dataplane/kernels/cpu.py)
 QUANTIZATION_MODES = ("none", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2")  # kvcache/quant.py KV_DTYPES
 EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")  # kvcache/eviction.py
 GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
@@ -285,7 +286,7 @@ class EngineConfig:
         _check(self.adapter_memory_bytes > 0, "adapter_memory_bytes must be > 0")
         _check(self.max_active_adapters >= 1, "max_active_adapters must be >= 1")
         _check(self.dtype in DTYPES, f"dtype: {self.dtype!r} not in {DTYPES}")
-        _check(self.cpu_kernels in ("auto", "on", "off"), f"cpu_kernels: {self.cpu_kernels!r} not in auto, on, off")
+        _check(self.cpu_kernels in CPU_KERNEL_MODES, f"cpu_kernels: {self.cpu_kernels!r} not in {CPU_KERNEL_MODES}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device: {self.device!r} must be auto, cpu or cuda[:N]",

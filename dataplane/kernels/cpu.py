@@ -87,7 +87,7 @@ def load_cpu_ops() -> ModuleType:
         return _loaded
 
 
-KERNEL_MODES = ("auto", "on", "off")
+_warned = False  # `auto` says once per process why it runs the torch path
 
 
 def kernels_for(mode: str) -> ModuleType | None:
@@ -105,9 +105,6 @@ def kernels_for(mode: str) -> ModuleType | None:
             log.warning("CPU kernels unavailable, running the torch path: %s", e)
             _warned = True
         return None
-
-
-_warned = False
 
 
 def attach_cpu_kernels(mode: str, model: torch.nn.Module, attention: object) -> ModuleType | None:

@@ -322,16 +322,18 @@ class PagedQuantKV(KVStorage):
                 or q.dtype != kc.fp_dtype):
             return None
         bd, _, d = q.shape
-        override = torch.full((bd, tables.shape[1] * self.block_size), -1, dtype=torch.long, device=q.device)
         lanes = self.lanes
-        if lanes is not None and step.decode_overlay is not None and step.decode_overlay[0].numel():
-            override.view(-1)[step.decode_overlay[0]] = step.decode_overlay[1]
+        if step.decode_lane_map is None:  # the step's overlay as a per-slot map, once for all layers
+            lane_map = torch.full((bd, tables.shape[1] * self.block_size), -1, dtype=torch.long, device=q.device)
+            if lanes is not None and step.decode_overlay is not None and step.decode_overlay[0].numel():
+                lane_map.view(-1)[step.decode_overlay[0]] = step.decode_overlay[1]
+            step.decode_lane_map = lane_map
         none = q.new_zeros(0, kc.num_heads, d)
         lane_k, lane_v = (lanes.k[layer], lanes.v[layer]) if lanes is not None else (none, none)
         ks, vs = self.k[layer], self.v[layer]  # [codes, scale, zero] each
         out: torch.Tensor = kernels.quant_decode_attention(
             q, 4 if kc.dtype == "int4" else 8, ks[0], ks[1], ks[2], kc.token_grouped, kc.group_size,
-            vs[0], vs[1], vs[2], vc.token_grouped, vc.group_size, lane_k, lane_v, override,
+            vs[0], vs[1], vs[2], vc.token_grouped, vc.group_size, lane_k, lane_v, step.decode_lane_map,
             k.contiguous(), v.contiguous(), tables, context_lens, d ** -0.5)
         return out  # [Bd, Hq, D]
 

@@ -43,6 +43,9 @@ class PolicyStep:
     group_stat_rows: torch.Tensor | None = None  # [G, c] stats rows to write (c copies when g > block_size)
     decode_overlay: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows of [Bd * L], lane rows)
     decode_own: torch.Tensor | None = None  # [Bd] row of [Bd * L] holding each decode's own new token
+    # [Bd, L] lane row of each decode slot (-1: read the codes); built once per step by the first layer
+    # that needs it (`PagedQuantKV.fused_decode`), the same for every layer
+    decode_lane_map: torch.Tensor | None = None
     decode_positions: torch.Tensor | None = None  # [Bd, L] logical position of each gathered slot (pre-RoPE)
     prefill_overlays: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     prefill_positions: list[torch.Tensor | None] = field(default_factory=list)  # [ctx] per chunk (pre-RoPE)
