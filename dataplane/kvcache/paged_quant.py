@@ -315,10 +315,10 @@ class PagedQuantKV(KVStorage):
 
     def fused_decode(self, kernels: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      tables: torch.Tensor, context_lens: torch.Tensor, step: PolicyStep) -> torch.Tensor | None:
-        """int8/int4 codes (keys not pre-RoPE): `kernels.quant_decode_attention` dequantizes each row as it
+        """int8/int4 codes (keys neither pre-RoPE nor rotated): `kernels.quant_decode_attention` dequantizes each row as it
         reads it, with the lane rows and the decodes' own k/v where `read` would overlay them."""
         kc, vc = self.kc, self.vc
-        if (self.keys_pre_rope or kc.dtype != vc.dtype or kc.dtype not in ("int4", "int8")
+        if (self.keys_pre_rope or kc.rotated or kc.dtype != vc.dtype or kc.dtype not in ("int4", "int8")
                 or q.dtype != kc.fp_dtype):
             return None
         bd, _, d = q.shape

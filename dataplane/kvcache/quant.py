@@ -13,6 +13,12 @@ fp8 (e4m3, symmetric) takes per-tensor or per-head; int8/int4/int3/int2 (asymmet
 min/max) take per-channel or per-token; int4 packs two codes per uint8, int3 eight codes in three
 bytes, int2 four codes per byte (KIVI's 2-bit). The
 cast codecs `none` (the model dtype), `fp16` and `bf16` store no scales.
+
+`rotated` (integer codecs): each head's row is multiplied by a fixed orthonormal matrix R (a
+Hadamard matrix with seeded random signs, `hadamard_rotation`) before it is quantized, and by R^T
+after it is dequantized (QuaRot's trick): an outlier channel is spread over all channels of its
+row, so per-token scales fit keys nearly as well as per-channel ones, and a per-token codec
+moves with its token under eviction.
 NOTE: fp8 scales are dynamic per group of tokens, not one static calibrated
 scale as in vLLM; the scale costs 2 bytes per head per group.
 
@@ -24,6 +30,8 @@ what is really allocated. `Codec.bytes_per_token()` is the steady-state cost
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +44,23 @@ STAT_DTYPE = torch.float16  # scales and zero points
 COUNT_DTYPE = torch.int32  # rows per token group per head
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _MIN_SCALE = 1e-4  # keeps fp16 scales normal; error of a constant group is then <= 5e-5
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation(head_dim: int) -> torch.Tensor:
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise ValueError(f"rotated codecs need a power-of-two head_dim (Hadamard), got {head_dim}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < head_dim:  # Sylvester: H_2n = [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    g = torch.Generator().manual_seed(0x5EED)
+    signs = torch.randint(0, 2, (head_dim,), generator=g, dtype=torch.float64) * 2 - 1
+    return (signs[:, None] * h / math.sqrt(head_dim)).float()  # [D, D], R @ R^T = I
+
+
+def hadamard_rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """R [D, D] float32, orthonormal and the same on every machine (entries +-1/sqrt(D))."""
+    return _rotation(head_dim).to(device)
 
 
 def default_granularity(dtype: str, kind: str, evicting: bool = False) -> str:
@@ -67,10 +92,15 @@ class Codec:
     num_heads: int
     head_dim: int
     fp_dtype: torch.dtype = torch.float32  # the model's dtype (what `none` stores)
+    rotated: bool = False  # rows quantized as x @ R (`hadamard_rotation`), read back as y @ R^T
 
     def __post_init__(self) -> None:
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"kv dtype {self.dtype!r} not in {KV_DTYPES}")
+        if self.rotated and self.dtype not in INT_BITS:
+            raise ValueError(f"a rotated codec needs an integer dtype (int8, int4, int3, int2), not {self.dtype}")
+        if self.rotated:
+            _rotation(self.head_dim)  # raises on a head_dim without a Hadamard matrix
         if not self.is_quantized:
             return
         if self.granularity not in GRANULARITIES:
@@ -166,6 +196,10 @@ class Codec:
             return Encoded(x.to(self.storage_dtype), None, None)
         xf = x.float()
         sf = xf if stats_from is None else stats_from.float()
+        if self.rotated:
+            r = hadamard_rotation(d, xf.device)
+            xf = xf @ r
+            sf = xf if stats_from is None else sf @ r
         if self.granularity == "per-token":
             g = xf.view(*lead, n, h, d // self.group_size, self.group_size)  # [.., n, H, D/g, g]
             gs = sf.view(*lead, n, h, d // self.group_size, self.group_size)
@@ -205,6 +239,8 @@ class Codec:
         x = codes.float() * scale.float()
         if zero is not None:
             x = x + zero.float()
+        if self.rotated:
+            x = x @ hadamard_rotation(x.shape[-1], x.device).T
         return x.to(self.fp_dtype)
 
     def _expand_row_stat(self, s: torch.Tensor) -> torch.Tensor:

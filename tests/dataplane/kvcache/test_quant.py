@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvfleet.dataplane.kvcache.quant import Codec, QuantBuffer
+from kvfleet.dataplane.kvcache.quant import Codec, QuantBuffer, hadamard_rotation
 
 H, D, G = 3, 64, 32
 CASES = [("fp8", "per-head"), ("fp8", "per-tensor"), ("int8", "per-channel"), ("int8", "per-token"),
@@ -146,3 +146,28 @@ def test_invalid_codecs_are_rejected_with_clear_messages() -> None:
         Codec("int3", "per-channel", G, H, 12)
     with pytest.raises(ValueError, match="groups of up to 32 tokens"):
         QuantBuffer(Codec("int8", "per-channel", G, H, D)).append(_x(33))
+
+
+# -- rotated keys (QuaRot-style Hadamard rotation before a per-token codec) -----------------------
+
+
+def test_hadamard_rotation_is_orthonormal_and_fixed():
+    r = hadamard_rotation(64)
+    torch.testing.assert_close(r @ r.T, torch.eye(64), rtol=0, atol=1e-6)
+    assert torch.equal(r.abs(), torch.full((64, 64), 1 / 8.0))  # +-1/sqrt(D): exact in float32
+    assert torch.equal(r, hadamard_rotation(64))  # the same matrix every time (seeded signs)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        Codec("int4", "per-token", 8, 2, 24, rotated=True)
+    with pytest.raises(ValueError, match="integer dtype"):
+        Codec("fp8", "per-token", 8, 2, 64, rotated=True)
+
+
+def test_rotation_spreads_outlier_channels_so_per_token_keys_fit_better():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, 64, generator=g)
+    x[..., 5] *= 20.0  # an outlier channel, as real keys have
+    plain = Codec("int4", "per-token", 32, 2, 64)
+    rot = Codec("int4", "per-token", 32, 2, 64, rotated=True)
+    err = {c.rotated: float((c.decode(c.encode(x)) - x).pow(2).mean()) for c in (plain, rot)}
+    assert err[True] < 0.5 * err[False]
+    assert rot.bytes_per_token() == plain.bytes_per_token()  # the rotation costs no bytes
