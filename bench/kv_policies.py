@@ -67,6 +67,13 @@ def grid(quick: bool) -> list:
     for cname, q in (("int4+R", flat.quant), ("int4 per-token", tok4)):
         for pol in ("snapkv", "lookahead"):
             policies.append(PolicySpec(q, replace(snap40, policy=pol, budget_ratio=0.7), name=f"{cname} + {pol}@70%"))
+    # keys per-token after a Hadamard rotation (what the engine can compact, closer to per-channel quality),
+    # with LookaheadKV prompt compression as the paged engine serves it (one kept set per layer and kv head)
+    rot4 = replace(tok4, rotate_keys=True)
+    policies.append(PolicySpec(rot4, name="int4 rot"))
+    for keep in (0.7, 0.8):
+        policies.append(PolicySpec(rot4, replace(snap40, policy="lookahead", budget_ratio=keep),
+                                   name=f"int4 rot + lookahead@{int(keep * 100)}%"))
     if quick:
         policies = [p for p in policies if p.name in ("int2+R", "int4+R + snapkv@40%", "int4+R + lookahead@40%")]
     return policies

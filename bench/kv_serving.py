@@ -33,6 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def lookahead_module() -> Path:
+    """The trained LookaheadKV module of SmolLM2 (`kvfleet train-lookahead`; cached, ~5 min on first use)."""
+    from kvfleet.dataplane.model.smollm2 import smollm2_dir
+
+    from kvfleet.tools.lookahead_train import lookahead_dir
+
+    return lookahead_dir(smollm2_dir(), log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
 def policies(quick: bool) -> dict[str, Any]:
     from kvfleet.dataplane.config import CachePolicyConfig as C
 
@@ -58,7 +67,15 @@ def policies(quick: bool) -> dict[str, Any]:
         "int4+R + h2o@50%": q("int4", eviction="h2o", **r, **ev),
     }
     if quick:
-        grid = {k: grid[k] for k in ("fp32 (baseline)", "int4+R", "int4+R + keydiff@50%")}
+        return {k: grid[k] for k in ("fp32 (baseline)", "int4+R", "int4+R + keydiff@50%")}
+    grid |= {
+        # keys per-token after a Hadamard rotation (eviction can move them), LookaheadKV keeping 70% of each
+        # prompt per layer and kv head: the grid's best servable row within +2% (bench/results/kv_policies.md)
+        "int4 rot+R": q("int4", key_granularity="per-token", rotate_keys=True, **r),
+        "int4 rot+R + lookahead@70%": q("int4", rotate_keys=True, eviction="lookahead", eviction_budget_ratio=0.7,
+                                        eviction_window_tokens=32, eviction_sink_tokens=4,
+                                        lookahead_dir=str(lookahead_module()), **r),
+    }
     return grid
 
 

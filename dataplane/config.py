@@ -19,11 +19,12 @@ from typing import Any
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CPU_KERNEL_MODES = ("auto", "on", "off")  # EngineConfig.cpu_kernels (dataplane/kernels/cpu.py)
 QUANTIZATION_MODES = ("none", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2")  # kvcache/quant.py KV_DTYPES
-EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff")  # kvcache/eviction.py
+EVICTION_MODES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff", "lookahead")  # kvcache/eviction.py
 GRANULARITIES = ("per-tensor", "per-head", "per-channel", "per-token")
 
 
-SERVING_EVICTION_POLICIES = ("streaming-llm", "h2o", "snapkv", "keydiff")  # what the paged engine applies
+SERVING_EVICTION_POLICIES = ("streaming-llm", "h2o", "snapkv", "keydiff", "lookahead")  # what the paged engine applies
+INT_QUANTIZATION = ("int8", "int4", "int3", "int2")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class CachePolicyConfig:
     residual_tokens: int = 0
     quant_sink_tokens: int = 0
     keys_pre_rope: bool = False
+    rotate_keys: bool = False  # keys quantized after a fixed Hadamard rotation (kvcache/quant.py)
     eviction: str = "none"
     eviction_budget_tokens: int | None = None
     eviction_budget_ratio: float | None = None
@@ -82,6 +84,7 @@ class CachePolicyConfig:
     observation_window: int = 32
     pooling_kernel: int = 7
     pyramid: bool = False
+    lookahead_dir: str | None = None  # eviction lookahead: the trained module (`kvfleet train-lookahead`)
 
     def __post_init__(self) -> None:
         for name in ("key_quantization", "value_quantization"):
@@ -108,6 +111,11 @@ class CachePolicyConfig:
                    or self.eviction_budget_tokens > self.eviction_sink_tokens + self.eviction_window_tokens,
                    "cache_policy.eviction_budget_tokens must exceed eviction_sink_tokens + eviction_window_tokens")
         _check(self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1, "cache_policy.pooling_kernel must be odd")
+        _check(not self.rotate_keys or self.key_quantization in INT_QUANTIZATION,
+               f"cache_policy.rotate_keys needs integer keys ({', '.join(INT_QUANTIZATION)}), "
+               f"not {self.key_quantization!r}")
+        _check((self.eviction == "lookahead") == bool(self.lookahead_dir),
+               "cache_policy.lookahead_dir: set it exactly when eviction is 'lookahead' (the trained module)")
 
     def token_grouped(self, kind: str) -> bool:
         """Whether keys/values (`kind` "key"/"value") get scales shared by a group of tokens.
@@ -128,8 +136,9 @@ class CachePolicyConfig:
         """Raise ConfigError, naming the field, for a policy the paged serving engine cannot apply.
 
         Torch-free, so the operator refuses such a fleet (Degraded, InvalidConfig) instead of
-        rendering pods that would crash at startup. The paged engine applies all four eviction
-        policies with ONE kept-token set per sequence (scores summed over layers and kv heads);
+        rendering pods that would crash at startup. The paged engine applies streaming-llm, h2o,
+        snapkv and keydiff with ONE kept-token set per sequence (scores summed over layers and kv
+        heads), and lookahead (prompt compression) with one set per layer and kv head of equal size;
         `pyramid` needs per-layer block tables and is rejected (`kvfleet eval-cache` evaluates it).
         disaggregated: prefill hands KV to decode; a sequence's eviction state (kept positions,
         scores) does not travel with it, so eviction is refused there.
@@ -141,6 +150,9 @@ class CachePolicyConfig:
         _check(self.eviction in SERVING_EVICTION_POLICIES,
                f"cache_policy.eviction: {self.eviction!r}: the paged engine supports "
                f"{', '.join(SERVING_EVICTION_POLICIES)}")
+        _check(self.eviction != "lookahead" or not self.keys_pre_rope,
+               "cache_policy.keys_pre_rope: eviction 'lookahead' keeps different tokens per layer and kv head, "
+               "and a pre-RoPE key would need a position per head and slot; use post-RoPE keys")
         _check(not self.pyramid, "cache_policy.pyramid: per-layer budgets need per-layer block tables; the paged "
                "engine keeps one token set per sequence (PolicyAttention evaluates pyramid budgets)")
         for kind in ("key", "value"):
@@ -173,10 +185,12 @@ class CachePolicyConfig:
             key_granularity=q.get("keyGranularity"), value_granularity=q.get("valueGranularity"),
             group_size=q.get("groupSize", 32), residual_tokens=q.get("residualTokens", 0),
             quant_sink_tokens=q.get("sinkTokens", 0), keys_pre_rope=q.get("keysPreRope", False),
+            rotate_keys=q.get("rotateKeys", False),
             eviction=e.get("policy", "none"), eviction_budget_tokens=e.get("budgetTokens"),
             eviction_budget_ratio=e.get("budgetRatio"), eviction_window_tokens=e.get("windowTokens", 32),
             eviction_sink_tokens=e.get("sinkTokens", 4), observation_window=e.get("observationWindow", 32),
             pooling_kernel=e.get("poolingKernel", 7), pyramid=e.get("pyramid", False),
+            lookahead_dir=e.get("lookaheadDir"),
         )
 
 

@@ -49,6 +49,7 @@ from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.build import KVStorageSpec, kv_storage_spec
 from kvfleet.dataplane.kvcache.hidden import HiddenStore
 from kvfleet.dataplane.kvcache.keys import prefix_extra_key
+from kvfleet.dataplane.kvcache.lookahead import lookahead_scorer
 from kvfleet.dataplane.kvcache.paged_eviction import EvictionStats, PagedEvictor
 from kvfleet.dataplane.kvsharing import transition_layers
 from kvfleet.dataplane.model.packed_linear import pack_linears
@@ -103,7 +104,8 @@ class LLMEngine:
                                    hit_align_blocks=kvspec.hit_align_blocks, usable_hit=kv.usable_hit,
                                    usable_shared=kv.hidden.usable if kv.hidden is not None else None,
                                    max_adapters=config.max_active_adapters if config.adapters else None)
-        self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device)
+        self.worker = Worker(model, kv, bm, kvspec.policy.eviction, self.device,
+                             lookahead_scorer(config.cache_policy, model, mc, self.device))
         # CPU: fused kernels for decode attention, norms and RoPE (built once, cached; dataplane/kernels)
         self.kernels = attach_cpu_kernels(config.cpu_kernels, model, self.runner.attn) \
             if self.device.type == "cpu" else None

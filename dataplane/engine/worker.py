@@ -23,7 +23,7 @@ from kvfleet.dataplane.engine.scheduler import SchedulerOutput
 from kvfleet.dataplane.engine.sequence import Sequence
 from kvfleet.dataplane.kvcache.blocks import BlockManager
 from kvfleet.dataplane.kvcache.eviction import EvictionSpec
-from kvfleet.dataplane.kvcache.paged_eviction import PagedEvictor
+from kvfleet.dataplane.kvcache.paged_eviction import PagedEvictor, PromptScorer
 from kvfleet.dataplane.kvcache.storage import KVStorage
 
 StepPlan = SchedulerOutput  # the scheduler's message to the worker: one step's sequences and new tokens
@@ -42,11 +42,12 @@ class Worker:
     """Runs steps over one KV storage: the model runner, and the evictor when the policy evicts tokens."""
 
     def __init__(self, model: Any, kv: KVStorage, bm: BlockManager, eviction: EvictionSpec,
-                 device: torch.device) -> None:
+                 device: torch.device, scorer: PromptScorer | None = None) -> None:
+        """scorer: eviction lookahead's trained module (`LookaheadKV.prompt_scorer`)."""
         self.kv = kv
-        # token eviction: one kept-token set per sequence, compacted after each step (h2o/snapkv
-        # scores are the storage's score hook)
-        self.evictor = PagedEvictor(eviction, kv, bm) if eviction.enabled else None
+        # token eviction: kept-token sets compacted after each step (h2o/snapkv scores are the
+        # storage's score hook; lookahead's module scores a prompt once it is computed)
+        self.evictor = PagedEvictor(eviction, kv, bm, scorer=scorer) if eviction.enabled else None
         self.runner = ModelRunner(model, kv, device)
 
     def execute(self, plan: StepPlan) -> StepResult:

@@ -11,7 +11,7 @@ quantizer keeps in full precision) are always kept.
     snapkv         score = max-pooled attention of the last W queries (after prefill)
     keydiff        score = -cos(key, mean key of the head) (no attention weights)
     lookahead      score = attention of M learned lookahead tokens after the prompt (LookaheadKV,
-                   `lookahead.py`; prompt compression in the teacher-forced evaluator only)
+                   `lookahead.py`; prompt compression, once, in the evaluator and the paged engine)
 
 Positions live inside post-RoPE keys, so dropping a token is just dropping its
 row; kept keys keep their original rotation.
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 EVICTION_POLICIES = ("none", "streaming-llm", "h2o", "snapkv", "keydiff", "lookahead")
-# scored by a trained module after the prompt (`lookahead.py`): evaluated by teacher forcing only
-OFFLINE_ONLY = ("lookahead",)
+# scored once by a trained module after the prompt (`lookahead.py`): the paged engine and the teacher-forced
+# evaluator apply it; `PolicyAttention` (which ingests tokens without the model) does not
+PROMPT_SCORED = ("lookahead",)
 PYRAMID_SPREAD = 0.5  # first layer gets (1 + spread) x budget, last (1 - spread) x budget
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ class _QKVDelta:
         if names[0] != "q_proj":
             return out
         m = self.mod
-        return out + m.scale * (x @ m.lora_a[layer].T) @ m.lora_b[layer].T
+        a, b = m.lora_a[layer].to(x.dtype), m.lora_b[layer].to(x.dtype)  # a bfloat16 engine: its dtype
+        return out + m.scale * (x @ a.T) @ b.T
 
     def add(self, layer: int, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out
@@ -126,6 +128,13 @@ class LookaheadKV(nn.Module):
         torch.save({k: v.detach().clone() for k, v in self.state_dict().items()}, out_dir / "lookahead.pt")
         (out_dir / "lookahead.json").write_text(json.dumps({"config": asdict(self.cfg), **record}, indent=2))
 
+    def prompt_scorer(self, model: Any) -> Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]:
+        """`mass` over `model` as the paged engine's `PagedEvictor` calls it (no autograd)."""
+        def score(keys: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                return self.mass(model, keys, values)
+        return score
+
     @classmethod
     def load(cls, out_dir: Path, model_cfg: Any) -> LookaheadKV:
         """A module saved by `save`, for a model of `model_cfg`'s shape."""
@@ -134,3 +143,12 @@ class LookaheadKV(nn.Module):
         mod.load_state_dict(torch.load(out_dir / "lookahead.pt", weights_only=True))
         mod.requires_grad_(False)
         return mod
+
+
+def lookahead_scorer(cp: Any, model: Any, model_config: Any, device: torch.device | str) -> Callable[
+        [list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]] | None:
+    """The paged engine's prompt scorer under CachePolicyConfig `cp`: the module at `cp.lookahead_dir`
+    running over `model` (None unless eviction is lookahead)."""
+    if cp.eviction != "lookahead":
+        return None
+    return LookaheadKV.load(Path(cp.lookahead_dir), model_config).to(device).prompt_scorer(model)

@@ -1,4 +1,4 @@
-"""Token eviction for the paged engine: one kept-token set per sequence, compacted in place.
+"""Token eviction for the paged engine: kept-token sets compacted in place.
 
 Block tables are per sequence and shared by all layers, so the paged engine keeps ONE set of
 token slots per sequence (all layers, all kv heads); scores are the per-(layer, kv head) scores
@@ -27,11 +27,21 @@ Where this differs from `PolicyAttention` (per-layer, per-head sets): the sets a
 over layers and heads; snapkv does not evict mid-prompt (the evaluator evicts after every forward,
 the same only when the prompt is one forward); prefix-cache hit tokens were never computed by
 this sequence, so their queries add no h2o score and no snapkv vote.
+lookahead (LookaheadKV, prompt compression as the evaluator applies it): once the prompt is computed,
+a trained module (`lookahead.LookaheadKV`, handed in as `scorer`) reads the prompt's stored K/V and
+scores its rows per layer and kv head; each (layer, kv head) keeps its own best `budget` rows,
+compacted per head into the same slots. That fits one block table because every (layer, kv head)
+keeps the same NUMBER of rows, attention over the cache does not depend on their order, and the
+protected rows (sinks, the recent window, the full-precision lane rows, decoded tokens) are the
+same positions for all of them, so they land in the same slots everywhere. Decoded tokens are all
+kept (no eviction after the prompt). `kept_positions` then records layer 0 / kv head 0's positions
+(exact for the protected slots); a sequence compressed once has `kept_positions` set.
 NOTE: `pyramid` needs per-layer block tables; `CachePolicyConfig.check_servable` rejects it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,6 +50,7 @@ from .blocks import BlockManager
 from .eviction import (
     EvictionSpec,
     keydiff_scores,
+    pool_rows,
     protected_mask,
     select_keep,
     snapkv_scores,
@@ -48,6 +59,9 @@ from .eviction import (
 from .paged_scores import ATTENTION_SCORED, PagedScores
 from .seqview import KVSequence
 from .storage import KVStorage
+
+# keys, values per layer [P, Hkv, D] as stored -> per layer [P, Hkv] float32 (LookaheadKV's attention mass)
+PromptScorer = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass
@@ -62,9 +76,17 @@ class EvictionStats:
 class PagedEvictor:
     """Chooses and compacts each sequence's kept slots in a paged `KVStorage` (plain or quantized)."""
 
-    def __init__(self, spec: EvictionSpec, kv: KVStorage, bm: BlockManager, slack_tokens: int | None = None) -> None:
+    def __init__(self, spec: EvictionSpec, kv: KVStorage, bm: BlockManager, slack_tokens: int | None = None,
+                 scorer: PromptScorer | None = None) -> None:
         """slack_tokens: hysteresis (None = spec.slack_tokens, or one block when that is 0).
-        An attention-scored policy (h2o, snapkv) installs its scores as the storage's `score_hook`."""
+        An attention-scored policy (h2o, snapkv) installs its scores as the storage's `score_hook`.
+        scorer: the trained LookaheadKV module's prompt scorer (policy lookahead only)."""
+        if spec.policy == "lookahead" and scorer is None:
+            raise ValueError("eviction lookahead needs its trained module (cache_policy.lookahead_dir)")
+        if spec.policy == "lookahead" and kv.keys_pre_rope:
+            raise ValueError("eviction lookahead keeps different tokens per layer and kv head: pre-RoPE keys "
+                             "would need a position per head and slot")
+        self.scorer = scorer
         self.bs = bm.block_size
         slack = slack_tokens if slack_tokens is not None else spec.slack_tokens or self.bs
         self.spec, self.kv, self.bm = replace(spec, slack_tokens=slack), kv, bm
@@ -155,6 +177,8 @@ class PagedEvictor:
         """Evict down to the budget if over it; returns the number of blocks freed."""
         if not seq.block_table or seq.num_kv_slots == 0:
             return 0
+        if self.spec.policy == "lookahead":
+            return self.compress_prompt(seq)
         keep = self.choose(seq)
         if keep is None:
             return 0
@@ -175,8 +199,13 @@ class PagedEvictor:
                     self.scores.move(src_s, dst_s)
             for i in torch.unique(dst[moved] // self.bs).tolist():  # the blocks written
                 self._unregister(seq.block_table[i])
+        return self._drop_tail(seq, keep.tolist(), n)
+
+    def _drop_tail(self, seq: KVSequence, keep: list[int], n: int) -> int:
+        """Slots `keep` (ascending, of n) now fill the front: record their positions, free the tail blocks."""
         positions = self.slot_positions(seq)
-        seq.kept_positions = [positions[i] for i in keep.tolist()]
+        k = len(keep)
+        seq.kept_positions = [positions[i] for i in keep]
         seq.num_evicted += n - k
         need = -(-k // self.bs)
         tail = seq.block_table[need:]
@@ -196,3 +225,50 @@ class PagedEvictor:
             if bm.hash_to_block.get(h) == block:
                 del bm.hash_to_block[h]
             bm.block_hash[block] = None
+
+    # -- lookahead: per (layer, kv head) prompt compression ---------------------------
+
+    def compress_prompt(self, seq: KVSequence) -> int:
+        """Once the prompt is computed: keep each (layer, kv head)'s best rows of it; blocks freed."""
+        if seq.kept_positions is not None or seq.num_computed_tokens < seq.num_prompt_tokens:
+            return 0
+        assert self.scorer is not None and seq.num_evicted == 0
+        ev, n, p = self.spec, seq.num_kv_slots, seq.num_prompt_tokens
+        pos = torch.arange(n)
+        prot = (protected_mask(pos, p, ev.sink_tokens, ev.window_tokens) | (pos >= p)  # decoded: all kept
+                | self.fixed_slots(seq, n))
+        budget = max(int(prot[:p].sum()), ev.layer_budget(0, 1, p, 0)) + (n - p)
+        seq.kept_positions = list(range(n))  # compressed (even when nothing goes): never again
+        if budget >= n:
+            return 0
+        blocks = torch.tensor(seq.block_table[:-(-p // self.bs)], dtype=torch.long, device=self._device())
+        with torch.inference_mode():
+            stored = [self.kv.gather(layer, blocks) for layer in range(self.kv.num_layers)]
+            mass = self.scorer([k[:p] for k, _ in stored], [v[:p] for _, v in stored])  # per layer [P, Hkv]
+            keep = []
+            for m in mass:
+                pooled = pool_rows(m.float().cpu(), ev.pooling_kernel)  # [P, Hkv]
+                scores = torch.cat([pooled, pooled.new_zeros(n - p, pooled.shape[1])])  # decoded rows: protected
+                keep.append(select_keep(scores, prot[:, None].expand_as(scores), budget))  # [k, Hkv] ascending
+            self._move_per_head(seq, keep, n)
+        return self._drop_tail(seq, keep[0][:, 0].tolist(), n)
+
+    def _move_per_head(self, seq: KVSequence, keep: list[torch.Tensor], n: int) -> None:
+        """keep: per layer [k, Hkv] slot indices -> moved to slots 0..k-1 of each (layer, kv head)."""
+        k, hkv = keep[0].shape
+        dst = torch.arange(k)
+        moved = torch.stack([idx != dst[:, None] for idx in keep]).any(0).any(1)  # [k]
+        if not bool(moved.any()):
+            return
+        fixed = self.fixed_slots(seq, n)
+        assert not bool(fixed[dst[moved]].any()), "compaction would write a shared or prefix-hit block"
+        dev = self._device()
+        dst_s = self._slots(seq, dst).to(dev)[:, None]  # [k, 1]
+        heads = torch.arange(hkv, device=dev)[None, :]  # [1, Hkv]
+        for layer, idx in enumerate(keep):
+            src_s = self._slots(seq, idx.reshape(-1)).view(k, hkv).to(dev)  # [k, Hkv]
+            for t in self.kv.slot_tensors(layer):
+                flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
+                flat[dst_s, heads] = flat[src_s, heads]  # the right side is gathered first
+        for i in torch.unique(dst[moved] // self.bs).tolist():  # the blocks written
+            self._unregister(seq.block_table[i])

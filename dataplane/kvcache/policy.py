@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..model.attention import AttentionBackend, causal_attention
-from .eviction import OFFLINE_ONLY, EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
+from .eviction import PROMPT_SCORED, EvictionSpec, EvictionState, attention_probs, protected_mask, select_keep
 from .paged_layout import tail_start
 from .quant import KV_DTYPES, Codec, QuantBuffer, default_granularity
 
@@ -61,6 +61,7 @@ class QuantSpec:
     sink_tokens: int = 0
     keys_pre_rope: bool = False
     value_dtype: str | None = None  # None = same as dtype (the resource has one dtype; the engine may split)
+    rotate_keys: bool = False  # keys quantized after a Hadamard rotation (`quant.hadamard_rotation`)
 
     def __post_init__(self) -> None:
         for dt in (self.dtype, self.value_dtype or self.dtype):
@@ -70,6 +71,8 @@ class QuantSpec:
             raise ValueError("quantization: residualTokens/sinkTokens must be >= 0 and groupSize >= 1")
         if self.keys_pre_rope and self.dtype in ("none", "fp16", "bf16"):
             raise ValueError("quantization.keysPreRope needs a quantized dtype (fp8, int8, int4, int3, int2)")
+        if self.rotate_keys and self.dtype not in ("int8", "int4", "int3", "int2"):
+            raise ValueError("quantization.rotateKeys needs an integer dtype (int8, int4, int3, int2)")
 
     def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype,
                evicting: bool = False) -> tuple[Codec, Codec]:
@@ -80,7 +83,7 @@ class QuantSpec:
         vdt = self.value_dtype or self.dtype
         kg = self.key_granularity or default_granularity(self.dtype, "key", evicting)
         vg = self.value_granularity or default_granularity(vdt, "value", evicting)
-        return (Codec(self.dtype, kg, self.group_size, num_kv_heads, head_dim, fp_dtype),
+        return (Codec(self.dtype, kg, self.group_size, num_kv_heads, head_dim, fp_dtype, self.rotate_keys),
                 Codec(vdt, vg, self.group_size, num_kv_heads, head_dim, fp_dtype))
 
 
@@ -122,7 +125,7 @@ class PolicySpec:
             quant=QuantSpec(cfg.key_quantization, cfg.key_granularity, cfg.value_granularity, cfg.group_size,
                             cfg.residual_tokens, cfg.quant_sink_tokens, cfg.keys_pre_rope,
                             value_dtype=None if cfg.value_quantization == cfg.key_quantization
-                            else cfg.value_quantization),
+                            else cfg.value_quantization, rotate_keys=cfg.rotate_keys),
             eviction=EvictionSpec(cfg.eviction, cfg.eviction_budget_tokens, cfg.eviction_budget_ratio,
                                   cfg.eviction_window_tokens, cfg.eviction_sink_tokens,
                                   cfg.observation_window, cfg.pooling_kernel, cfg.pyramid),
@@ -282,9 +285,9 @@ class PolicyAttention(AttentionBackend):
                  dtype: torch.dtype = torch.float32, rope: RopeFn | None = None,
                  fp_store_dtype: torch.dtype | None = None) -> None:
         spec.validate_for(num_kv_heads, head_dim, dtype)
-        if spec.eviction.policy in OFFLINE_ONLY:
+        if spec.eviction.policy in PROMPT_SCORED:
             raise ValueError(f"eviction {spec.eviction.policy!r} is scored by a trained module after the prompt: "
-                             "evaluated by teacher forcing (kvfleet.tools.eval_tf) only")
+                             "the teacher-forced evaluator (kvfleet.tools.eval_tf) and the paged engine apply it")
         if spec.quant.keys_pre_rope and rope is None:
             raise ValueError("quantization.keysPreRope needs the model's rope table (pass rope=...)")
         self.spec, self.num_layers, self.rope = spec, num_layers, rope

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kvfleet.dataplane.kvcache.eviction import OFFLINE_ONLY
+from kvfleet.dataplane.kvcache.eviction import PROMPT_SCORED
 from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
 from kvfleet.tools import eval_tasks as tasks
 from kvfleet.tools.eval_tf import Prompt, PromptScorer, cut, greedy_matches, prefill, score
@@ -34,9 +34,13 @@ from kvfleet.tools.eval_tf import Prompt, PromptScorer, cut, greedy_matches, pre
 
 def fingerprint(spec: PolicySpec, scorer_id: str = "") -> str:
     """The cache key of a policy; a learned scorer's identity (`scorer_id`) is part of it."""
-    d: dict[str, Any] = {"q": asdict(spec.quant), "e": asdict(spec.eviction)}
-    if spec.eviction.policy in OFFLINE_ONLY:
+    q = asdict(spec.quant)
+    if not q["rotate_keys"]:  # a field added later: left out at its default, so older results stay valid
+        del q["rotate_keys"]
+    d: dict[str, Any] = {"q": q, "e": asdict(spec.eviction)}
+    if spec.eviction.policy in PROMPT_SCORED:
         d["scorer"] = scorer_id
+        d["scorer_reads"] = "stored"  # the rows as the cache holds them (`TeacherForced.stored_prompt`)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -176,7 +180,7 @@ def kv_bytes(spec: PolicySpec, cfg: Any, n: int) -> tuple[float, float | None, s
     L, h, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     q, e = spec.quant, spec.eviction
     # a learned scorer keeps as many rows as SnapKV at the same budget: account it as SnapKV
-    acct = replace(spec, eviction=replace(e, policy="snapkv")) if e.policy in OFFLINE_ONLY else spec
+    acct = replace(spec, eviction=replace(e, policy="snapkv")) if e.policy in PROMPT_SCORED else spec
     attn = PolicyAttention(acct, L, h, d, torch.float32, rope=_identity_rope, fp_store_dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -185,10 +189,14 @@ def kv_bytes(spec: PolicySpec, cfg: Any, n: int) -> tuple[float, float | None, s
             attn.ingest(layer, torch.zeros(n, cfg.num_attention_heads, d), k, v)
     ev_bytes = attn.nbytes() / n
     try:
-        cp = CachePolicyConfig(q.dtype, q.value_dtype or q.dtype, q.key_granularity, q.value_granularity,
-                               q.group_size, q.residual_tokens, q.sink_tokens, q.keys_pre_rope, e.policy,
-                               e.budget_tokens, e.budget_ratio, e.window_tokens, e.sink_tokens,
-                               e.observation_window, e.pooling_kernel, e.pyramid)
+        cp = CachePolicyConfig(
+            key_quantization=q.dtype, value_quantization=q.value_dtype or q.dtype, key_granularity=q.key_granularity,
+            value_granularity=q.value_granularity, group_size=q.group_size, residual_tokens=q.residual_tokens,
+            quant_sink_tokens=q.sink_tokens, keys_pre_rope=q.keys_pre_rope, rotate_keys=q.rotate_keys,
+            eviction=e.policy, eviction_budget_tokens=e.budget_tokens, eviction_budget_ratio=e.budget_ratio,
+            eviction_window_tokens=e.window_tokens, eviction_sink_tokens=e.sink_tokens,
+            observation_window=e.observation_window, pooling_kernel=e.pooling_kernel, pyramid=e.pyramid,
+            lookahead_dir="(the trained module)" if e.policy == "lookahead" else None)
         ks = kv_storage_spec(cp, L, 16, h, d, torch.bfloat16, num_lanes=1)
     except (ConfigError, ValueError) as err:
         return ev_bytes, None, str(err).split(":")[0]
@@ -341,7 +349,7 @@ def main(a: Any, policies: Sequence[PolicySpec], model_dir: Path) -> int:
     s = settings_from(a)
     cache_path = a.cache or (a.out / "eval-cache.jsonl" if a.out is not None else None)
     la = a.lookahead
-    if la is None and any(p.eviction.policy in OFFLINE_ONLY for p in policies):
+    if la is None and any(p.eviction.policy in PROMPT_SCORED for p in policies):
         from kvfleet.tools.lookahead_train import lookahead_dir
 
         la = lookahead_dir(model_dir, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -180,7 +180,7 @@ class TeacherForced(AttentionBackend):
             if self.scorer is None:
                 raise ValueError("eviction lookahead needs the trained module (score(..., scorer=...))")
             if self.learned is None:  # one forward of the lookahead tokens scores every layer
-                self.learned = self.scorer(p)
+                self.learned = self.scorer(self.stored_prompt())
             scores = pool_rows(self.learned[layer], ev.pooling_kernel)
         elif ev.policy == "h2o":
             if p.q_all is None:
@@ -199,6 +199,15 @@ class TeacherForced(AttentionBackend):
         idx = select_keep(scores, prot, budget)  # [budget, Hkv]
         self.select_s += time.perf_counter() - t0
         return keep_mask(idx, n)
+
+    def stored_prompt(self) -> Prompt:
+        """The prompt's K/V as the paged engine's blocks hold them when it ends (every row through
+        the codec, or 16-bit rows): what its LookaheadKV module reads, so both score the same rows."""
+        p = self.prompt
+        views = [self._views(k, v) for k, v in zip(p.k, p.v, strict=True)]
+        k, v = ([x[0] for x in views], [x[1] for x in views]) if not self.quantized else \
+            ([x[2] for x in views], [x[3] for x in views])
+        return replace(p, k=k, v=v)
 
     def kept_prompt_rows(self) -> float:
         """Mean rows kept per layer and kv head of the prompt."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from .common import NAME_RULE, KubeModel, ReferencedStatus, Resource, Rule
+from .shapes import HOST_PATH, NO_DOT_SEGMENTS
 
 KVDType = Literal["none", "fp8", "int8", "int4", "int3", "int2"]
 Granularity = Literal["per-tensor", "per-head", "per-channel", "per-token"]
+# A directory as the engine pod sees it: absolute and normalised, like a ModelVariant's hostPath.
+PodPath = Annotated[str, Field(max_length=4096, pattern=HOST_PATH), NO_DOT_SEGMENTS]
 
 
 class Quantization(KubeModel):
@@ -60,6 +63,14 @@ class Quantization(KubeModel):
         description="Quantize keys before rotary embedding (KVQuant); RoPE is re-applied on read at each "
         "kept token's original position. Measured on SmolLM2-135M: no gain at 4 or 3 bits (paired vs post-RoPE "
         "keys: int4 +0.07% [-0.08, +0.23], int3 +0.16% [-0.13, +0.47]).",
+    )
+    rotate_keys: bool = Field(
+        default=False,
+        description="Quantize each key after a fixed orthonormal rotation of its head dimension (a Hadamard "
+        "matrix with seeded signs, QuaRot) and rotate it back on read: outlier channels are spread over the "
+        "row, so per-token key scales, which eviction can move with their token, come closer to per-channel "
+        "quality. Integer dtypes and power-of-two head dimensions only; the decode kernel for int4/int8 is not "
+        "used (the torch path reads rotated keys).",
     )
     residual_tokens: int = Field(
         default=0,
@@ -122,21 +133,36 @@ class Quantization(KubeModel):
             ),
             field_path=".dtype",
         ),
+        Rule(
+            cel="!self.rotateKeys || self.dtype in ['int8', 'int4', 'int3', 'int2']",
+            message="rotateKeys needs an integer dtype (int8, int4, int3, int2)",
+            check=lambda s: not s.rotate_keys or s.dtype in ("int8", "int4", "int3", "int2"),
+            field_path=".rotateKeys",
+        ),
     )
 
 
 class Eviction(KubeModel):
     """KV eviction under a per-sequence token budget."""
 
-    policy: Literal["none", "streaming-llm", "h2o", "snapkv", "keydiff"] = Field(
+    policy: Literal["none", "streaming-llm", "h2o", "snapkv", "keydiff", "lookahead"] = Field(
         default="none",
         description="none; streaming-llm (sinks + recent window); h2o (heavy hitters by accumulated attention "
         "+ window); snapkv (keys scored by the attention of the last observationWindow queries, max-pooled; "
-        "first eviction once the whole prompt is computed); keydiff (keys least similar to the mean key). The "
-        "serving engine applies all four with one kept-token set per sequence shared by all layers and KV heads "
+        "first eviction once the whole prompt is computed); keydiff (keys least similar to the mean key); "
+        "lookahead (LookaheadKV prompt compression: once the prompt is computed, a trained module's lookahead "
+        "tokens read its stored KV and each layer and KV head keeps its best budgetRatio/budgetTokens share of "
+        "the prompt, max-pooled by poolingKernel; decoded tokens are all kept; needs lookaheadDir). The serving "
+        "engine applies the first four with one kept-token set per sequence shared by all layers and KV heads "
         "(scores summed over layers and KV heads); once over budget it evicts down to the budget minus one KV "
-        "block, so compaction runs about once per block of new tokens; prefix blocks shared with other requests "
-        "are never evicted. `kvfleet eval-cache` evaluates all four per layer and KV head.",
+        "block, so compaction runs about once per block of new tokens; lookahead keeps one set per layer and KV "
+        "head, as `kvfleet eval-cache` does (same tokens out); prefix blocks shared with other requests "
+        "are never evicted. `kvfleet eval-cache` evaluates all five per layer and KV head.",
+    )
+    lookahead_dir: PodPath | None = Field(
+        default=None,
+        description="lookahead: the directory of the trained module as the engine pod sees it (lookahead.pt and "
+        "lookahead.json, written by `kvfleet train-lookahead` for this ModelVariant's base model).",
     )
     budget_tokens: int | None = Field(default=None, ge=16, le=1048576, description="Tokens kept per sequence and layer (the serving engine keeps between budgetTokens minus "
         "one KV block and budgetTokens).")
@@ -184,6 +210,12 @@ class Eviction(KubeModel):
             message="pyramid is ignored without an eviction policy",
             check=lambda s: s.policy != "none" or not s.pyramid,
             field_path=".pyramid",
+        ),
+        Rule(
+            cel="(self.policy == 'lookahead') == has(self.lookaheadDir)",
+            message="lookaheadDir is set exactly when the policy is lookahead (its trained module)",
+            check=lambda s: (s.policy == "lookahead") == (s.lookahead_dir is not None),
+            field_path=".lookaheadDir",
         ),
         Rule(
             cel="self.poolingKernel % 2 == 1",
@@ -293,6 +325,13 @@ class CachePolicySpec(KubeModel):
                 s.quantization.sink_tokens <= s.eviction.sink_tokens
                 and s.quantization.residual_tokens <= s.eviction.window_tokens),
             field_path=".quantization",
+        ),
+        Rule(
+            cel="self.eviction.policy != 'lookahead' || !self.quantization.keysPreRope",
+            message="eviction lookahead keeps different tokens per layer and KV head; a pre-RoPE key would need a "
+            "position per head and slot: use post-RoPE keys",
+            check=lambda s: s.eviction.policy != "lookahead" or not s.quantization.keys_pre_rope,
+            field_path=".quantization.keysPreRope",
         ),
         Rule(
             cel="self.eviction.policy == 'none' || !self.prefixCache.enabled || self.prefixCache.scope == 'variant'",

@@ -260,6 +260,18 @@ def test_kv_policy_reaches_the_engine_config():
     assert (policy.key_quantization, policy.eviction, policy.eviction_budget_ratio) == ("int4", "keydiff", 0.5)
 
 
+def test_lookahead_and_rotated_keys_reach_the_engine_config():
+    objects = objects_by_key()
+    spec = objects[("CachePolicy", "long-context")]["spec"]
+    spec["quantization"]["rotateKeys"] = True
+    spec["eviction"] = {**spec["eviction"], "policy": "lookahead", "budgetRatio": 0.7, "lookaheadDir": "/models/lookahead"}
+    fleet = colocated(chat_fleet())
+    fleet["spec"]["cachePolicy"] = "long-context"
+    data = by_name(desired_objects(inputs(fleet, objects=objects)))[("ConfigMap", "chat-smollm2-base-config")]["data"]
+    policy = EngineConfig.from_json(data["engine.json"]).cache_policy
+    assert (policy.eviction, policy.lookahead_dir, policy.rotate_keys) == ("lookahead", "/models/lookahead", True)
+
+
 def test_a_disaggregated_fleet_refuses_eviction_with_the_field():
     """Prefill hands KV to decode without the eviction state: refused, never rendered and dropped."""
     from kvfleet.dataplane.config import ConfigError

@@ -75,8 +75,12 @@ def test_lookahead_feeds_the_same_keep_mask_path_as_snapkv(tiny):
     n, h = 50, cfg.num_key_value_heads
     pos = torch.arange(n)[:, None].expand(n, h)
 
-    def votes(p):
-        return [snapkv_scores(q, torch.arange(n - q.shape[0], n), k, pos, 1) for q, k in zip(p.q_win, p.k, strict=True)]
+    seen = []
+
+    def votes(p):  # SnapKV's votes over the computed keys (the scorer itself is handed the stored rows)
+        seen.append(p)
+        return [snapkv_scores(q, torch.arange(n - q.shape[0], n), k, pos, 1)
+                for q, k in zip(p.q_win, pre.k, strict=True)]
 
     ev = dict(budget_ratio=0.4, window_tokens=4, sink_tokens=2, pooling_kernel=5)
     q = QuantSpec("int4", group_size=8, residual_tokens=4, sink_tokens=2)
@@ -84,6 +88,11 @@ def test_lookahead_feeds_the_same_keep_mask_path_as_snapkv(tiny):
     la, la_attn = score(model, PolicySpec(q, EvictionSpec("lookahead", **ev)), pre, ids[50:], _rope(model),
                         scorer=votes)
     assert torch.equal(snap, la)
+    # the module reads the prompt as the cache stores it: every row through the int4 codec
+    kc, _ = PolicySpec(q, EvictionSpec("lookahead", **ev)).codecs(h, cfg.head_dim, torch.float32)
+    stored = seen[0].k[0]
+    assert not torch.equal(stored, pre.k[0])
+    assert torch.allclose(stored[8:40], kc.decode(kc.encode(pre.k[0][8:40].bfloat16().float())), atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(snap_attn.keep, la_attn.keep, strict=True))
     assert la_attn.select_s > 0
     other, _ = score(model, PolicySpec(q, EvictionSpec("lookahead", **ev)), pre, ids[50:], _rope(model),
@@ -154,7 +163,8 @@ def test_evaluator_runs_lookahead_end_to_end(tiny, tmp_path):
         assert rows[name]["prompt_kept"] == pytest.approx(0.5, abs=0.05)
         assert rows[name]["scored_tokens"] == 2 * 2 * 31 and set(rows[name]["select_ms"]) == {"@64"}
         assert set(rows[name]["accuracy"]) == {"passkey@96", "multifact@160"}
-    assert rows["la50"]["engine_bytes_per_token"] is None and rows["la50"]["engine_refuses"]
+    # the paged engine serves lookahead: one kept set per layer and kv head, as many rows as h2o's one set
+    assert rows["la50"]["engine_bytes_per_token"] == rows["h2o50"]["engine_bytes_per_token"]
     assert rows["la50"]["kv_bytes_per_token"] == rows["h2o50"]["kv_bytes_per_token"]
     # another module's results are not reused: its id (directory name) is part of the cache key
     la = PolicySpec(eviction=EvictionSpec("lookahead", budget_ratio=0.5, window_tokens=4, sink_tokens=2,

@@ -89,5 +89,5 @@ def test_save_load_round_trip(tiny, tmp_path):
 def test_stepwise_policy_attention_refuses_lookahead(tiny):
     _, cfg = tiny
     spec = PolicySpec(eviction=EvictionSpec("lookahead", budget_ratio=0.4))
-    with pytest.raises(ValueError, match="teacher forcing"):
+    with pytest.raises(ValueError, match="teacher-forced evaluator"):
         PolicyAttention(spec, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)

@@ -174,6 +174,17 @@ def cases(random_count: int = 150) -> list[tuple[str, dict[str, Any]]]:
         add("prefixCache", prefix, _set(policy, ("spec", "prefixCache"), prefix))
     for eviction in [{"policy": "none", "pyramid": True}, {"policy": "h2o", "budgetTokens": 100, "pyramid": True}]:
         add("pyramid", eviction, _set(policy, ("spec", "eviction"), eviction))
+    for eviction in [{"policy": "lookahead", "budgetRatio": 0.7}, {"policy": "snapkv", "budgetRatio": 0.7,
+                                                                   "lookaheadDir": "/models/la"},
+                     {"policy": "lookahead", "budgetRatio": 0.7, "lookaheadDir": "/models/la"},
+                     {"policy": "lookahead", "budgetRatio": 0.7, "lookaheadDir": "models/la"},
+                     {"policy": "lookahead", "budgetRatio": 0.7, "lookaheadDir": "/models/../la"}]:
+        add("lookahead", eviction, _set(policy, ("spec", "eviction"), eviction))
+    for quant in [{"dtype": "int4", "rotateKeys": True}, {"dtype": "fp8", "rotateKeys": True},
+                  {"dtype": "none", "rotateKeys": True}, {"dtype": "int4", "keysPreRope": True}]:
+        add("rotateKeys", quant, _set(policy, ("spec", "quantization"), quant))
+        add("lookahead-quant", quant, _set(_set(policy, ("spec", "quantization"), quant), ("spec", "eviction"),
+                                           {"policy": "lookahead", "budgetRatio": 0.7, "lookaheadDir": "/la"}))
     for block in [16, 16.0, "16", 17]:
         add("blockSizeTokens", block, _set(policy, ("spec", "blockSizeTokens"), block))
     for budget in [100, 1048576, 1048577]:
