@@ -74,6 +74,10 @@ def grid(quick: bool) -> list:
     for keep in (0.7, 0.8):
         policies.append(PolicySpec(rot4, replace(snap40, policy="lookahead", budget_ratio=keep),
                                    name=f"int4 rot + lookahead@{int(keep * 100)}%"))
+    # KIVI int4 (keys per-channel) keeping whole 32-token groups per layer and kv head: the kept rows carry
+    # their group's scales, so the paged engine could move them without re-quantizing
+    policies.append(PolicySpec(flat.quant, replace(snap40, policy="lookahead", budget_ratio=0.7, chunk_tokens=32),
+                               name="int4+R + lookahead@70% chunk32"))
     if quick:
         policies = [p for p in policies if p.name in ("int2+R", "int4+R + snapkv@40%", "int4+R + lookahead@40%")]
     return policies
@@ -194,12 +198,19 @@ argmaxes right); Wilson 95% intervals.
 
 Codecs: `+R` = keys per-channel and values per-token in groups of 32, 4 sink tokens and a 32-token
 residual window in 16 bits (KIVI); `preRoPE` = keys quantized before RoPE (KVQuant); `int4 per-token` = the
-same with keys per-token too (what the paged engine can compact under eviction). Eviction rows
+same with keys per-token too (what the paged engine can compact under eviction); `int4 rot` = keys per-token
+after a fixed Hadamard rotation of the head dimension (QuaRot-style; `quantization.rotateKeys`), values
+per-token, with the same sinks and residual window. Eviction rows
 are prompt compression (the SnapKV paper's setting): after the prompt is prefilled each layer and kv
 head keeps the stated share of its rows (sinks, a 32-token window and the 16-bit rows protected), and
 decoded tokens are all kept; `x` is the prompt's compression. Scorers: `snapkv` (votes of the last 32
 prompt queries), `h2o` (attention accumulated from every prompt query), `lookahead` (LookaheadKV: a
-trained module's lookahead tokens, below); selection and masks are the same code for all three.
+trained module's lookahead tokens, below, reading the prompt's K/V as the cache stores them: every row
+through the codec); selection and masks are the same code for all three. `B/token (engine)` is given for
+the rows the paged engine serves: lookahead with per-token scales (it keeps one row set per layer and kv
+head, and gives the evaluator's tokens, `tests/dataplane/engine/test_paged_lookahead.py`); the engine's
+snapkv and h2o keep one set per sequence (scores summed over layers and heads), so their rows here are
+the evaluator's per-head variant.
 
 {table(report)}
 

@@ -138,7 +138,8 @@ class CachePolicyConfig:
         Torch-free, so the operator refuses such a fleet (Degraded, InvalidConfig) instead of
         rendering pods that would crash at startup. The paged engine applies streaming-llm, h2o,
         snapkv and keydiff with ONE kept-token set per sequence (scores summed over layers and kv
-        heads), and lookahead (prompt compression) with one set per layer and kv head of equal size;
+        heads), and lookahead (prompt compression) with one set per layer and kv head of equal size
+        (whole token groups when scales are shared by a group of tokens);
         `pyramid` needs per-layer block tables and is rejected (`kvfleet eval-cache` evaluates it).
         disaggregated: prefill hands KV to decode; a sequence's eviction state (kept positions,
         scores) does not travel with it, so eviction is refused there.
@@ -156,9 +157,13 @@ class CachePolicyConfig:
         _check(not self.pyramid, "cache_policy.pyramid: per-layer budgets need per-layer block tables; the paged "
                "engine keeps one token set per sequence (PolicyAttention evaluates pyramid budgets)")
         for kind in ("key", "value"):
-            _check(not self.token_grouped(kind),
+            _check(not self.token_grouped(kind) or self.eviction == "lookahead",
                    f"cache_policy.{kind}_granularity: scales shared by a group of tokens cannot follow tokens that "
-                   "eviction compacts; use per-token (the default when an eviction policy is set)")
+                   f"eviction {self.eviction!r} compacts; use per-token (the default when an eviction policy is "
+                   "set), or eviction 'lookahead', which keeps whole groups")
+            gran = self.key_granularity if kind == "key" else self.value_granularity
+            _check(gran != "per-tensor", f"cache_policy.{kind}_granularity: per-tensor scales cannot move with "
+                   "one kv head's rows; eviction keeps rows per kv head")
         _check(self.quant_sink_tokens <= self.eviction_sink_tokens,
                f"cache_policy.quant_sink_tokens {self.quant_sink_tokens} must not exceed eviction_sink_tokens "
                f"{self.eviction_sink_tokens}: full-precision sinks are never evicted")

@@ -45,6 +45,7 @@ class EvictionSpec:
     pooling_kernel: int = 7
     pyramid: bool = False
     slack_tokens: int = 0  # hysteresis: once over budget, evict down to budget - slack (>= protected)
+    chunk_tokens: int = 0  # prompt compression keeps whole aligned chunks of this many tokens (0: single tokens)
 
     def __post_init__(self) -> None:
         if self.policy not in EVICTION_POLICIES:
@@ -68,6 +69,8 @@ class EvictionSpec:
             raise ValueError("observationWindow must be >= 1")
         if self.slack_tokens < 0:
             raise ValueError("slackTokens must be >= 0")
+        if self.chunk_tokens < 0:
+            raise ValueError("chunkTokens must be >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +121,27 @@ def select_keep(scores: torch.Tensor, protected: torch.Tensor, k: int) -> torch.
     s = s.masked_fill(protected, float("inf"))
     idx = s.topk(k, dim=0).indices  # [k, H]
     return idx.sort(dim=0).values
+
+
+def select_chunks(scores: torch.Tensor, protected: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Like `select_keep`, but whole chunks of `chunk` rows aligned at multiples of `chunk` (a quantizer's
+    token groups, so per-channel scales move with their rows): idx [k', H], ascending per head.
+
+    A chunk with a protected row is kept whole; the other chunks (all full: the last, partial chunk
+    holds the most recent rows, which the window protects) by their summed score, as many as bring the
+    kept rows closest to k. Every head keeps the same number of rows k'."""
+    n, h = scores.shape
+    nc, pad = -(-n // chunk), -n % chunk
+    chunk_scores = F.pad(scores.float().T, (0, pad)).view(h, nc, chunk).sum(-1).T  # [nc, H]
+    chunk_prot = F.pad(protected.T, (0, pad)).view(h, nc, chunk).any(-1).T  # [nc, H]
+    if not bool(chunk_prot[-1].all()) and pad:
+        raise ValueError("the last, partial chunk must be protected (a window at least as long as it)")
+    prot_rows = int(chunk_prot.sum(0).max()) * chunk - pad  # same for every head: protection is by position
+    extra = max(0, round((k - prot_rows) / chunk))
+    kc = min(nc, int(chunk_prot.sum(0).max()) + extra)
+    cidx = select_keep(chunk_scores, chunk_prot, kc)  # [kc, H] ascending
+    rows = (cidx[:, None, :] * chunk + torch.arange(chunk, device=scores.device)[None, :, None]).flatten(0, 1)
+    return rows[: rows.shape[0] - pad]  # [k', H]: the partial last chunk (always kept) has no padding rows
 
 
 # -- scores -------------------------------------------------------------------

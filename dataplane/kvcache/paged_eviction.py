@@ -35,7 +35,10 @@ keeps the same NUMBER of rows, attention over the cache does not depend on their
 protected rows (sinks, the recent window, the full-precision lane rows, decoded tokens) are the
 same positions for all of them, so they land in the same slots everywhere. Decoded tokens are all
 kept (no eviction after the prompt). `kept_positions` then records layer 0 / kv head 0's positions
-(exact for the protected slots); a sequence compressed once has `kept_positions` set.
+(exact for the protected slots); a sequence compressed once has `kept_positions` set. With
+token-grouped scales (KIVI per-channel keys) each (layer, kv head) keeps whole groups aligned like
+the blocks (`eviction.select_chunks`), and a group's scales move with its rows, so nothing is
+re-quantized and later groups still start at multiples of the group size.
 NOTE: `pyramid` needs per-layer block tables; `CachePolicyConfig.check_servable` rejects it.
 """
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -52,10 +56,12 @@ from .eviction import (
     keydiff_scores,
     pool_rows,
     protected_mask,
+    select_chunks,
     select_keep,
     snapkv_scores,
     streaming_scores,
 )
+from .paged_layout import tail_start
 from .paged_scores import ATTENTION_SCORED, PagedScores
 from .seqview import KVSequence
 from .storage import KVStorage
@@ -87,6 +93,8 @@ class PagedEvictor:
             raise ValueError("eviction lookahead keeps different tokens per layer and kv head: pre-RoPE keys "
                              "would need a position per head and slot")
         self.scorer = scorer
+        # token-grouped scales: lookahead keeps whole groups (aligned like the blocks), which carry their scales
+        self.chunk = kv.chunk if getattr(kv, "grouped", False) else 1  # type: ignore[attr-defined]
         self.bs = bm.block_size
         slack = slack_tokens if slack_tokens is not None else spec.slack_tokens or self.bs
         self.spec, self.kv, self.bm = replace(spec, slack_tokens=slack), kv, bm
@@ -233,9 +241,11 @@ class PagedEvictor:
         if seq.kept_positions is not None or seq.num_computed_tokens < seq.num_prompt_tokens:
             return 0
         assert self.scorer is not None and seq.num_evicted == 0
-        ev, n, p = self.spec, seq.num_kv_slots, seq.num_prompt_tokens
+        ev, n, p, kv = self.spec, seq.num_kv_slots, seq.num_prompt_tokens, self.kv
         pos = torch.arange(n)
-        prot = (protected_mask(pos, p, ev.sink_tokens, ev.window_tokens) | (pos >= p)  # decoded: all kept
+        # full-precision rows of a quantized cache (sinks, residual window, an incomplete group) as the evaluator
+        tail = tail_start(p, getattr(kv, "sink_tokens", 0), getattr(kv, "residual_tokens", 0), self.chunk)
+        prot = (protected_mask(pos, p, ev.sink_tokens, ev.window_tokens) | (pos >= tail) | (pos >= p)  # decoded
                 | self.fixed_slots(seq, n))
         budget = max(int(prot[:p].sum()), ev.layer_budget(0, 1, p, 0)) + (n - p)
         seq.kept_positions = list(range(n))  # compressed (even when nothing goes): never again
@@ -243,13 +253,15 @@ class PagedEvictor:
             return 0
         blocks = torch.tensor(seq.block_table[:-(-p // self.bs)], dtype=torch.long, device=self._device())
         with torch.inference_mode():
-            stored = [self.kv.gather(layer, blocks) for layer in range(self.kv.num_layers)]
-            mass = self.scorer([k[:p] for k, _ in stored], [v[:p] for _, v in stored])  # per layer [P, Hkv]
+            stored = [kv.codec_rows(layer, seq, blocks, p) for layer in range(kv.num_layers)]
+            mass = self.scorer([k for k, _ in stored], [v for _, v in stored])  # per layer [P, Hkv]
             keep = []
             for m in mass:
                 pooled = pool_rows(m.float().cpu(), ev.pooling_kernel)  # [P, Hkv]
                 scores = torch.cat([pooled, pooled.new_zeros(n - p, pooled.shape[1])])  # decoded rows: protected
-                keep.append(select_keep(scores, prot[:, None].expand_as(scores), budget))  # [k, Hkv] ascending
+                mask = prot[:, None].expand_as(scores)
+                keep.append(select_chunks(scores, mask, budget, self.chunk) if self.chunk > 1 else
+                            select_keep(scores, mask, budget))  # [k, Hkv] ascending
             self._move_per_head(seq, keep, n)
         return self._drop_tail(seq, keep[0][:, 0].tolist(), n)
 
@@ -265,10 +277,23 @@ class PagedEvictor:
         dev = self._device()
         dst_s = self._slots(seq, dst).to(dev)[:, None]  # [k, 1]
         heads = torch.arange(hkv, device=dev)[None, :]  # [1, Hkv]
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
         for layer, idx in enumerate(keep):
             src_s = self._slots(seq, idx.reshape(-1)).view(k, hkv).to(dev)  # [k, Hkv]
             for t in self.kv.slot_tensors(layer):
                 flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
                 flat[dst_s, heads] = flat[src_s, heads]  # the right side is gathered first
+            if self.chunk > 1:  # whole token groups: their scales move with them (per head)
+                self._move_group_stats(layer, table, idx[::self.chunk].to(dev), heads)
         for i in torch.unique(dst[moved] // self.bs).tolist():  # the blocks written
             self._unregister(seq.block_table[i])
+
+    def _move_group_stats(self, layer: int, table: torch.Tensor, first: torch.Tensor, heads: torch.Tensor) -> None:
+        """first [G, Hkv]: first slot of each kept group per kv head -> its scales into groups 0..G-1."""
+        kv: Any = self.kv  # a PagedQuantKV (token-grouped codecs)
+        to = torch.arange(first.shape[0], device=first.device) * self.chunk
+        for c, t in kv.group_stats(layer):
+            src = kv.group_stat_rows(c, table, first.reshape(-1)).view(*first.shape, -1)  # [G, Hkv, copies]
+            dst = kv.group_stat_rows(c, table, to)  # [G, copies]
+            for j in range(dst.shape[1]):
+                t[dst[:, j, None], heads] = t[src[:, :, j], heads]  # [Hs, Ds] rows per head (Hs = Hkv)

@@ -100,16 +100,19 @@ def policy_step(cache: PagedQuantKV, items: Seq[ScheduledKV], lanes: Seq[int], f
         lane_rows.append(rows)
         table = tables[i]
         if cache.grouped:
-            assert ev == 0, "token-grouped scales with eviction are rejected by the config"
+            # eviction of token-grouped scales drops whole groups (lookahead), so ev is a multiple of the group
+            # and logical group boundaries stay physical ones: slots and stat rows at r - ev
+            assert ev % group == 0, "token-grouped scales are evicted in whole groups only"
             for e in range((start // group + 1) * group, end + 1, group):
                 r = np.arange(e - group, e)
                 g_src.append(np.where(r >= start, n_lane_rows + first_rows[i] + (r - start), lane.rows(r)))
                 g_valid.append(r >= s_tok)
-                g_slots.append(table[r // bs] * bs + r % bs)
+                rp, ep = r - ev, e - ev
+                g_slots.append(table[rp // bs] * bs + rp % bs)
                 if group <= bs:
-                    g_stat.append(np.array([table[(e - 1) // bs] * (bs // group) + ((e - 1) % bs) // group]))
+                    g_stat.append(np.array([table[(ep - 1) // bs] * (bs // group) + ((ep - 1) % bs) // group]))
                 else:
-                    g_stat.append(table[(e - group) // bs:(e - group) // bs + group // bs])
+                    g_stat.append(table[(ep - group) // bs:(ep - group) // bs + group // bs])
         reads = i < num_decodes or gathered[i - num_decodes]
         if not reads:
             pf_overlays.append(None)

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .paged_layout import policy_step
-from .quant import STAT_DTYPE, Codec
+from .paged_layout import _Lane, policy_step
+from .quant import STAT_DTYPE, Codec, hadamard_rotation
 from .seqview import ScheduledKV
 from .storage import KVStorage, LaneTable, PolicyStep
 
@@ -129,6 +129,19 @@ class PagedQuantKV(KVStorage):
 
     def stat_rows_per_block(self, c: Codec) -> int:
         return max(1, self.block_size // c.group_size) if c.token_grouped else 0
+
+    def group_stats(self, layer: int) -> list[tuple[Codec, torch.Tensor]]:
+        """The token-grouped codecs' stat tensors of a layer (scale, zero: [rows, Hs, Ds]) with their codec."""
+        return [(c, t) for c, parts in ((self.kc, self.k[layer]), (self.vc, self.v[layer]))
+                if c.token_grouped for t in parts[1:]]
+
+    def group_stat_rows(self, c: Codec, table: torch.Tensor, first_slots: torch.Tensor) -> torch.Tensor:
+        """Stat rows [G, copies] of the groups whose first slot (physical, a multiple of the group size) is
+        first_slots [G] in a sequence's block table [M] (a group longer than a block has a copy per block)."""
+        g, bs = c.group_size, self.block_size
+        if g <= bs:
+            return (table[first_slots // bs] * (bs // g) + (first_slots % bs) // g)[:, None]
+        return table[(first_slots // bs)[:, None] + torch.arange(g // bs, device=table.device)]
 
     def _alloc(self, c: Codec, device: torch.device | str) -> list[torch.Tensor]:
         nb, bs, h, d = self.num_blocks, self.block_size, c.num_heads, c.head_dim
@@ -313,12 +326,31 @@ class PagedQuantKV(KVStorage):
         """block_ids [..., M] int64 -> dequantized k, v [..., M * block_size, Hkv, D] (no overlays)."""
         return self._dequant(self.kc, self.k[layer], block_ids), self._dequant(self.vc, self.v[layer], block_ids)
 
+    def codec_rows(self, layer: int, seq: Any, block_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' codes; a token-grouped codec's incomplete last group (not encoded yet: its rows are in
+        the lane) is encoded from its lane rows padded with the last one, as the evaluator encodes it."""
+        k, v = self.gather(layer, block_ids)
+        k, v = k[:n].clone(), v[:n].clone()
+        lo = (n // self.chunk) * self.chunk
+        if self.lanes is None or lo == n:
+            return k, v
+        pos = np.arange(lo, n)
+        rows = torch.from_numpy(_Lane(self, self.lane(seq)).rows(pos)).to(k.device)
+        keep = torch.from_numpy(pos >= self.sink_tokens).to(k.device)[:, None, None]  # sinks: not in the scale
+        for c, out, lane in ((self.kc, k, self.lanes.k[layer]), (self.vc, v, self.lanes.v[layer])):
+            if c.token_grouped:
+                x = lane[rows].to(c.fp_dtype)  # [n - lo, H, D]
+                pad = x[-1:].expand(self.chunk - (n - lo), *x.shape[1:])
+                stats = torch.cat([torch.where(keep, x, x[-1:]), pad]) if bool(keep.any()) else None
+                out[lo:n] = c.decode(c.encode(torch.cat([x, pad]), stats_from=stats))[: n - lo]
+        return k, v
+
     def fused_decode(self, kernels: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      tables: torch.Tensor, context_lens: torch.Tensor, step: PolicyStep) -> torch.Tensor | None:
-        """int8/int4 codes (keys neither pre-RoPE nor rotated): `kernels.quant_decode_attention` dequantizes each row as it
+        """int8/int4 codes (keys not pre-RoPE; rotated keys score q R): `kernels.quant_decode_attention` dequantizes each row as it
         reads it, with the lane rows and the decodes' own k/v where `read` would overlay them."""
         kc, vc = self.kc, self.vc
-        if (self.keys_pre_rope or kc.rotated or kc.dtype != vc.dtype or kc.dtype not in ("int4", "int8")
+        if (self.keys_pre_rope or kc.dtype != vc.dtype or kc.dtype not in ("int4", "int8")
                 or q.dtype != kc.fp_dtype):
             return None
         bd, _, d = q.shape
@@ -330,6 +362,9 @@ class PagedQuantKV(KVStorage):
             step.decode_lane_map = lane_map
         none = q.new_zeros(0, kc.num_heads, d)
         lane_k, lane_v = (lanes.k[layer], lanes.v[layer]) if lanes is not None else (none, none)
+        if kc.rotated:  # stored keys are y = k R: score (q R) . y, and the full-precision key rows rotated alike
+            r = hadamard_rotation(d, q.device).to(q.dtype)
+            q, k, lane_k = q @ r, k @ r, (lane_k @ r if lane_k.numel() else lane_k)
         ks, vs = self.k[layer], self.v[layer]  # [codes, scale, zero] each
         out: torch.Tensor = kernels.quant_decode_attention(
             q, 4 if kc.dtype == "int4" else 8, ks[0], ks[1], ks[2], kc.token_grouped, kc.group_size,

@@ -128,7 +128,11 @@ class PolicySpec:
                             else cfg.value_quantization, rotate_keys=cfg.rotate_keys),
             eviction=EvictionSpec(cfg.eviction, cfg.eviction_budget_tokens, cfg.eviction_budget_ratio,
                                   cfg.eviction_window_tokens, cfg.eviction_sink_tokens,
-                                  cfg.observation_window, cfg.pooling_kernel, cfg.pyramid),
+                                  cfg.observation_window, cfg.pooling_kernel, cfg.pyramid,
+                                  # lookahead over token-grouped scales keeps whole groups (the engine moves
+                                  # them with their scales)
+                                  chunk_tokens=cfg.group_size if cfg.eviction == "lookahead" and (
+                                      cfg.token_grouped("key") or cfg.token_grouped("value")) else 0),
             name=name)
 
     def codecs(self, num_kv_heads: int, head_dim: int, fp_dtype: torch.dtype) -> tuple[Codec, Codec]:

@@ -125,6 +125,12 @@ class KVStorage(ABC):
         position of every gathered slot (the result's leading dims), used for pre-RoPE keys."""
         return self.gather(layer, block_ids)
 
+    def codec_rows(self, layer: int, seq: KVSequence, block_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's first n rows [n, Hkv, D] each as the codec stores it (what LookaheadKV's module reads,
+        as `eval_tf.TeacherForced.stored_prompt` does); block_ids: its first blocks [M]."""
+        k, v = self.gather(layer, block_ids)
+        return k[:n], v[:n]
+
     def fused_decode(self, kernels: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      tables: torch.Tensor, context_lens: torch.Tensor, step: PolicyStep) -> torch.Tensor | None:
         """Decode attention by a compiled kernel that reads this storage as it is (q [Bd, Hq, D], the

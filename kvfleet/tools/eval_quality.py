@@ -37,7 +37,10 @@ def fingerprint(spec: PolicySpec, scorer_id: str = "") -> str:
     q = asdict(spec.quant)
     if not q["rotate_keys"]:  # a field added later: left out at its default, so older results stay valid
         del q["rotate_keys"]
-    d: dict[str, Any] = {"q": q, "e": asdict(spec.eviction)}
+    e = asdict(spec.eviction)
+    if not e["chunk_tokens"]:  # likewise
+        del e["chunk_tokens"]
+    d: dict[str, Any] = {"q": q, "e": e}
     if spec.eviction.policy in PROMPT_SCORED:
         d["scorer"] = scorer_id
         d["scorer_reads"] = "stored"  # the rows as the cache holds them (`TeacherForced.stored_prompt`)
@@ -200,6 +203,8 @@ def kv_bytes(spec: PolicySpec, cfg: Any, n: int) -> tuple[float, float | None, s
         ks = kv_storage_spec(cp, L, 16, h, d, torch.bfloat16, num_lanes=1)
     except (ConfigError, ValueError) as err:
         return ev_bytes, None, str(err).split(":")[0]
+    if PolicySpec.from_config(cp).eviction.chunk_tokens != e.chunk_tokens:
+        return ev_bytes, None, "the engine's lookahead keeps whole token groups under token-grouped scales"
     rows = len(attn.layers[0]) if e.enabled else n
     return ev_bytes, (-(-rows // 16) * ks.bytes_per_block + ks.lane_bytes) / n, ""
 

@@ -28,6 +28,7 @@ from kvfleet.dataplane.kvcache.eviction import (
     h2o_prompt_scores,
     keydiff_scores,
     pool_rows,
+    select_chunks,
     select_keep,
     snapkv_scores,
     streaming_scores,
@@ -196,7 +197,8 @@ class TeacherForced(AttentionBackend):
         else:
             raise ValueError(f"eviction {ev.policy!r}: teacher forcing evaluates streaming-llm, snapkv, keydiff, "
                              "h2o, lookahead")
-        idx = select_keep(scores, prot, budget)  # [budget, Hkv]
+        idx = select_chunks(scores, prot, budget, ev.chunk_tokens) if ev.chunk_tokens > 1 else \
+            select_keep(scores, prot, budget)  # [budget, Hkv]
         self.select_s += time.perf_counter() - t0
         return keep_mask(idx, n)
 

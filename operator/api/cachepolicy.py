@@ -42,13 +42,14 @@ class Quantization(KubeModel):
         "group of groupSize tokens) or per-token; int8/int4/int3/int2: per-channel (default; one scale per channel per "
         "group of groupSize tokens, KIVI) or per-token (one scale per token per groupSize channels). With an "
         "eviction policy the default is per-token, and only per-token is allowed (eviction compacts single "
-        "tokens, which scales shared by a group of tokens cannot follow).",
+        "tokens, which scales shared by a group of tokens cannot follow), except with lookahead, which then keeps "
+        "whole groups of groupSize tokens per layer and KV head (their scales move with them).",
     )
     value_granularity: Granularity | None = Field(
         default=None,
         description="Scale granularity for values. fp8: per-tensor, per-head (default) or per-token; "
         "int8/int4/int3/int2: per-token (default; one scale per token per group of groupSize channels) or per-channel. "
-        "With an eviction policy: per-token only (the default then).",
+        "With an eviction policy: per-token only (the default then), or any but per-tensor with lookahead.",
     )
     group_size: int = Field(
         default=32,
@@ -305,14 +306,25 @@ class CachePolicySpec(KubeModel):
             field_path=".quantization.groupSize",
         ),
         Rule(
-            cel="self.eviction.policy == 'none' || self.quantization.dtype == 'none' || "
+            cel="self.eviction.policy == 'none' || self.eviction.policy == 'lookahead' || "
+            "self.quantization.dtype == 'none' || "
             "((!has(self.quantization.keyGranularity) || self.quantization.keyGranularity == 'per-token') && "
             "(!has(self.quantization.valueGranularity) || self.quantization.valueGranularity == 'per-token'))",
-            message="with an eviction policy, quantization scales must be per-token (eviction compacts single "
-            "tokens, which scales shared by a group of tokens cannot follow)",
-            check=lambda s: s.eviction.policy == "none" or s.quantization.dtype == "none"
+            message="with an eviction policy other than lookahead, quantization scales must be per-token (it "
+            "compacts single tokens, which scales shared by a group of tokens cannot follow; lookahead keeps "
+            "whole groups)",
+            check=lambda s: s.eviction.policy in ("none", "lookahead") or s.quantization.dtype == "none"
             or all(g in (None, "per-token") for g in (s.quantization.key_granularity,
                                                       s.quantization.value_granularity)),
+            field_path=".quantization",
+        ),
+        Rule(
+            cel="self.eviction.policy == 'none' || self.quantization.dtype == 'none' || "
+            "((!has(self.quantization.keyGranularity) || self.quantization.keyGranularity != 'per-tensor') && "
+            "(!has(self.quantization.valueGranularity) || self.quantization.valueGranularity != 'per-tensor'))",
+            message="with an eviction policy, per-tensor scales cannot move with one KV head's rows",
+            check=lambda s: s.eviction.policy == "none" or s.quantization.dtype == "none"
+            or "per-tensor" not in (s.quantization.key_granularity, s.quantization.value_granularity),
             field_path=".quantization",
         ),
         Rule(

@@ -12,7 +12,7 @@ from kvfleet.dataplane.kvcache.eviction import pool_rows, protected_mask, select
 from kvfleet.dataplane.kvcache.lookahead import LookaheadConfig, LookaheadKV
 from kvfleet.dataplane.kvcache.policy import PolicySpec
 
-from kvfleet.tools.eval_tf import greedy_matches, prefill
+from kvfleet.tools.eval_tf import greedy_matches, prefill, score
 
 BS = 4
 QUANT = {
@@ -20,6 +20,14 @@ QUANT = {
     "int4-rotated-keys-lanes": dict(key_quantization="int4", value_quantization="int4", group_size=8,
                                     residual_tokens=8, quant_sink_tokens=2, rotate_keys=True),
     "int8-per-token": dict(key_quantization="int8", value_quantization="int8", group_size=8),
+    # KIVI: keys per-channel in groups of 8 tokens (a group spans two blocks of 4) or of 4 (two per block of 8):
+    # whole groups are kept, their scales move with them
+    "int4-kivi-lanes-groups-span-blocks": dict(key_quantization="int4", value_quantization="int4",
+                                               key_granularity="per-channel", group_size=8, residual_tokens=8,
+                                               quant_sink_tokens=2),
+    "int8-kivi-two-groups-per-block": dict(key_quantization="int8", value_quantization="int8",
+                                           key_granularity="per-channel", group_size=4, residual_tokens=4,
+                                           quant_sink_tokens=2, block_size=8),
 }
 
 
@@ -46,16 +54,22 @@ def test_engine_emits_the_tokens_the_evaluator_scores(tiny, module, quant):
     engine (per layer/head compaction) emits, for an exact cache and for quantized ones."""
     model, mc, _ = tiny
     d, mod = module
-    cp = _cp(d, **QUANT[quant])
+    quant_kw = dict(QUANT[quant])
+    block_size = quant_kw.pop("block_size", BS)
+    cp = _cp(d, **quant_kw)
     prompt = random_prompt(mc.vocab_size, 61, seed=5)
-    engine = make_engine(model, mc, cp, block_size=BS)
+    engine = make_engine(model, mc, cp, block_size=block_size)
     got = engine.generate([prompt], greedy(20))[0].new_token_ids
     st = engine.eviction_stats()
-    assert st.compactions == 1 and st.tokens_evicted == 61 - 31  # 50% of the prompt, rounded up; once
     spec = PolicySpec.from_config(cp)
     rope = lambda p: model.rotary.cos_sin(p, torch.float32)  # noqa: E731
-    assert greedy_matches(model, spec, prefill(model, prompt), got, rope, fp_store=None,
-                          scorer=lambda p: mod.mass(model, p.k, p.v))
+    scorer = lambda p: mod.mass(model, p.k, p.v)  # noqa: E731
+    assert greedy_matches(model, spec, prefill(model, prompt), got, rope, fp_store=None, scorer=scorer)
+    _, attn = score(model, spec, prefill(model, prompt), got, rope, fp_store=None, scorer=scorer)
+    kept = {int(n) for m in attn.keep for n in m.sum(1)}  # rows each (layer, kv head) kept of the prompt
+    assert st.compactions == 1 and kept == {61 - st.tokens_evicted} and 25 <= 61 - st.tokens_evicted <= 40
+    if spec.eviction.chunk_tokens:  # whole groups
+        assert st.tokens_evicted % spec.eviction.chunk_tokens == 0
     # and the path is not a no-op: the plain cache decodes otherwise
     assert got != make_engine(model, mc, block_size=BS).generate([prompt], greedy(20))[0].new_token_ids
 

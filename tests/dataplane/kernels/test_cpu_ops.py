@@ -150,6 +150,9 @@ POLICIES = [
                        group_size=8), "quant_decode_attention"),
     (CachePolicyConfig(key_quantization="int4", value_quantization="int4", group_size=8, residual_tokens=8,
                        quant_sink_tokens=4, keys_pre_rope=True), "paged_decode_attention"),
+    (CachePolicyConfig(key_quantization="int4", value_quantization="int4", key_granularity="per-token",
+                       group_size=8, residual_tokens=8, quant_sink_tokens=4, rotate_keys=True),
+     "quant_decode_attention"),
 ]
 
 
@@ -164,7 +167,8 @@ def _generate(model_dir: str, kernels: str, prompts: list[list[int]], max_tokens
 
 
 @pytest.mark.parametrize(("policy", "attention"), POLICIES,
-                         ids=["exact", "int4+R", "int4+R-group16", "int8-per-token", "int4+R-preRoPE"])
+                         ids=["exact", "int4+R", "int4+R-group16", "int8-per-token", "int4+R-preRoPE",
+                              "int4-rotated-keys+R"])
 def test_engine_tokens_equal_with_and_without_kernels(tiny_model_dir, monkeypatch, policy, attention) -> None:
     """Exact cache: decode attention reads the blocks; int8/int4: it dequantizes the codes as it reads them."""
     prompts = [[5 + i, 17, 3 * i + 1, 40, 2] * (i + 2) for i in range(6)]  # 6 > max_num_seqs: queued, chunked
