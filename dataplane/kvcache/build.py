@@ -67,7 +67,7 @@ def kv_storage_spec(cp: Any, num_layers: int, block_size: int, num_kv_heads: int
         FullPrecisionLanes.bytes_needed(num_layers, num_lanes, q.sink_tokens, ring, num_kv_heads, head_dim, dtype)
     grouped = cp.token_grouped("key") or cp.token_grouped("value")
     return KVStorageSpec(spec, *dims, (kc, vc), PagedQuantKV.bytes_per_block(kc, vc, num_layers, block_size),
-                         lanes, f"|kv={cp.key_quantization}/{cp.value_quantization}",
+                         lanes, f"|kv={cp.key_quantization}{'+rot' if cp.rotate_keys else ''}/{cp.value_quantization}",
                          max(1, cp.group_size // block_size) if grouped else 1)
 
 

@@ -262,6 +262,8 @@ class PagedEvictor:
                 mask = prot[:, None].expand_as(scores)
                 keep.append(select_chunks(scores, mask, budget, self.chunk) if self.chunk > 1 else
                             select_keep(scores, mask, budget))  # [k, Hkv] ascending
+            if keep[0].shape[0] == n:  # whole groups rounded the budget up to every row
+                return 0
             self._move_per_head(seq, keep, n)
         return self._drop_tail(seq, keep[0][:, 0].tolist(), n)
 
@@ -283,8 +285,9 @@ class PagedEvictor:
             for t in self.kv.slot_tensors(layer):
                 flat = t.view(-1, *t.shape[2:])  # [num_blocks * bs, Hkv, X]
                 flat[dst_s, heads] = flat[src_s, heads]  # the right side is gathered first
-            if self.chunk > 1:  # whole token groups: their scales move with them (per head)
-                self._move_group_stats(layer, table, idx[::self.chunk].to(dev), heads)
+            if self.chunk > 1:  # whole token groups: their scales move with them (per head); an incomplete
+                # last group has no scales yet (and, longer than a block, not all its blocks)
+                self._move_group_stats(layer, table, idx[:(k // self.chunk) * self.chunk:self.chunk].to(dev), heads)
         for i in torch.unique(dst[moved] // self.bs).tolist():  # the blocks written
             self._unregister(seq.block_table[i])
 

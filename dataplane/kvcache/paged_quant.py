@@ -182,7 +182,7 @@ class PagedQuantKV(KVStorage):
 
     def layout_facts(self) -> dict[str, Any]:
         return {"sink_tokens": self.sink_tokens, "residual_tokens": self.residual_tokens,
-                "keys_pre_rope": self.keys_pre_rope}
+                "keys_pre_rope": self.keys_pre_rope, "rotated_keys": self.kc.rotated}
 
     # -- the step plan ---------------------------------------------------------------
 
@@ -332,7 +332,7 @@ class PagedQuantKV(KVStorage):
         k, v = self.gather(layer, block_ids)
         k, v = k[:n].clone(), v[:n].clone()
         lo = (n // self.chunk) * self.chunk
-        if self.lanes is None or lo == n:
+        if self.lanes is None or lo == n or seq.num_kv_slots >= lo + self.chunk:  # complete: encoded already
             return k, v
         pos = np.arange(lo, n)
         rows = torch.from_numpy(_Lane(self, self.lane(seq)).rows(pos)).to(k.device)
@@ -347,8 +347,9 @@ class PagedQuantKV(KVStorage):
 
     def fused_decode(self, kernels: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      tables: torch.Tensor, context_lens: torch.Tensor, step: PolicyStep) -> torch.Tensor | None:
-        """int8/int4 codes (keys not pre-RoPE; rotated keys score q R): `kernels.quant_decode_attention` dequantizes each row as it
-        reads it, with the lane rows and the decodes' own k/v where `read` would overlay them."""
+        """int8/int4 codes (keys not pre-RoPE; rotated keys score q R): `kernels.quant_decode_attention`
+        dequantizes each row as it reads it, with the lane rows and the decodes' own k/v where `read` would
+        overlay them."""
         kc, vc = self.kc, self.vc
         if (self.keys_pre_rope or kc.dtype != vc.dtype or kc.dtype not in ("int4", "int8")
                 or q.dtype != kc.fp_dtype):
@@ -358,13 +359,18 @@ class PagedQuantKV(KVStorage):
         if step.decode_lane_map is None:  # the step's overlay as a per-slot map, once for all layers
             lane_map = torch.full((bd, tables.shape[1] * self.block_size), -1, dtype=torch.long, device=q.device)
             if lanes is not None and step.decode_overlay is not None and step.decode_overlay[0].numel():
-                lane_map.view(-1)[step.decode_overlay[0]] = step.decode_overlay[1]
+                dst, src = step.decode_overlay
+                if kc.rotated:  # only the rows read get rotated: index them compactly
+                    step.decode_lane_rows, src = torch.unique(src, return_inverse=True)
+                lane_map.view(-1)[dst] = src
             step.decode_lane_map = lane_map
         none = q.new_zeros(0, kc.num_heads, d)
         lane_k, lane_v = (lanes.k[layer], lanes.v[layer]) if lanes is not None else (none, none)
         if kc.rotated:  # stored keys are y = k R: score (q R) . y, and the full-precision key rows rotated alike
             r = hadamard_rotation(d, q.device).to(q.dtype)
-            q, k, lane_k = q @ r, k @ r, (lane_k @ r if lane_k.numel() else lane_k)
+            used = step.decode_lane_rows
+            lane_k, lane_v = (lane_k[used] @ r, lane_v[used]) if used is not None else (none, none)
+            q, k = q @ r, k @ r
         ks, vs = self.k[layer], self.v[layer]  # [codes, scale, zero] each
         out: torch.Tensor = kernels.quant_decode_attention(
             q, 4 if kc.dtype == "int4" else 8, ks[0], ks[1], ks[2], kc.token_grouped, kc.group_size,

@@ -15,7 +15,8 @@ bytes, int2 four codes per byte (KIVI's 2-bit). The
 cast codecs `none` (the model dtype), `fp16` and `bf16` store no scales.
 
 `rotated` (integer codecs): each head's row is multiplied by a fixed orthonormal matrix R (a
-Hadamard matrix with seeded random signs, `hadamard_rotation`) before it is quantized, and by R^T
+Hadamard matrix with seeded random signs, block-diagonal when head_dim is not a power of two:
+`hadamard_rotation`) before it is quantized, and by R^T
 after it is dequantized (QuaRot's trick): an outlier channel is spread over all channels of its
 row, so per-token scales fit keys nearly as well as per-channel ones, and a per-token codec
 moves with its token under eviction.
@@ -46,20 +47,29 @@ _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _MIN_SCALE = 1e-4  # keeps fp16 scales normal; error of a constant group is then <= 5e-5
 
 
+def _hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix [n, n] of +-1 (n a power of two): H_2n = [[H, H], [H, -H]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
 @functools.lru_cache(maxsize=8)
 def _rotation(head_dim: int) -> torch.Tensor:
-    if head_dim < 1 or head_dim & (head_dim - 1):
-        raise ValueError(f"rotated codecs need a power-of-two head_dim (Hadamard), got {head_dim}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < head_dim:  # Sylvester: H_2n = [[H, H], [H, -H]]
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    # a head_dim that is not a power of two: a block-diagonal of normalised Hadamards (96 = 64 + 32)
+    blocks = [1 << b for b in reversed(range(head_dim.bit_length())) if head_dim >> b & 1]
+    h = torch.block_diag(*[_hadamard(n) / math.sqrt(n) for n in blocks])
     g = torch.Generator().manual_seed(0x5EED)
     signs = torch.randint(0, 2, (head_dim,), generator=g, dtype=torch.float64) * 2 - 1
-    return (signs[:, None] * h / math.sqrt(head_dim)).float()  # [D, D], R @ R^T = I
+    return (signs[:, None] * h).float()  # [D, D], R @ R^T = I
 
 
 def hadamard_rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """R [D, D] float32, orthonormal and the same on every machine (entries +-1/sqrt(D))."""
+    """R [D, D] float32, orthonormal and the same on every machine (+-1/sqrt(D) for a power-of-two D,
+    else a block-diagonal of Hadamard blocks, one per set bit of D)."""
     return _rotation(head_dim).to(device)
 
 
@@ -99,8 +109,6 @@ class Codec:
             raise ValueError(f"kv dtype {self.dtype!r} not in {KV_DTYPES}")
         if self.rotated and self.dtype not in INT_BITS:
             raise ValueError(f"a rotated codec needs an integer dtype (int8, int4, int3, int2), not {self.dtype}")
-        if self.rotated:
-            _rotation(self.head_dim)  # raises on a head_dim without a Hadamard matrix
         if not self.is_quantized:
             return
         if self.granularity not in GRANULARITIES:

@@ -46,6 +46,8 @@ class PolicyStep:
     # [Bd, L] lane row of each decode slot (-1: read the codes); built once per step by the first layer
     # that needs it (`PagedQuantKV.fused_decode`), the same for every layer
     decode_lane_map: torch.Tensor | None = None
+    # rotated keys: the lane rows the decodes read (the map above indexes these), so only they are rotated
+    decode_lane_rows: torch.Tensor | None = None
     decode_positions: torch.Tensor | None = None  # [Bd, L] logical position of each gathered slot (pre-RoPE)
     prefill_overlays: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     prefill_positions: list[torch.Tensor | None] = field(default_factory=list)  # [ctx] per chunk (pre-RoPE)

@@ -72,7 +72,7 @@ class Quantization(KubeModel):
         "matrix with seeded signs, QuaRot) and rotate it back on read: outlier channels are spread over the "
         "row, so per-token key scales, which eviction can move with their token, come closer to per-channel "
         "quality (SmolLM2-135M int4: +0.53% [+0.34, +0.73] vs +0.18% per-channel; no gain under eviction). "
-        "Integer dtypes and power-of-two head dimensions only.",
+        "Integer dtypes only.",
     )
     residual_tokens: int = Field(
         default=0,

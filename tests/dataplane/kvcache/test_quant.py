@@ -156,8 +156,9 @@ def test_hadamard_rotation_is_orthonormal_and_fixed():
     torch.testing.assert_close(r @ r.T, torch.eye(64), rtol=0, atol=1e-6)
     assert torch.equal(r.abs(), torch.full((64, 64), 1 / 8.0))  # +-1/sqrt(D): exact in float32
     assert torch.equal(r, hadamard_rotation(64))  # the same matrix every time (seeded signs)
-    with pytest.raises(ValueError, match="power-of-two head_dim"):
-        Codec("int4", "per-token", 8, 2, 24, rotated=True)
+    r96 = hadamard_rotation(96)  # not a power of two: Hadamard blocks of 64 and 32 on the diagonal
+    torch.testing.assert_close(r96 @ r96.T, torch.eye(96), rtol=0, atol=1e-6)
+    assert torch.equal(r96[:64, 64:], torch.zeros(64, 32)) and torch.equal(r96[64:, 64:].abs(), torch.full((32, 32), 32 ** -0.5))
     with pytest.raises(ValueError, match="integer dtype"):
         Codec("fp8", "per-token", 8, 2, 64, rotated=True)
 
