@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..model.attention import AttentionBackend
 from .eviction import attention_probs, pool_rows, received_attention
+from .paged_eviction import PromptScorer
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class LookaheadKV(nn.Module):
         torch.save({k: v.detach().clone() for k, v in self.state_dict().items()}, out_dir / "lookahead.pt")
         (out_dir / "lookahead.json").write_text(json.dumps({"config": asdict(self.cfg), **record}, indent=2))
 
-    def prompt_scorer(self, model: Any) -> Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]:
+    def prompt_scorer(self, model: Any) -> PromptScorer:
         """`mass` over `model` as the paged engine's `PagedEvictor` calls it (no autograd)."""
         def score(keys: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
             with torch.inference_mode():
@@ -145,8 +145,7 @@ class LookaheadKV(nn.Module):
         return mod
 
 
-def lookahead_scorer(cp: Any, model: Any, model_config: Any, device: torch.device | str) -> Callable[
-        [list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]] | None:
+def lookahead_scorer(cp: Any, model: Any, model_config: Any, device: torch.device | str) -> PromptScorer | None:
     """The paged engine's prompt scorer under CachePolicyConfig `cp`: the module at `cp.lookahead_dir`
     running over `model` (None unless eviction is lookahead)."""
     if cp.eviction != "lookahead":

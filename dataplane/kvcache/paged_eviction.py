@@ -94,7 +94,7 @@ class PagedEvictor:
                              "would need a position per head and slot")
         self.scorer = scorer
         # token-grouped scales: lookahead keeps whole groups (aligned like the blocks), which carry their scales
-        self.chunk = kv.chunk if getattr(kv, "grouped", False) else 1  # type: ignore[attr-defined]
+        self.chunk = kv.chunk if kv.grouped else 1
         self.bs = bm.block_size
         slack = slack_tokens if slack_tokens is not None else spec.slack_tokens or self.bs
         self.spec, self.kv, self.bm = replace(spec, slack_tokens=slack), kv, bm
@@ -244,7 +244,7 @@ class PagedEvictor:
         ev, n, p, kv = self.spec, seq.num_kv_slots, seq.num_prompt_tokens, self.kv
         pos = torch.arange(n)
         # full-precision rows of a quantized cache (sinks, residual window, an incomplete group) as the evaluator
-        tail = tail_start(p, getattr(kv, "sink_tokens", 0), getattr(kv, "residual_tokens", 0), self.chunk)
+        tail = tail_start(p, kv.sink_tokens, kv.residual_tokens, self.chunk)
         prot = (protected_mask(pos, p, ev.sink_tokens, ev.window_tokens) | (pos >= tail) | (pos >= p)  # decoded
                 | self.fixed_slots(seq, n))
         budget = max(int(prot[:p].sum()), ev.layer_budget(0, 1, p, 0)) + (n - p)

@@ -93,6 +93,10 @@ class KVStorage(ABC):
     """The KV tensors of all layers, indexed by block id (see the module docstring for the contract)."""
 
     keys_pre_rope: bool = False  # keys are stored before RoPE and rotated on read
+    sink_tokens: int = 0  # first tokens held at full precision (`PagedQuantKV`)
+    residual_tokens: int = 0  # most recent tokens held at full precision (`PagedQuantKV`)
+    chunk: int = 1  # tokens encoded together (a token group of shared scales)
+    grouped: bool = False  # scales shared by a group of tokens (`PagedQuantKV` with a token-grouped codec)
     lanes: Any = None  # `paged_quant.FullPrecisionLanes` when the storage keeps full-precision rows
     score_hook: ScoreHook | None = None
     hidden: Any = None  # `hidden.HiddenStore` (DroidSpeak's E-cache) when a variant reuses a sibling's KV

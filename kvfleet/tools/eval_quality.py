@@ -31,15 +31,14 @@ from kvfleet.dataplane.kvcache.policy import PolicyAttention, PolicySpec
 from kvfleet.tools import eval_tasks as tasks
 from kvfleet.tools.eval_tf import Prompt, PromptScorer, cut, greedy_matches, prefill, score
 
+LATER_FIELDS = ("rotate_keys", "chunk_tokens")  # QuantSpec / EvictionSpec fields newer than the result cache
+
 
 def fingerprint(spec: PolicySpec, scorer_id: str = "") -> str:
     """The cache key of a policy; a learned scorer's identity (`scorer_id`) is part of it."""
-    q = asdict(spec.quant)
-    if not q["rotate_keys"]:  # a field added later: left out at its default, so older results stay valid
-        del q["rotate_keys"]
-    e = asdict(spec.eviction)
-    if not e["chunk_tokens"]:  # likewise
-        del e["chunk_tokens"]
+    # fields added later are left out at their default, so results cached before them stay valid
+    q = {k: v for k, v in asdict(spec.quant).items() if not (k in LATER_FIELDS and not v)}
+    e = {k: v for k, v in asdict(spec.eviction).items() if not (k in LATER_FIELDS and not v)}
     d: dict[str, Any] = {"q": q, "e": e}
     if spec.eviction.policy in PROMPT_SCORED:
         d["scorer"] = scorer_id
